@@ -1,0 +1,49 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   -> venv + install + the whole pipeline on the embedded synthetic default
+#   make test   -> venv + install (with test extras) + pytest
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATASET ?= demo
+ARGS ?=
+
+.PHONY: help install demo test test-all test-realdata extract train bench clean
+
+help:
+	@echo "make demo                 run the whole pipeline on synthetic data (offline encoders)"
+	@echo "make test                 run the test suite (fast; slow/real-data checks excluded)"
+	@echo "make test-realdata        also run the checks on ../shared/data/mvsa-single"
+	@echo "make extract DATASET=hfm  stage one for a preset in configs/ (ARGS='--device cuda ...')"
+	@echo "make train DATASET=hfm    stage two from cache/\$$DATASET.h5 (ARGS='--set lr=5e-5 ...')"
+	@echo "make bench                benchmarks -> bench/results.json, bench/results.md"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[offline,test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/sppscl demo $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+test-realdata: install
+	$(PY) -m pytest -q -m "realdata" $(ARGS)
+
+test-all: install
+	$(PY) -m pytest -q -m "" $(ARGS)
+
+extract: install
+	$(VENV)/bin/sppscl extract --config $(DATASET) --out cache/$(DATASET).h5 $(ARGS)
+
+train: install
+	$(VENV)/bin/sppscl train --cache cache/$(DATASET).h5 $(ARGS)
+
+bench: install
+	$(PY) -m bench.run $(ARGS)
+
+clean:
+	rm -rf runs/demo cache/demo.h5 cache/demo-data

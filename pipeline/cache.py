@@ -1,0 +1,321 @@
+"""The feature cache: the contract between stage one (writer) and stage two (reader).
+
+One HDF5 file per dataset. Layout (``n`` rows in a split, ``T`` tokens in all its rows)::
+
+    /                      attrs: schema_version, provenance (JSON), complete (written last)
+    /splits/<split>/ids          (n,)          str
+    /splits/<split>/texts        (n,)          str
+    /splits/<split>/labels       (n,)          int16, -1 = no label
+    /splits/<split>/offsets      (n+1,)        int64, tokens of row i are tokens[offsets[i]:offsets[i+1]]
+    /splits/<split>/image        (n, C, h, w)  float16, the image encoder's last feature map
+    /splits/<split>/tokens       (T, L, H)     float16, last L layers at every real position ([CLS] first, [SEP] last)
+    /splits/<split>/status       (n,)          uint8, 0 pending / 1 written / 2 skipped (bad input, --on-error skip)
+    /skipped/{split,id,reason}                 rows left out, before extraction (plan) or during it (image errors)
+
+Why this shape: everything a row needs is known before any encoder runs (token counts come from the
+tokenizer), so the file is laid out in full first and then filled *by row index*. The big arrays are
+contiguous and allocated up front, so filling them never touches HDF5 metadata: rows are written through a
+memory map at the dataset's byte offset. A ``kill -9`` mid-fill therefore cannot corrupt the file, a rerun
+fills the rows whose status is still 0, and several processes can fill disjoint rows of one file at once.
+The ``complete`` attribute is written last; a reader refuses a file without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+
+SCHEMA_VERSION = 1
+PENDING, WRITTEN, SKIPPED = 0, 1, 2
+_STR = h5py.string_dtype(encoding="utf-8")
+
+
+class CacheError(RuntimeError):
+    """A cache cannot be used as asked: missing, incomplete, or from a different configuration."""
+
+
+@dataclass
+class SplitPlan:
+    """What one split of the cache will hold, known before extraction starts."""
+
+    name: str
+    ids: list[str]
+    texts: list[str]
+    labels: np.ndarray  # int16, -1 = no label
+    n_tokens: np.ndarray  # int64 per row
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.n_tokens, dtype=np.int64)]).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class FeatureShapes:
+    image: tuple[int, int, int]  # (C, h, w)
+    layers: int
+    hidden: int
+    dtype: str = "float16"
+
+
+def diff_provenance(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two provenance records differ, with both values: for refusal messages."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += diff_provenance(a.get(key, "<absent>"), b.get(key, "<absent>"), f"{prefix}{key}.")
+        return out
+    if a != b:
+        return [f"{prefix.rstrip('.')}: cache has {a!r}, request has {b!r}"]
+    return []
+
+
+def create_cache(
+    path: Path, plans: list[SplitPlan], shapes: FeatureShapes, provenance: dict, skipped: list[tuple[str, str, str]]
+) -> None:
+    """Lay the whole file out (every dataset allocated, nothing filled) and atomically move it into place.
+
+    ``skipped`` lists (split, id, reason) rows left out when planning; they are kept in the file so the
+    reader can report them.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    with h5py.File(tmp, "w", libver="earliest") as f:
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["provenance"] = json.dumps(provenance, sort_keys=True)
+        f.attrs["complete"] = False
+        dtype = np.dtype(shapes.dtype)
+        for plan in plans:
+            g = f.create_group(f"splits/{plan.name}")
+            g.create_dataset("ids", data=np.array(plan.ids, dtype=object), dtype=_STR)
+            g.create_dataset("texts", data=np.array(plan.texts, dtype=object), dtype=_STR)
+            g.create_dataset("labels", data=plan.labels.astype(np.int16))
+            g.create_dataset("offsets", data=plan.offsets)
+            n, total = len(plan.ids), int(plan.n_tokens.sum())
+            _allocate(g, "image", (n, *shapes.image), dtype)
+            _allocate(g, "tokens", (total, shapes.layers, shapes.hidden), dtype)
+            _allocate(g, "status", (n,), np.dtype(np.uint8))
+        _write_skipped(f, skipped)
+        f.flush()
+    os.replace(tmp, path)
+
+
+def _allocate(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """A contiguous dataset whose bytes exist on disk from the start (so memory-mapped writes need no metadata)."""
+    space = h5py.h5s.create_simple(shape)
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_ALLOC)
+    tid = h5py.h5t.py_create(dtype)
+    h5py.h5d.create(group.id, name.encode(), tid, space, dcpl=dcpl)
+
+
+def _write_skipped(f: h5py.File, skipped: list[tuple[str, str, str]]) -> None:
+    if "skipped" in f:
+        del f["skipped"]
+    g = f.create_group("skipped")
+    for i, key in enumerate(("split", "id", "reason")):
+        g.create_dataset(key, data=np.array([row[i] for row in skipped], dtype=object), dtype=_STR)
+
+
+def read_provenance(path: Path) -> tuple[dict, bool]:
+    """(provenance, complete) of an existing cache file."""
+    try:
+        with h5py.File(path, "r") as f:
+            return json.loads(f.attrs["provenance"]), bool(f.attrs.get("complete", False))
+    except (OSError, KeyError) as e:
+        raise CacheError(f"{path}: not a readable sppscl cache ({e}); delete it or rerun extraction with --force") from None
+
+
+def _raw_view(path: Path, dset: h5py.Dataset, mode: str) -> np.ndarray | None:
+    """A numpy memory map of a contiguous, uncompressed dataset (None when it has no elements)."""
+    if dset.size == 0:
+        return None
+    offset = dset.id.get_offset()
+    if offset is None or dset.chunks is not None or dset.compression is not None:
+        raise CacheError(f"{path}:{dset.name} is not a contiguous uncompressed dataset; it cannot be memory-mapped")
+    return np.memmap(path, dtype=dset.dtype, mode=mode, offset=offset, shape=dset.shape)
+
+
+class CacheFiller:
+    """Writes rows into a laid-out cache through memory maps; safe to kill at any point.
+
+    Order per batch: features, flush, then status, flush; a row marked written therefore has its bytes on disk.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._maps: dict[str, dict[str, np.ndarray | None]] = {}
+        self.offsets: dict[str, np.ndarray] = {}
+        with h5py.File(self.path, "r") as f:
+            for split, g in f["splits"].items():
+                self.offsets[split] = g["offsets"][()]
+                self._maps[split] = {k: _raw_view(self.path, g[k], "r+") for k in ("image", "tokens", "status")}
+
+    def status(self, split: str) -> np.ndarray:
+        m = self._maps[split]["status"]
+        return np.zeros(0, np.uint8) if m is None else np.asarray(m)
+
+    def write(self, split: str, rows: np.ndarray, image: np.ndarray, tokens: list[np.ndarray], ok: np.ndarray) -> None:
+        """Write ``rows`` (sorted indices). ``tokens[i]`` is [n_tokens, L, H]; rows with ``ok`` False are marked skipped."""
+        m = self._maps[split]
+        off = self.offsets[split]
+        for j, r in enumerate(rows):
+            if ok[j]:
+                m["image"][r] = image[j]
+                if m["tokens"] is not None and off[r + 1] > off[r]:
+                    m["tokens"][off[r] : off[r + 1]] = tokens[j]
+        for key in ("image", "tokens"):
+            if m[key] is not None:
+                m[key].flush()
+        m["status"][rows] = np.where(ok, WRITTEN, SKIPPED).astype(np.uint8)
+        m["status"].flush()
+
+    def close(self) -> None:
+        for maps in self._maps.values():
+            for a in maps.values():
+                if a is not None:
+                    a.flush()
+        self._maps.clear()
+
+
+def finalize_cache(path: Path, skipped: list[tuple[str, str, str]], attrs: dict[str, Any] | None = None) -> None:
+    """Record every skipped row, then set ``complete``: the last write, so a crash before it leaves an incomplete file."""
+    with h5py.File(path, "r+") as f:
+        for split, g in f["splits"].items():
+            st = g["status"][()]
+            if (st == PENDING).any():
+                raise CacheError(f"{path}: split {split} still has {int((st == PENDING).sum())} unwritten rows")
+        _write_skipped(f, skipped)
+        for k, v in (attrs or {}).items():
+            f.attrs[k] = v
+        f.flush()
+        f.attrs["complete"] = True
+        f.flush()
+
+
+def read_skipped(path: Path) -> list[tuple[str, str, str]]:
+    with h5py.File(path, "r") as f:
+        if "skipped" not in f:
+            return []
+        g = f["skipped"]
+        cols = [g[k].asstr()[()] for k in ("split", "id", "reason")]
+        return list(zip(*[list(c) for c in cols]))
+
+
+# ----------------------------------------------------------------------------------------- reader
+
+
+@dataclass
+class SplitData:
+    """One split's arrays. ``rows`` are the usable rows (skipped ones excluded); arrays are indexed by file row."""
+
+    name: str
+    ids: np.ndarray
+    texts: np.ndarray
+    labels: np.ndarray  # int64, -1 = no label
+    offsets: np.ndarray  # int64 (n+1,)
+    image: np.ndarray  # (n, C, h, w) float16, in RAM or a read-only memory map
+    tokens: np.ndarray  # (T, L, H) float16, in RAM or a read-only memory map
+    rows: np.ndarray  # int64 indices of usable rows
+    in_memory: bool
+
+    @property
+    def n_tokens(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(len(self.rows)) and bool((self.labels[self.rows] >= 0).all())
+
+    def cls_states(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """[CLS] states of the cached layers, (len(rows), L, H)."""
+        rows = self.rows if rows is None else rows
+        return np.asarray(self.tokens[self.offsets[rows]])
+
+
+class FeatureCache:
+    """Read access to a complete cache: provenance, splits, skipped rows.
+
+    ``load(split)`` reads a whole split into RAM with large contiguous reads when it fits in the memory budget
+    (default: half the available RAM), and returns read-only memory maps otherwise (streamed by the OS page cache).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            partial = self.path.with_name(self.path.name + ".partial")
+            hint = f" (a half-created {partial.name} exists: rerun the extraction)" if partial.exists() else ""
+            raise CacheError(f"{self.path}: no such cache{hint}. Build it with: sppscl extract --config <preset> --out {self.path}")
+        self.provenance, complete = read_provenance(self.path)
+        if not complete:
+            raise CacheError(
+                f"{self.path}: extraction did not finish (no completeness flag). Rerun the same `sppscl extract` command to resume it."
+            )
+        with h5py.File(self.path, "r") as f:
+            self.schema_version = int(f.attrs["schema_version"])
+            self.splits = list(f["splits"].keys())
+            self.attrs = {k: f.attrs[k] for k in f.attrs.keys()}
+            self._shapes = {s: f[f"splits/{s}/image"].shape for s in self.splits}
+            tok = {s: f[f"splits/{s}/tokens"].shape for s in self.splits}
+        self.skipped = read_skipped(self.path)
+        first = self.splits[0]
+        self.image_shape = tuple(self._shapes[first][1:])
+        self.layers, self.hidden = tok[first][1], tok[first][2]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.provenance["dataset"]["classes"])
+
+    def split_bytes(self, split: str) -> int:
+        with h5py.File(self.path, "r") as f:
+            g = f[f"splits/{split}"]
+            return int(g["image"].nbytes + g["tokens"].nbytes)
+
+    def load(self, split: str, in_memory: bool | None = None, memory_budget: int | None = None) -> SplitData:
+        if split not in self.splits:
+            raise CacheError(f"{self.path}: no split {split!r} (splits: {', '.join(self.splits)})")
+        if in_memory is None:
+            budget = memory_budget if memory_budget is not None else available_memory() // 2
+            in_memory = self.split_bytes(split) <= budget
+        with h5py.File(self.path, "r") as f:
+            g = f[f"splits/{split}"]
+            ids = g["ids"].asstr()[()]
+            texts = g["texts"].asstr()[()]
+            labels = g["labels"][()].astype(np.int64)
+            offsets = g["offsets"][()]
+            status = g["status"][()]
+            arrays = {}
+            for key in ("image", "tokens"):
+                d = g[key]
+                if in_memory or d.size == 0:
+                    arr = np.empty(d.shape, d.dtype)
+                    if d.size:
+                        d.read_direct(arr)
+                else:
+                    arr = _raw_view(self.path, d, "r")
+                arrays[key] = arr
+        rows = np.flatnonzero(status == WRITTEN).astype(np.int64)
+        return SplitData(split, ids, texts, labels, offsets, arrays["image"], arrays["tokens"], rows, in_memory)
+
+    def iter_splits(self) -> Iterator[str]:
+        yield from self.splits
+
+
+def available_memory() -> int:
+    """Bytes of RAM available now (Linux /proc/meminfo; falls back to total physical pages)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -1,0 +1,276 @@
+"""The ``sppscl`` command: a thin layer over stage one and stage two.
+
+Every command takes an explicit argument list through ``main(argv)``, so tests run the real paths.
+Errors the user can fix (bad data, missing weights, mismatched caches) print one clear message and exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .config import CONFIG_DIR, Config, ConfigError, apply_overrides, load_config
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="SPP-SCL image-text sentiment analysis: extract frozen features once (stage one), train the heads from the cache (stage two).",
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(no_args_is_help=True, help="Inspect and check datasets before extraction.")
+app.add_typer(data_app, name="data")
+console = Console(stderr=False)
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def _user_errors():
+    """Exceptions that are the user's to fix: shown as one message, not a traceback."""
+    from .cache import CacheError
+    from .stage1.adapters import DataError
+    from .stage1.encoders import EncoderUnavailable
+    from .stage1.extract import ExtractionError
+    from .stage2.train import RunError
+
+    return (ConfigError, CacheError, DataError, EncoderUnavailable, ExtractionError, RunError, FileNotFoundError)
+
+
+def _fail(e: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+    raise typer.Exit(code=2)
+
+
+def _config(config: Optional[str], sets: list[str], **section_overrides) -> Config:
+    cfg = load_config(config or "demo", sets)
+    extra = {k: v for k, v in section_overrides.items() if v is not None}
+    return apply_overrides(cfg, extra) if extra else cfg
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+    if version:
+        console.print(f"sppscl {__version__}")
+        raise typer.Exit()
+
+
+# ----------------------------------------------------------------------------------- stage one
+
+
+@data_app.command("verify")
+def data_verify(
+    config: str = typer.Option(..., "--config", "-c", help="Preset name (hfm, mvsa-single, ...) or a YAML file."),
+    data_dir: Optional[Path] = typer.Option(None, help="Dataset folder; overrides the preset's data_dir."),
+    no_images: bool = typer.Option(False, "--no-images", help="Skip decoding images (checks files exist only if not set)."),
+    workers: int = typer.Option(2, help="Threads decoding images."),
+) -> None:
+    """Check a dataset without extracting: decodable images, non-empty texts, ids unique across all splits, known labels."""
+    from .stage1.adapters import load_samples
+    from .stage1.verify import verify_samples
+
+    try:
+        cfg = _config(config, [])
+        report = load_samples(cfg, cfg.data_dir(data_dir))
+        for note in report.notes:
+            console.print(f"[yellow]note:[/] {note}")
+        for reason, ids in report.dropped.items():
+            console.print(f"[yellow]dropped by the adapter:[/] {len(ids)} rows ({reason})")
+        result = verify_samples(report.samples, len(cfg.dataset.classes), check_images=not no_images, workers=workers, progress=True)
+    except _user_errors() as e:
+        _fail(e)
+    result.render(console)
+    if not result.ok:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def extract(
+    config: str = typer.Option(..., "--config", "-c", help="Preset name or YAML file (data location, encoders)."),
+    data_dir: Optional[Path] = typer.Option(None, help="Dataset folder; overrides the preset's data_dir."),
+    out: Optional[Path] = typer.Option(None, help="Cache file to write [default: cache/<dataset>.h5]."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N or auto (GPU when there is one)."),
+    batch_size: Optional[int] = typer.Option(None, help="Samples per encoder batch [preset: extract.batch_size]."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N samples of each split (quick trials)."),
+    on_error: str = typer.Option("stop", help="Bad sample: 'stop' (error naming file and id) or 'skip' (recorded in the cache, counted)."),
+    force: bool = typer.Option(False, help="Rebuild even if a complete or different cache exists at --out."),
+    workers: Optional[int] = typer.Option(None, help="Image-decoding worker processes [preset: extract.num_workers]."),
+    image_encoder: Optional[str] = typer.Option(None, help="Image encoder name or path (resnet50, efficientnet-lite0, tiny-cnn, any torchvision CNN, a .pth)."),
+    text_encoder: Optional[str] = typer.Option(None, help="Text encoder name or path (bert-base-uncased, minilm-l6, tiny-bert, any HF name or local dir)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a preset key, e.g. --set encoders.max_length=128."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Stage one: run the frozen encoders once and write the HDF5 feature cache (resumable)."""
+    from .stage1.extract import extract as run_extract
+
+    try:
+        cfg = _config(config, set_, **{"encoders.image": image_encoder, "encoders.text": text_encoder})
+        out = out or Path("cache") / f"{cfg.dataset.name}.h5"
+        s = run_extract(cfg, out, data_dir, device, batch_size, limit, on_error, force, workers, progress=not quiet, console=console)
+    except _user_errors() as e:
+        _fail(e)
+    _print_extract_summary(s)
+
+
+def _print_extract_summary(s) -> None:
+    for note in s.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    if s.status == "up-to-date":
+        console.print(f"{s.path} is complete and matches this request: nothing to do (use --force to rebuild).")
+    t = Table(title=f"cache {s.path} ({s.status})")
+    t.add_column("split")
+    t.add_column("rows", justify="right")
+    for split, n in s.rows.items():
+        t.add_row(split, str(n))
+    console.print(t)
+    if s.dropped_by_adapter:
+        for reason, n in s.dropped_by_adapter.items():
+            console.print(f"dropped by the adapter: {n} ({reason})")
+    if s.skipped:
+        console.print(f"[yellow]skipped {len(s.skipped)} samples[/] (recorded in the cache under /skipped):")
+        for split, sid, reason in s.skipped[:20]:
+            console.print(f"  {split} {sid}: {reason}")
+        if len(s.skipped) > 20:
+            console.print(f"  ... and {len(s.skipped) - 20} more")
+    if s.samples_encoded:
+        console.print(f"encoded {s.samples_encoded} samples in {s.seconds:.1f}s ({s.samples_per_second:.1f} samples/s)")
+    console.print(f"file size {s.file_bytes / 1e6:.1f} MB, {s.bytes_per_sample / 1e3:.1f} KB per sample")
+
+
+# ----------------------------------------------------------------------------------- stage two
+
+
+def _train_config(cache: Path, config: Optional[str], sets: list[str], seed: Optional[int]) -> Config:
+    """The preset given, else the one named after the cache's dataset, else defaults; then --set overrides."""
+    from .cache import FeatureCache
+
+    if config is None:
+        name = FeatureCache(cache).provenance["dataset"]["name"]
+        config = name if (CONFIG_DIR / f"{name}.yaml").exists() else None
+    cfg = load_config(config) if config else Config()
+    if seed is not None:
+        sets = [*sets, f"seed={seed}"]
+    return apply_overrides(cfg, sets)
+
+
+@app.command()
+def train(
+    cache: Path = typer.Option(..., help="Feature cache written by `sppscl extract`."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Preset or YAML [default: the preset named after the cache's dataset]."),
+    set_: list[str] = typer.Option([], "--set", help="Override a hyperparameter, e.g. --set lr=5e-5 --set fusion=sample. Unknown keys are an error."),
+    seed: Optional[int] = typer.Option(None, help="Random seed [preset: train.seed]."),
+    out: Optional[Path] = typer.Option(None, help="Run directory [default: runs/<cache name>-<time>]."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+    quiet: bool = typer.Option(False, help="No live view."),
+) -> None:
+    """Stage two: train the SPP-SCL heads from the cache, select on dev, evaluate the best checkpoint."""
+    from .stage2.train import train as run_train
+
+    try:
+        if resume and out is None:
+            raise ConfigError("--resume needs --out naming the run directory to continue")
+        cfg = _train_config(cache, config, set_, seed)
+        out = out or Path("runs") / f"{cache.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        results = run_train(cache, cfg, out, resume=resume, progress=not quiet, console=console)
+    except _user_errors() as e:
+        _fail(e)
+    console.print(f"run directory: {out}")
+    print_results(results)
+
+
+def print_results(results: dict, title: str = "best checkpoint") -> None:
+    t = Table(title=f"{title} (epoch {results['best_epoch'] + 1}, selected on dev accuracy)")
+    for col in ("split", "n", "accuracy", "weighted F1", "macro F1"):
+        t.add_column(col, justify="right" if col != "split" else "left")
+    for name, m in results["splits"].items():
+        if "accuracy" in m:
+            t.add_row(name, str(m["n"]), f"{m['accuracy']:.4f}", f"{m['weighted_f1']:.4f}", f"{m['macro_f1']:.4f}")
+        else:
+            t.add_row(name, str(m["n"]), "-", "-", "predictions only")
+    console.print(t)
+
+
+@app.command()
+def evaluate(
+    checkpoint: Path = typer.Option(..., help="A checkpoint (RUN/best.pt or RUN/last.pt)."),
+    cache: Path = typer.Option(..., help="A cache built with the checkpoint's encoders."),
+    split: str = typer.Option("test", help="Split to evaluate."),
+    predictions: Optional[Path] = typer.Option(None, help="Write per-sample predictions (CSV) here."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+) -> None:
+    """Evaluate a checkpoint on one split of a matching cache (metrics if labelled, predictions always)."""
+    from .cache import FeatureCache
+    from .stage2.train import RunError, compatible, evaluate_split, load_checkpoint, model_from_checkpoint, resolve_device, write_predictions
+
+    try:
+        ckpt = load_checkpoint(checkpoint)
+        fc = FeatureCache(cache)
+        diffs = compatible(fc.provenance, ckpt["cache_provenance"])
+        if diffs:
+            raise RunError(f"{cache} was not extracted like the checkpoint's cache; refusing. What differs:\n  " + "\n  ".join(diffs))
+        dev = resolve_device(device)
+        model, cfg = model_from_checkpoint(ckpt, dev)
+        data = fc.load(split)
+        metrics, pred = evaluate_split(model, data, cfg.train.eval_batch_size, dev, ckpt["classes"])
+    except _user_errors() as e:
+        _fail(e)
+    if predictions:
+        write_predictions(predictions, data, pred, ckpt["classes"])
+        console.print(f"predictions: {predictions}")
+    if metrics is None:
+        console.print(f"split {split} has no labels: {len(data.rows)} predictions, no metrics")
+        return
+    t = Table(title=f"{checkpoint} on {cache}:{split} (n={metrics['n']})")
+    for c in ("accuracy", "weighted F1", "macro F1"):
+        t.add_column(c, justify="right")
+    t.add_row(f"{metrics['accuracy']:.4f}", f"{metrics['weighted_f1']:.4f}", f"{metrics['macro_f1']:.4f}")
+    console.print(t)
+    pc = Table(title="per class")
+    for c in ("class", "precision", "recall", "F1", "support"):
+        pc.add_column(c)
+    for name, v in metrics["per_class"].items():
+        pc.add_row(name, f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", str(v["support"]))
+    console.print(pc)
+    console.print(f"confusion matrix (rows true, columns predicted): {metrics['confusion_matrix']}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Where the demo's runs go (replaced on each demo run)."),
+    cache: Path = typer.Option(Path("cache/demo.h5"), help="The demo's feature cache."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs per model [preset demo: train.epochs]."),
+) -> None:
+    """The whole pipeline on an embedded default: synthetic data, offline encoders, SPP-SCL vs text-only vs image-only."""
+    from .demo import run_demo
+
+    try:
+        run_demo(out, cache, epochs, console)
+    except _user_errors() as e:
+        _fail(e)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI on an explicit argument list; returns the exit code (for tests and ``python -m sppscl``)."""
+    try:
+        # in non-standalone mode click returns an Exit's code instead of raising it
+        code = app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
+    except typer.Exit as e:
+        return e.exit_code
+    except SystemExit as e:  # click's own usage errors
+        return int(e.code or 0)
+    except Exception as e:  # click usage errors arrive as ClickException in non-standalone mode
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            return e.exit_code
+        raise
+    return code if isinstance(code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""One configuration object, resolved once: defaults, then a preset file, then ``key=value`` overrides.
+
+The resolved config is saved in every run directory and checkpoint (the nanoGPT / open_clip habit),
+so a resumed or evaluated run takes its architecture from the checkpoint, not from the command line.
+Overrides are typed by the default's type and an unknown key is an error.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A preset or an override is malformed; the message names the key and what is wrong."""
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "demo"
+    # clmlf | hfm-raw | mvsa-raw | mmsd2 | manifest | synthetic
+    format: str = "synthetic"
+    # Relative paths are resolved against the preset file's folder's parent (the project root).
+    data_dir: str = "cache/demo-data"
+    image_dir: str = "images"
+    # split name -> file inside data_dir (format-specific meaning)
+    splits: dict[str, str] = field(default_factory=dict)
+    classes: list[str] = field(default_factory=lambda: ["positive", "neutral", "negative"])
+    # weighted (MVSA) or macro (HFM): the F1 used to break dev-accuracy ties and reported first
+    primary_f1: str = "weighted"
+    # MMSD2.0 label folder (format mmsd2) or HFM keyword filter switch (format hfm-raw)
+    label_dir: str = ""
+    hfm_keyword_filter: bool = True
+    # synthetic generator size (format synthetic)
+    synthetic_size: int = 900
+
+
+@dataclass
+class EncoderConfig:
+    image: str = "resnet50"
+    text: str = "bert-base-uncased"
+    # word pieces incl. [CLS] and [SEP]; official max_length=202
+    max_length: int = 202
+    # how many of the text encoder's last layers are cached
+    layers: int = 4
+
+
+@dataclass
+class ExtractConfig:
+    batch_size: int = 32
+    num_workers: int = 2
+    dtype: str = "float16"
+    device: str = "auto"
+
+
+@dataclass
+class TrainConfig:
+    # Table 2 defaults are MVSA-Single's; presets override per dataset.
+    lambda_ce: float = 5.0
+    lr: float = 1e-4
+    weight_decay: float = 1e-6
+    step_size: int = 10
+    gamma: float = 0.5
+    dropout: float = 0.2
+    batch_size: int = 64
+    eval_batch_size: int = 64
+    epochs: int = 150
+    tau: float = 0.07
+    alpha: float = 2 / 3
+    dim: int = 32
+    # batch (paper Eq. 3) | sample (batch-independent) | concat (Table 7 "w/o CMF")
+    fusion: str = "batch"
+    # HA over the last k cached layers (Table 6)
+    ha_layers: int = 4
+    # two-step (Algorithm 1) | one-step (Table 4)
+    update: str = "two-step"
+    # official | cosine
+    gate: str = "official"
+    use_intra: bool = True
+    use_inter: bool = True
+    supcon_self_term: bool = False
+    inter_symmetric: bool = False
+    # both | text | image: unimodal variants for the demo's comparison table
+    modalities: str = "both"
+    seed: int = 42
+    device: str = "auto"
+
+
+SECTIONS = {"dataset": DatasetConfig, "encoders": EncoderConfig, "extract": ExtractConfig, "train": TrainConfig}
+
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("dataset", "format"): ("clmlf", "hfm-raw", "mvsa-raw", "mmsd2", "manifest", "synthetic"),
+    ("dataset", "primary_f1"): ("weighted", "macro"),
+    ("extract", "dtype"): ("float16", "float32"),
+    ("train", "fusion"): ("batch", "sample", "concat"),
+    ("train", "update"): ("two-step", "one-step"),
+    ("train", "gate"): ("official", "cosine"),
+    ("train", "modalities"): ("both", "text", "image"),
+}
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    encoders: EncoderConfig = field(default_factory=EncoderConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # where the preset came from; relative data paths resolve against its project root
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        cfg = cls(source=d.get("source", ""))
+        for section in SECTIONS:
+            _merge_section(cfg, section, d.get(section, {}), origin="stored config")
+        return cfg
+
+    def data_dir(self, override: str | Path | None = None) -> Path:
+        """The dataset folder: ``override`` if given, else the preset's, relative to the project root."""
+        p = Path(override if override is not None else self.dataset.data_dir).expanduser()
+        if not p.is_absolute():
+            root = Path(self.source).resolve().parent.parent if self.source else Path.cwd()
+            p = root / p
+        return p
+
+    def validate(self) -> None:
+        for (section, key), allowed in CHOICES.items():
+            value = getattr(getattr(self, section), key)
+            if value not in allowed:
+                raise ConfigError(f"{section}.{key}={value!r} is not one of {', '.join(allowed)}")
+        t = self.train
+        if not 1 <= t.ha_layers <= self.encoders.layers:
+            raise ConfigError(f"train.ha_layers={t.ha_layers} must be between 1 and encoders.layers={self.encoders.layers}")
+        for key in ("lr", "tau", "batch_size", "eval_batch_size", "epochs", "dim", "step_size"):
+            if getattr(t, key) <= 0:
+                raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
+        if not 0 <= t.dropout < 1:
+            raise ConfigError(f"train.dropout must be in [0, 1), got {t.dropout}")
+        if not t.use_intra and not t.use_inter and t.lambda_ce <= 0:
+            raise ConfigError("with use_intra=false, use_inter=false and lambda_ce<=0 nothing is trained")
+
+
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    """Convert ``value`` (from YAML or a ``key=value`` string) to the type of ``default``."""
+    target = type(default)
+    if isinstance(value, str) and target is not str:
+        text = value.strip()
+        if target is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        if target in (int, float):
+            try:
+                # accept fractions such as 2/3 for alpha
+                if "/" in text:
+                    num, den = text.split("/", 1)
+                    return target(float(num) / float(den))
+                return target(float(text)) if target is float else int(text)
+            except (ValueError, ZeroDivisionError):
+                raise ConfigError(f"{where}: expected a {target.__name__}, got {value!r}") from None
+        if target in (list, dict):
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                if target is list:
+                    return [v.strip() for v in text.split(",") if v.strip()]
+                raise ConfigError(f"{where}: expected a {target.__name__}, got {value!r}") from None
+    if target is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if target is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, target) or (target is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected a {target.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _merge_section(cfg: Config, section: str, values: dict[str, Any], origin: str) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{origin}: section {section!r} must be a mapping")
+    obj = getattr(cfg, section)
+    known = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{origin}: unknown key {section}.{key} (known: {', '.join(sorted(known))})")
+        setattr(obj, key, _coerce(value, getattr(obj, key), f"{origin}: {section}.{key}"))
+
+
+def resolve_key(key: str) -> tuple[str, str]:
+    """``lr`` or ``train.lr`` -> ("train", "lr"). Bare keys are looked up in every section; ambiguity is an error."""
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown section {section!r} in key {key!r} (sections: {', '.join(SECTIONS)})")
+        if name not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+            raise ConfigError(f"unknown key {key!r}")
+        return section, name
+    hits = [s for s, c in SECTIONS.items() if key in {f.name for f in dataclasses.fields(c)}]
+    if not hits:
+        raise ConfigError(f"unknown key {key!r}")
+    if len(hits) > 1:
+        # train is where sweeps and --set overrides live; the others need their section named
+        if "train" in hits:
+            return "train", key
+        raise ConfigError(f"key {key!r} is ambiguous: write one of {', '.join(h + '.' + key for h in hits)}")
+    return hits[0], key
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Config:
+    """Return a copy of ``cfg`` with ``key=value`` overrides applied (typed, unknown keys rejected)."""
+    cfg = copy.deepcopy(cfg)
+    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
+    for key, value in items:
+        section, name = resolve_key(key)
+        _merge_section(cfg, section, {name: value}, origin="override")
+    cfg.validate()
+    return cfg
+
+
+def _split_override(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value")
+    key, value = text.split("=", 1)
+    return key.strip(), value
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    """A preset name (``hfm``) or a YAML path."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        return p
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not candidate.exists():
+        names = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"no preset named {name_or_path!r} (presets: {', '.join(names)})")
+    return candidate
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = preset_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    cfg = Config(source=str(path.resolve()))
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{path}: unknown section {section!r} (sections: {', '.join(SECTIONS)})")
+        _merge_section(cfg, section, values or {}, origin=str(path))
+    cfg = apply_overrides(cfg, overrides or [])
+    return cfg

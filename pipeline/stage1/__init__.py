@@ -1,0 +1,1 @@
+"""Stage one: data adapters, frozen encoders and the feature-cache writer."""

@@ -1,0 +1,357 @@
+"""Stage one: run the frozen encoders once over a dataset and write the feature cache (SPEC §2).
+
+The run is planned before any encoder runs: samples are validated, texts tokenized, and the cache laid out
+in full (see ``sppscl.cache``). Batches are fixed index ranges of each split, so a resumed run recomputes
+exactly the batches an uninterrupted run would have, and the finished file is byte-identical to it.
+Images are decoded in DataLoader worker processes while the encoders run in the main process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .. import __version__
+from ..cache import (
+    PENDING,
+    SKIPPED,
+    CacheError,
+    CacheFiller,
+    FeatureShapes,
+    SplitPlan,
+    create_cache,
+    diff_provenance,
+    finalize_cache,
+    read_provenance,
+    read_skipped,
+    WRITTEN,
+)
+from ..config import Config
+from ..progress import make_progress
+from .adapters import load_samples
+from .encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
+from .records import NO_LABEL, Sample
+from .verify import check_sample_image
+
+ON_ERROR = ("stop", "skip")
+
+
+class ExtractionError(RuntimeError):
+    """Bad input stopped the extraction; the message names the file and the sample id."""
+
+
+@dataclass
+class ExtractSummary:
+    path: Path
+    rows: dict[str, int]
+    skipped: list[tuple[str, str, str]]
+    dropped_by_adapter: dict[str, int]
+    seconds: float = 0.0
+    samples_encoded: int = 0
+    file_bytes: int = 0
+    status: str = "written"  # written | resumed | up-to-date
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples_encoded / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def bytes_per_sample(self) -> float:
+        n = sum(self.rows.values())
+        return self.file_bytes / n if n else 0.0
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ExtractionError(f"--device {device} was asked for but CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def plan_samples(
+    samples: list[Sample], num_classes: int, on_error: str
+) -> tuple[dict[str, list[Sample]], list[tuple[str, str, str]]]:
+    """Group samples by split (order kept) and apply the text/label/id checks that need no image.
+
+    With ``on_error='stop'`` the first problem raises; with ``'skip'`` every problem row is left out and
+    returned as (split, id, reason).
+    """
+    skipped: list[tuple[str, str, str]] = []
+    seen: dict[str, str] = {}
+    by_split: dict[str, list[Sample]] = {}
+    for s in samples:
+        reason = None
+        if s.id in seen:
+            reason = f"duplicate id (also in split {seen[s.id]})"
+        elif not s.text or not s.text.strip():
+            reason = "empty text"
+        elif s.label is not None and not 0 <= s.label < num_classes:
+            reason = f"unknown label {s.label} (classes 0..{num_classes - 1})"
+        if reason is not None:
+            if on_error == "stop":
+                raise ExtractionError(
+                    f"sample id {s.id!r} (split {s.split}, image {s.image}): {reason}. "
+                    "Fix the data, or rerun with --on-error skip to leave such samples out (they are counted and recorded in the cache)."
+                )
+            skipped.append((s.split, s.id, reason))
+            continue
+        seen[s.id] = s.split
+        by_split.setdefault(s.split, []).append(s)
+    return by_split, skipped
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _samples_digest(by_split: dict[str, list[Sample]]) -> str:
+    h = hashlib.sha256()
+    for split in sorted(by_split):
+        for s in by_split[split]:
+            h.update(f"{split}\x1f{s.id}\x1f{s.text}\x1f{s.label}\x1e".encode())
+    return h.hexdigest()
+
+
+def build_provenance(
+    cfg: Config, data_dir: Path, by_split: dict[str, list[Sample]], image_enc: ImageEncoder, text_enc: TextEncoder, dtype: str, limit: int | None
+) -> dict:
+    split_files = {}
+    for split, name in sorted(cfg.dataset.splits.items()):
+        p = data_dir / name
+        if p.is_file():
+            split_files[split] = _sha256_file(p)
+    return {
+        "schema_version": 1,
+        "code_version": __version__,
+        "dataset": {
+            "name": cfg.dataset.name,
+            "format": cfg.dataset.format,
+            "classes": list(cfg.dataset.classes),
+            "primary_f1": cfg.dataset.primary_f1,
+            "split_files_sha256": split_files,
+            "samples_sha256": _samples_digest(by_split),
+            "limit_per_split": limit,
+        },
+        "encoders": {"image": image_enc.provenance(), "text": text_enc.provenance()},
+        "dtype": dtype,
+    }
+
+
+class _ImageRows(Dataset):
+    """Decodes and preprocesses one image per row; a failure is returned as a reason, not raised, so the
+    main process can name the file and id (or skip the row) without losing the worker."""
+
+    def __init__(self, paths: list[Path], transform, shape: tuple[int, int, int]):
+        self.paths, self.transform, self.shape = paths, transform, shape
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        path = self.paths[i]
+        try:
+            with Image.open(path) as img:
+                img.load()
+                x = self.transform(img)
+            return i, x, ""
+        except FileNotFoundError:
+            reason = f"missing image: {path}"
+        except Exception as e:  # PIL raises many types for corrupt files; all mean the same here
+            reason = f"undecodable image: {path} ({type(e).__name__}: {e})"
+        return i, torch.zeros(self.shape), reason
+
+
+def _collate(items):
+    idx = [it[0] for it in items]
+    return idx, torch.stack([it[1] for it in items]), [it[2] for it in items]
+
+
+def _worker_init(_):
+    # Decoding workers must not fight the encoders for the cores.
+    torch.set_num_threads(1)
+
+
+def fixed_batches(n: int, batch_size: int) -> list[list[int]]:
+    """Index ranges [k*bs, (k+1)*bs): fixed, so a resumed run forms exactly the batches a clean run forms."""
+    return [list(range(k, min(k + batch_size, n))) for k in range(0, n, batch_size)]
+
+
+def extract(
+    cfg: Config,
+    out: Path,
+    data_dir: Path | None = None,
+    device: str | None = None,
+    batch_size: int | None = None,
+    limit: int | None = None,
+    on_error: str = "stop",
+    force: bool = False,
+    num_workers: int | None = None,
+    progress: bool = True,
+    console=None,
+) -> ExtractSummary:
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    out = Path(out)
+    ddir = cfg.data_dir(data_dir)
+    report = load_samples(cfg, ddir)
+    samples = report.samples
+    if limit is not None:
+        per_split: Counter = Counter()
+        kept = []
+        for s in samples:
+            if per_split[s.split] < limit:
+                kept.append(s)
+                per_split[s.split] += 1
+        samples = kept
+    by_split, skipped = plan_samples(samples, len(cfg.dataset.classes), on_error)
+    if not by_split:
+        raise ExtractionError(f"{ddir}: no usable samples (skipped {len(skipped)})")
+
+    dev = resolve_device(device or cfg.extract.device)
+    dtype = cfg.extract.dtype
+    image_enc = load_image_encoder(cfg.encoders.image, device=str(dev))
+    text_enc = load_text_encoder(cfg.encoders.text, max_length=cfg.encoders.max_length, layers=cfg.encoders.layers, device=str(dev))
+    provenance = build_provenance(cfg, ddir, by_split, image_enc, text_enc, dtype, limit)
+    bs = batch_size or cfg.extract.batch_size
+    summary = ExtractSummary(
+        out, {k: len(v) for k, v in by_split.items()}, list(skipped), {k: len(v) for k, v in report.dropped.items()}, notes=list(report.notes)
+    )
+
+    if out.exists():
+        old, complete = read_provenance(out)
+        diffs = diff_provenance(old, provenance)
+        if diffs and not force:
+            raise CacheError(
+                f"{out} was built from a different request; refusing to touch it. What differs:\n  "
+                + "\n  ".join(diffs)
+                + "\nUse another --out, or --force to rebuild it."
+            )
+        if force:
+            out.unlink()
+        elif complete:
+            summary.status = "up-to-date"
+            summary.skipped = read_skipped(out)
+            summary.file_bytes = out.stat().st_size
+            return summary
+        else:
+            summary.status = "resumed"
+            with h5py.File(out, "r") as f:
+                stored_bs = int(f.attrs.get("extract_batch_size", bs))
+            if stored_bs != bs:
+                summary.notes.append(f"resuming with the batch size the cache was started with ({stored_bs}), not {bs}")
+            bs = stored_bs
+
+    texts_ids = {split: text_enc.tokenize([s.text for s in rows]) for split, rows in by_split.items()}
+    if not out.exists():
+        plans = [
+            SplitPlan(
+                split,
+                [s.id for s in rows],
+                [s.text for s in rows],
+                np.array([NO_LABEL if s.label is None else s.label for s in rows], dtype=np.int16),
+                np.array([len(t) for t in texts_ids[split]], dtype=np.int64),
+            )
+            for split, rows in by_split.items()
+        ]
+        shapes = FeatureShapes(
+            (image_enc.out_channels, *image_enc.map_size), text_enc.layers, text_enc.hidden_size, dtype
+        )
+        create_cache(out, plans, shapes, provenance, skipped)
+        with h5py.File(out, "r+") as f:
+            f.attrs["extract_batch_size"] = bs
+
+    filler = CacheFiller(out)
+    workers = cfg.extract.num_workers if num_workers is None else num_workers
+    transform = image_enc.preprocess()
+    shape = (3, 224, 224)
+    np_dtype = np.dtype(dtype)
+    todo = {
+        split: [b for b in fixed_batches(len(rows), bs) if (filler.status(split)[b] == PENDING).any()]
+        for split, rows in by_split.items()
+    }
+    total = sum(len(b) for bs_ in todo.values() for b in bs_)
+    start = time.perf_counter()
+    try:
+        with make_progress(enabled=progress, console=console) as prog:
+            task = prog.add_task("extract", total=total)
+            for split, batches in todo.items():
+                if not batches:
+                    continue
+                rows = by_split[split]
+                prog.update(task, description=f"extract {split}")
+                ds = _ImageRows([s.image for s in rows], transform, shape)
+                loader = DataLoader(
+                    ds,
+                    batch_sampler=batches,
+                    num_workers=workers,
+                    collate_fn=_collate,
+                    worker_init_fn=_worker_init if workers else None,
+                    pin_memory=dev.type == "cuda",
+                    persistent_workers=False,
+                )
+                for idx, images, reasons in loader:
+                    ok = np.array([not r for r in reasons])
+                    for j, r in enumerate(reasons):
+                        if r and on_error == "stop":
+                            s = rows[idx[j]]
+                            raise ExtractionError(
+                                f"sample id {s.id!r} (split {split}): {r}. Rows already written are kept; fix the file and rerun "
+                                "the same command to continue, or rerun with --on-error skip."
+                            )
+                    img_feats, tok_feats = _encode_batch(image_enc, text_enc, images, [texts_ids[split][i] for i in idx], dev, np_dtype)
+                    filler.write(split, np.array(idx), img_feats, tok_feats, ok)
+                    summary.samples_encoded += len(idx)
+                    prog.advance(task, len(idx))
+    finally:
+        filler.close()
+    summary.seconds = time.perf_counter() - start
+    image_skips, summary.rows = _image_skips(out, by_split)
+    summary.skipped = list(skipped) + image_skips
+    finalize_cache(out, summary.skipped)
+    summary.file_bytes = out.stat().st_size
+    return summary
+
+
+def _encode_batch(image_enc, text_enc, images, token_ids, dev, np_dtype):
+    with torch.inference_mode():
+        img = image_enc(images.to(dev, non_blocking=True)).float().cpu().numpy().astype(np_dtype)
+        n = max(len(t) for t in token_ids)
+        ids = torch.full((len(token_ids), n), text_enc.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(token_ids), n), dtype=torch.long)
+        for j, t in enumerate(token_ids):
+            ids[j, : len(t)] = torch.tensor(t)
+            mask[j, : len(t)] = 1
+        hs = text_enc(ids.to(dev), mask.to(dev)).float().cpu().numpy().astype(np_dtype)  # (B, N, L, H)
+    return img, [hs[j, : len(t)] for j, t in enumerate(token_ids)]
+
+
+def _image_skips(out: Path, by_split: dict[str, list[Sample]]) -> tuple[list[tuple[str, str, str]], dict[str, int]]:
+    """Rows skipped while filling, with reasons recomputed from the files (cheap: only the bad rows, and a
+    crash between skipping a row and finishing loses no reason), and the written-row count per split."""
+    filler = CacheFiller(out)
+    try:
+        found, written = [], {}
+        for split, rows in by_split.items():
+            status = filler.status(split)
+            written[split] = int((status == WRITTEN).sum())
+            for i in np.flatnonzero(status == SKIPPED):
+                s = rows[int(i)]
+                found.append((split, s.id, check_sample_image(s.image) or "image failed to load during extraction"))
+        return found, written
+    finally:
+        filler.close()

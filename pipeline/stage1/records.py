@@ -1,0 +1,41 @@
+"""The normalised sample record every data adapter produces, and the report of what an adapter dropped."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+NO_LABEL = -1  # how "no label" is stored in the cache and in tensors
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    text: str
+    image: Path  # absolute path to the image file
+    label: int | None  # class index, or None for an unlabeled split
+    split: str
+
+
+@dataclass
+class LoadReport:
+    """What an adapter read and what it dropped on purpose (e.g. HFM's keyword filter), with counts and ids."""
+
+    samples: list[Sample] = field(default_factory=list)
+    # reason -> ids dropped for that reason
+    dropped: dict[str, list[str]] = field(default_factory=dict)
+    # human-readable notes ("HFM keyword filter dropped 9224 of 29040 train rows")
+    notes: list[str] = field(default_factory=list)
+
+    def drop(self, reason: str, sample_id: str) -> None:
+        self.dropped.setdefault(reason, []).append(sample_id)
+
+    def split_counts(self) -> dict[str, int]:
+        return dict(Counter(s.split for s in self.samples))
+
+    def label_counts(self) -> dict[str, dict[int | None, int]]:
+        out: dict[str, Counter] = {}
+        for s in self.samples:
+            out.setdefault(s.split, Counter())[s.label] += 1
+        return {k: dict(v) for k, v in out.items()}

@@ -1,0 +1,372 @@
+"""Stage two: train the SPP-SCL heads from the feature cache with the two-step update (Algorithm 1).
+
+Read top to bottom: ``train`` sets up (cache, model, optimiser, run directory), then loops over epochs;
+each batch goes through ``two_step_update`` (or ``one_step_update`` for Table 4's ablation); each epoch
+ends with a dev evaluation, a line in ``metrics.jsonl`` and the ``last.pt``/``best.pt`` checkpoints.
+After training the best checkpoint is evaluated on every labelled split; unlabelled splits get predictions.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..cache import FeatureCache, SplitData, diff_provenance
+from ..config import Config
+from ..progress import make_progress
+from .data import Batch, SplitBatches
+from .gate import two_step_gate
+from .heads import SPPSCLModel
+from .losses import LossTerms, one_step_loss, step1_loss, step2_loss
+from .metrics import classification_report, selection_key
+
+CHECKPOINT_VERSION = 1
+
+
+class RunError(RuntimeError):
+    """A run cannot start or continue as asked (existing directory, mismatched cache, bad checkpoint)."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(dims: dict, cfg: Config) -> SPPSCLModel:
+    return SPPSCLModel(dims["image_channels"], dims["text_hidden"], dims["cached_layers"], dims["num_classes"], cfg.train)
+
+
+def cache_dims(cache: FeatureCache) -> dict:
+    return {
+        "image_channels": int(cache.image_shape[0]),
+        "text_hidden": int(cache.hidden),
+        "cached_layers": int(cache.layers),
+        "num_classes": len(cache.classes),
+    }
+
+
+def compatible(cache_prov: dict, ckpt_prov: dict) -> list[str]:
+    """What makes a cache's features differ from those a checkpoint was trained on (empty: compatible).
+
+    The encoders, their preprocessing, the stored dtype and the class list must match; the dataset may differ
+    (a checkpoint can be evaluated on a new dataset extracted with the same encoders)."""
+    keys = lambda p: {"encoders": p["encoders"], "dtype": p["dtype"], "classes": p["dataset"]["classes"]}  # noqa: E731
+    return diff_provenance(keys(ckpt_prov), keys(cache_prov))
+
+
+# ------------------------------------------------------------------------------------ one batch
+
+
+@dataclass
+class StepLog:
+    lambda_ce: float  # λ·CE
+    intra_image: float
+    intra_text: float
+    inter: float  # 0.0 when step 2 did not fire
+    fired: bool
+    total: float
+
+
+def _step1(out, labels: torch.Tensor, tc) -> LossTerms:
+    return step1_loss(
+        out.logits, labels, out.image_emb, out.text_emb, lambda_ce=tc.lambda_ce, tau=tc.tau, use_intra=tc.use_intra, self_term=tc.supcon_self_term
+    )
+
+
+def two_step_update(model, opt, batch: Batch, tc) -> StepLog:
+    """Algorithm 1: step 1 updates on λ·CE + L_cl_i + L_cl_t; step 2 re-forwards the same batch with the
+    updated heads and, if the gate fires, updates on L_cl_m alone."""
+    model.train()
+    terms = _step1(model(batch.image, batch.tokens, batch.mask), batch.labels, tc)
+    opt.zero_grad(set_to_none=True)
+    terms.total.backward()
+    opt.step()
+    inter, fired = 0.0, False
+    if tc.use_inter and tc.modalities == "both":
+        out2 = model(batch.image, batch.tokens, batch.mask)
+        if two_step_gate(out2.text_emb, out2.image_emb, batch.labels, tc.alpha, mode=tc.gate).fire:
+            lm = step2_loss(out2.text_emb, out2.image_emb, batch.labels, tau=tc.tau, symmetric=tc.inter_symmetric).total
+            opt.zero_grad(set_to_none=True)
+            lm.backward()
+            opt.step()
+            inter, fired = lm.item(), True
+    f = terms.as_floats()
+    return StepLog(f["ce"], f["cl_i"], f["cl_t"], inter, fired, f["total"] + inter)
+
+
+def one_step_update(model, opt, batch: Batch, tc) -> StepLog:
+    """Table 4's ablation: a single update on λ·CE + L_cl_i + L_cl_t + L_cl_m."""
+    model.train()
+    out = model(batch.image, batch.tokens, batch.mask)
+    terms = one_step_loss(
+        out.logits,
+        batch.labels,
+        out.image_emb,
+        out.text_emb,
+        lambda_ce=tc.lambda_ce,
+        tau=tc.tau,
+        use_intra=tc.use_intra,
+        use_inter=tc.use_inter,
+        self_term=tc.supcon_self_term,
+        symmetric=tc.inter_symmetric,
+    )
+    opt.zero_grad(set_to_none=True)
+    terms.total.backward()
+    opt.step()
+    f = terms.as_floats()
+    return StepLog(f["ce"], f["cl_i"], f["cl_t"], f["cl_m"], False, f["total"])
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+@torch.no_grad()
+def predict_split(model, split: SplitData, batch_size: int, device: torch.device) -> dict[str, np.ndarray]:
+    """Logits, probabilities and fused features of every usable row, in file order."""
+    model.eval()
+    logits, fused = [], []
+    for batch in SplitBatches(split).eval_batches(batch_size):
+        out = model(batch.image.to(device), batch.tokens.to(device), batch.mask.to(device))
+        logits.append(out.logits.float().cpu())
+        fused.append(out.fused.float().cpu())
+    lg = torch.cat(logits) if logits else torch.zeros(0)
+    return {
+        "rows": split.rows,
+        "logits": lg.numpy(),
+        "probs": torch.softmax(lg, -1).numpy() if len(lg) else lg.numpy(),
+        "pred": lg.argmax(-1).numpy() if len(lg) else np.zeros(0, np.int64),
+        "fused": (torch.cat(fused) if fused else torch.zeros(0)).numpy(),
+    }
+
+
+def evaluate_split(model, split: SplitData, batch_size: int, device, classes: list[str]) -> tuple[dict | None, dict]:
+    pred = predict_split(model, split, batch_size, device)
+    if not split.has_labels:
+        return None, pred
+    return classification_report(split.labels[split.rows], pred["pred"], classes), pred
+
+
+def write_predictions(path: Path, split: SplitData, pred: dict, classes: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "label", "pred", "pred_name", *[f"p_{c}" for c in classes]])
+        for j, r in enumerate(pred["rows"]):
+            lab = int(split.labels[r])
+            p = int(pred["pred"][j])
+            w.writerow([split.ids[r], "" if lab < 0 else lab, p, classes[p], *[f"{x:.6f}" for x in pred["probs"][j]]])
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise RunError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise RunError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "sppscl-checkpoint":
+        raise RunError(f"{path}: not an sppscl checkpoint")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, device: torch.device) -> tuple[SPPSCLModel, Config]:
+    cfg = Config.from_dict(ckpt["config"])
+    model = build_model(ckpt["dims"], cfg).to(device)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model, cfg
+
+
+# ------------------------------------------------------------------------------------ the run
+
+
+def train(
+    cache_path: Path,
+    cfg: Config,
+    out_dir: Path,
+    resume: bool = False,
+    progress: bool = True,
+    console=None,
+    in_memory: bool | None = None,
+) -> dict:
+    cfg.validate()
+    tc = cfg.train
+    out_dir = Path(out_dir)
+    cache = FeatureCache(cache_path)
+    classes = cache.classes
+    for needed in ("train", "dev"):
+        if needed not in cache.splits:
+            raise RunError(f"{cache.path}: training needs a '{needed}' split; the cache has {', '.join(cache.splits)}")
+    # the cache decides the dataset's classes; the preset's primary F1 applies when it names the same dataset
+    primary = cache.provenance["dataset"].get("primary_f1", cfg.dataset.primary_f1)
+
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    metrics_path = out_dir / "metrics.jsonl"
+    if resume:
+        if not last_path.exists():
+            raise RunError(f"{out_dir}: nothing to resume (no last.pt); start the run without --resume")
+        ckpt = load_checkpoint(last_path)
+        diffs = diff_provenance(ckpt["cache_provenance"], cache.provenance)
+        if diffs:
+            raise RunError(f"{cache.path} is not the cache this run was started on:\n  " + "\n  ".join(diffs))
+        # a resumed run takes its configuration from the checkpoint, not the command line
+        cfg = Config.from_dict(ckpt["config"])
+        tc = cfg.train
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        raise RunError(f"{out_dir} already holds a run; choose another --out, or pass --resume to continue it")
+
+    dims = cache_dims(cache)
+    if tc.ha_layers > dims["cached_layers"]:
+        raise RunError(f"train.ha_layers={tc.ha_layers} but {cache.path} holds only the last {dims['cached_layers']} text layers")
+    device = resolve_device(tc.device)
+    seed_everything(tc.seed)
+    model = build_model(dims, cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=tc.step_size, gamma=tc.gamma)
+    rng = np.random.default_rng(tc.seed)
+    start_epoch, best = 0, {"epoch": -1, "key": (-1.0, -1.0), "dev": None}
+
+    if resume:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        rng.bit_generator.state = ckpt["rng"]["numpy"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+        start_epoch = ckpt["epoch"] + 1
+        best = {**ckpt["best"], "key": tuple(ckpt["best"]["key"])}
+        _truncate_metrics(metrics_path, start_epoch)
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    train_split = cache.load("train", in_memory=in_memory)
+    dev_split = cache.load("dev", in_memory=in_memory)
+    if len(train_split.rows) < 2:
+        raise RunError(f"{cache.path}: the train split has {len(train_split.rows)} usable rows; at least 2 are needed")
+    if not train_split.has_labels or not dev_split.has_labels:
+        raise RunError(f"{cache.path}: train and dev must be labelled to train and select a model")
+    train_batches = SplitBatches(train_split)
+    update = two_step_update if tc.update == "two-step" else one_step_update
+
+    with make_progress(enabled=progress, console=console, unit="batch/s") as prog:
+        n_batches = max(1, (len(train_batches) + tc.batch_size - 1) // tc.batch_size)
+        ep_task = prog.add_task("epochs", total=tc.epochs, completed=start_epoch)
+        b_task = prog.add_task("batches", total=n_batches)
+        for epoch in range(start_epoch, tc.epochs):
+            t0 = time.perf_counter()
+            prog.reset(b_task, total=n_batches)
+            logs: list[StepLog] = []
+            for batch in train_batches.train_batches(tc.batch_size, rng):
+                logs.append(update(model, opt, batch.to(device), tc))
+                prog.advance(b_task)
+            lr = opt.param_groups[0]["lr"]
+            sched.step()
+            dev_metrics, _ = evaluate_split(model, dev_split, tc.eval_batch_size, device, classes)
+            key = selection_key(dev_metrics, primary)
+            improved = key > best["key"]
+            if improved:
+                best = {"epoch": epoch, "key": key, "dev": dev_metrics}
+            record = {
+                "epoch": epoch,
+                "lr": lr,
+                "loss_total": _mean(logs, "total"),
+                "loss_lambda_ce": _mean(logs, "lambda_ce"),
+                "loss_intra_image": _mean(logs, "intra_image"),
+                "loss_intra_text": _mean(logs, "intra_text"),
+                "loss_inter": _mean(logs, "inter"),
+                "step2_fired": float(np.mean([lg.fired for lg in logs])) if logs else 0.0,
+                "dev_accuracy": dev_metrics["accuracy"],
+                "dev_weighted_f1": dev_metrics["weighted_f1"],
+                "dev_macro_f1": dev_metrics["macro_f1"],
+                "best_epoch": best["epoch"],
+                "epoch_seconds": time.perf_counter() - t0,
+            }
+            state = {
+                "format": "sppscl-checkpoint",
+                "version": CHECKPOINT_VERSION,
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "python": random.getstate()},
+                "best": {**best, "key": list(best["key"])},
+                "config": cfg.to_dict(),
+                "dims": dims,
+                "classes": classes,
+                "cache_provenance": cache.provenance,
+                "cache_path": str(cache.path),
+            }
+            if improved:
+                _atomic_save(state, best_path)
+            _atomic_save(state, last_path)
+            # the log line follows its checkpoint, so a resumed run never finds a line for an epoch it must redo
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            prog.update(
+                ep_task,
+                advance=1,
+                description=(
+                    f"epoch {epoch + 1}/{tc.epochs} loss {record['loss_total']:.3f} step2 {record['step2_fired']:.0%} "
+                    f"dev acc {record['dev_accuracy']:.4f} best {best['key'][0]:.4f}@{best['epoch'] + 1}"
+                ),
+            )
+
+    return finish_run(out_dir, cache, classes, device, in_memory)
+
+
+def finish_run(out_dir: Path, cache: FeatureCache, classes: list[str], device, in_memory=None) -> dict:
+    """Evaluate the best checkpoint on every labelled split; write predictions for every split; results.json."""
+    ckpt = load_checkpoint(out_dir / "best.pt")
+    model, cfg = model_from_checkpoint(ckpt, device)
+    results = {
+        "best_epoch": ckpt["best"]["epoch"],
+        "selection": "dev accuracy, ties by primary F1",
+        "primary_f1": cache.provenance["dataset"].get("primary_f1", cfg.dataset.primary_f1),
+        "classes": classes,
+        "splits": {},
+        "skipped_rows": len(cache.skipped),
+    }
+    for name in cache.splits:
+        split = cache.load(name, in_memory=in_memory)
+        metrics, pred = evaluate_split(model, split, cfg.train.eval_batch_size, device, classes)
+        write_predictions(out_dir / f"predictions-{name}.csv", split, pred, classes)
+        results["splits"][name] = metrics if metrics is not None else {"n": int(len(split.rows)), "labels": "none: predictions only"}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _mean(logs: list[StepLog], key: str) -> float:
+    return float(np.mean([getattr(lg, key) for lg in logs])) if logs else 0.0
+
+
+def _truncate_metrics(path: Path, next_epoch: int) -> None:
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] < next_epoch]
+    path.write_text("".join(ln + "\n" for ln in keep))

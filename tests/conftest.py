@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny configurations and caches built with the tiny random encoders (no weights needed)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from sppscl.config import Config, apply_overrides
+
+# Tests run on 2 cores next to other work; one intra-op thread keeps them predictable.
+torch.set_num_threads(1)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+MVSA_DIR = (REPO / ".." / "shared" / "data" / "mvsa-single").resolve()
+
+
+def tiny_config(data_dir: Path, size: int = 60, **train) -> Config:
+    """A synthetic dataset of ``size`` samples, the tiny encoders, and a short schedule."""
+    cfg = Config()
+    cfg.dataset.name = "tiny"
+    cfg.dataset.format = "synthetic"
+    cfg.dataset.data_dir = str(data_dir)
+    cfg.dataset.splits = {"train": "train.jsonl", "dev": "dev.jsonl", "test": "test.jsonl"}
+    cfg.dataset.synthetic_size = size
+    cfg.encoders.image = "tiny-cnn"
+    cfg.encoders.text = "tiny-bert"
+    cfg.encoders.max_length = 32
+    cfg.extract.batch_size = 8
+    cfg.extract.num_workers = 0
+    overrides = {"epochs": 2, "batch_size": 16, "eval_batch_size": 16, "lr": 1e-3, "seed": 0, "device": "cpu"}
+    overrides.update(train)
+    return apply_overrides(cfg, overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> tuple[Path, Config]:
+    """One small cache shared by the stage-two tests (built once per session)."""
+    from sppscl.stage1.extract import extract
+
+    root = tmp_path_factory.mktemp("tinycache")
+    cfg = tiny_config(root / "data", size=80)
+    extract(cfg, root / "tiny.h5", progress=False)
+    return root / "tiny.h5", cfg

@@ -1,0 +1,242 @@
+"""Stage one end to end with the tiny encoders on generated images."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import REPO, tiny_config
+from sppscl.cache import PENDING, WRITTEN, CacheError, FeatureCache
+from sppscl.stage1 import extract as extract_mod
+from sppscl.stage1.extract import ExtractionError, extract
+
+
+def _arrays(path):
+    with h5py.File(path) as f:
+        out = {}
+        for split, g in f["splits"].items():
+            for key in g:
+                out[f"{split}/{key}"] = g[key][()]
+        out["skipped"] = [f["skipped"][k][()].tolist() for k in ("split", "id", "reason")]
+        return out
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], np.ndarray):
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        else:
+            assert a[k] == b[k], k
+
+
+def _manifest(tmp_path, rows, split="train"):
+    """A manifest dataset whose rows we control (for bad-input cases)."""
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir(exist_ok=True)
+    for r in rows:
+        if r.get("make_image", True):
+            Image.new("RGB", (40, 30), (200, 30, 30)).save(img_dir / f"{r['id']}.jpg")
+    lines = [json.dumps({"id": r["id"], "text": r["text"], "image": f"imgs/{r['id']}.jpg", "label": r["label"]}) for r in rows]
+    (tmp_path / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = tiny_config(tmp_path)
+    cfg.dataset.format = "manifest"
+    cfg.dataset.splits = {split: f"{split}.jsonl"}
+    return cfg
+
+
+def test_shapes_labels_and_provenance(tiny_cache):
+    path, cfg = tiny_cache
+    cache = FeatureCache(path)
+    assert sorted(cache.splits) == ["dev", "test", "train"]
+    assert cache.image_shape == (16, 7, 7)
+    assert cache.layers == 4
+    total = sum(len(cache.load(s).rows) for s in cache.splits)
+    assert total == 80
+    train = cache.load("train")
+    assert train.image.dtype == np.float16 and train.tokens.dtype == np.float16
+    # ragged: exactly one token row per real word piece, [CLS] first
+    assert train.offsets[-1] == train.tokens.shape[0]
+    assert (np.diff(train.offsets) >= 2).all() and (np.diff(train.offsets) <= 32).all()
+    assert set(train.labels.tolist()) <= {0, 1, 2}
+    p = cache.provenance
+    assert p["encoders"]["image"]["name"] == "tiny-cnn" and p["encoders"]["text"]["name"] == "tiny-bert"
+    assert p["encoders"]["text"]["layers"] == [1, 2, 3, 4]
+    assert p["dtype"] == "float16" and "samples_sha256" in p["dataset"]
+    assert p["dataset"]["classes"] == ["positive", "neutral", "negative"]
+
+
+def test_features_equal_a_direct_encoder_run(tiny_cache):
+    """The cached rows are the encoders' outputs for those samples (to float16 precision), at the right index."""
+    import torch
+
+    from sppscl.stage1.adapters import load_samples
+    from sppscl.stage1.encoders import load_image_encoder, load_text_encoder
+
+    path, cfg = tiny_cache
+    samples = [s for s in load_samples(cfg).samples if s.split == "dev"]
+    split = FeatureCache(path).load("dev")
+    ie, te = load_image_encoder("tiny-cnn"), load_text_encoder("tiny-bert", max_length=32)
+    row = 3
+    s = samples[row]
+    assert split.ids[row] == s.id
+    with torch.inference_mode(), Image.open(s.image) as img:
+        fmap = ie(ie.preprocess()(img)[None])[0].numpy()
+        ids = te.tokenize([s.text])[0]
+        hs = te(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0].numpy()
+    np.testing.assert_allclose(split.image[row].astype(np.float32), fmap, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(split.tokens[split.offsets[row] : split.offsets[row + 1]].astype(np.float32), hs, rtol=2e-3, atol=2e-3)
+
+
+def test_rerun_is_a_no_op_and_force_rebuilds(tiny_cache, tmp_path):
+    path, cfg = tiny_cache
+    mtime = path.stat().st_mtime_ns
+    s = extract(cfg, path, progress=False)
+    assert s.status == "up-to-date" and path.stat().st_mtime_ns == mtime
+
+
+def test_different_request_is_refused_with_what_differs(tiny_cache):
+    path, cfg = tiny_cache
+    other = tiny_config(cfg.data_dir(), size=80)
+    other.encoders.max_length = 16
+    with pytest.raises(CacheError, match=r"encoders.text.tokenizer.max_length: cache has 32, request has 16"):
+        extract(other, path, progress=False)
+
+
+def test_interrupted_then_resumed_equals_clean(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path / "data", size=60)
+    clean = tmp_path / "clean.h5"
+    extract(cfg, clean, progress=False)
+
+    real = extract_mod._encode_batch
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(extract_mod, "_encode_batch", flaky)
+    resumed = tmp_path / "resumed.h5"
+    with pytest.raises(KeyboardInterrupt):
+        extract(cfg, resumed, progress=False)
+    with pytest.raises(CacheError, match="did not finish"):
+        FeatureCache(resumed)
+    with h5py.File(resumed) as f:
+        written_before = sum(int((g["status"][()] == WRITTEN).sum()) for g in f["splits"].values())
+    assert written_before == 3 * cfg.extract.batch_size
+    monkeypatch.setattr(extract_mod, "_encode_batch", real)
+    s = extract(cfg, resumed, progress=False)
+    assert s.status == "resumed" and s.samples_encoded == 60 - written_before
+    _assert_same(_arrays(clean), _arrays(resumed))
+
+
+def test_kill_9_then_rerun_equals_clean(tmp_path):
+    cfg = tiny_config(tmp_path / "data", size=240)
+    cfg.extract.batch_size = 2
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k != "source"}))
+    clean, killed = tmp_path / "clean.h5", tmp_path / "killed.h5"
+    cmd = [sys.executable, "-m", "sppscl", "extract", "--config", str(preset), "--workers", "0", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*cmd, "--out", str(clean)], check=True, env=env, cwd=REPO, capture_output=True)
+
+    proc = subprocess.Popen([*cmd, "--out", str(killed)], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    written = 0
+    while time.time() < deadline and proc.poll() is None:
+        if killed.exists():
+            with h5py.File(killed, "r") as f:
+                written = int((f["splits/train/status"][()] == WRITTEN).sum())
+            if written >= 4:
+                break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with h5py.File(killed, "r") as f:
+        assert not f.attrs["complete"]
+        pending = sum(int((g["status"][()] == PENDING).sum()) for g in f["splits"].values())
+    assert pending > 0, "the process finished before it could be killed; the test proved nothing"
+    done = subprocess.run([*cmd, "--out", str(killed)], env=env, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    _assert_same(_arrays(clean), _arrays(killed))
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        ({"id": "b", "text": "  ", "label": 0}, "empty text"),
+        ({"id": "a", "text": "again", "label": 0}, "duplicate id"),
+        ({"id": "b", "text": "fine", "label": 9}, "unknown label 9"),
+        ({"id": "b", "text": "fine", "label": 0, "make_image": False}, "missing image"),
+    ],
+)
+def test_bad_input_stops_naming_id_and_keeps_written_rows(tmp_path, bad, reason):
+    rows = [{"id": "a", "text": "good day", "label": 0}] + [{"id": f"g{i}", "text": "ok", "label": 1} for i in range(8)] + [bad]
+    cfg = _manifest(tmp_path, rows)
+    out = tmp_path / "c.h5"
+    with pytest.raises(ExtractionError, match=rf"'{bad['id']}'.*{reason}"):
+        extract(cfg, out, progress=False)
+    if reason == "missing image":
+        # the first batch (8 rows) was written before the bad row's batch and is still there
+        with h5py.File(out) as f:
+            assert int((f["splits/train/status"][()] == WRITTEN).sum()) == 8
+
+
+def test_undecodable_image_stops_naming_the_file(tmp_path):
+    cfg = _manifest(tmp_path, [{"id": "a", "text": "x", "label": 0}, {"id": "b", "text": "y", "label": 1}])
+    (tmp_path / "imgs" / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(ExtractionError, match=r"'b'.*undecodable image: .*b.jpg"):
+        extract(cfg, tmp_path / "c.h5", progress=False)
+
+
+def test_skip_records_and_counts_every_bad_sample(tmp_path):
+    rows = [
+        {"id": "a", "text": "good", "label": 0},
+        {"id": "b", "text": "", "label": 0},
+        {"id": "a", "text": "dup", "label": 1},
+        {"id": "c", "text": "x", "label": 5},
+        {"id": "d", "text": "no picture", "label": 2, "make_image": False},
+        {"id": "e", "text": "fine", "label": 2},
+    ]
+    cfg = _manifest(tmp_path, rows)
+    (tmp_path / "imgs" / "e.jpg").write_bytes(b"garbage")
+    out = tmp_path / "c.h5"
+    s = extract(cfg, out, on_error="skip", progress=False)
+    reasons = {(sid, r.split(":")[0].split(" (")[0]) for _, sid, r in s.skipped}
+    assert reasons == {("b", "empty text"), ("a", "duplicate id"), ("c", "unknown label 5"), ("d", "missing image"), ("e", "undecodable image")}
+    assert s.rows == {"train": 1}
+    cache = FeatureCache(out)
+    assert len(cache.skipped) == 5
+    train = cache.load("train")
+    assert [train.ids[r] for r in train.rows] == ["a"]
+
+
+def test_unlabeled_split_is_extracted(tmp_path):
+    from sppscl.stage1.synthetic import generate
+
+    data = tmp_path / "data"
+    generate(data, 30, seed=1, unlabeled_splits=("test",))
+    cfg = tiny_config(data, size=30)
+    cfg.dataset.format = "manifest"
+    out = tmp_path / "c.h5"
+    extract(cfg, out, progress=False)
+    test = FeatureCache(out).load("test")
+    assert len(test.rows) > 0 and not test.has_labels and (test.labels == -1).all()
+
+
+def test_limit_takes_first_rows_of_each_split(tmp_path):
+    cfg = tiny_config(tmp_path / "data", size=60)
+    s = extract(cfg, tmp_path / "c.h5", limit=5, progress=False)
+    assert s.rows == {"train": 5, "dev": 5, "test": 5}

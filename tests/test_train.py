@@ -1,0 +1,182 @@
+"""Stage two end to end from a tiny cache: the CLI, run directory, determinism, resume, edge cases."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+from sppscl.cache import FeatureCache
+from sppscl.cli import main
+from sppscl.config import apply_overrides
+from sppscl.stage1.extract import extract
+from sppscl.stage2.data import SplitBatches
+from sppscl.stage2.train import RunError, load_checkpoint, train
+
+
+def _lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_one_epoch_through_the_cli(tiny_cache, tmp_path, capsys):
+    path, cfg = tiny_cache
+    run = tmp_path / "run"
+    preset = tmp_path / "p.yaml"
+    import yaml
+
+    preset.write_text(yaml.safe_dump({"train": {k: v for k, v in cfg.train.__dict__.items()}}))
+    code = main(["train", "--cache", str(path), "--config", str(preset), "--set", "epochs=1", "--out", str(run), "--quiet"])
+    assert code == 0
+    for name in ("config.json", "metrics.jsonl", "best.pt", "last.pt", "results.json", "predictions-test.csv"):
+        assert (run / name).exists(), name
+    (line,) = _lines(run / "metrics.jsonl")
+    for key in ("loss_lambda_ce", "loss_intra_image", "loss_intra_text", "loss_inter", "step2_fired", "dev_accuracy", "lr", "epoch_seconds"):
+        assert key in line
+    assert 0.0 <= line["step2_fired"] <= 1.0
+    res = json.loads((run / "results.json").read_text())
+    assert {"train", "dev", "test"} <= set(res["splits"])
+    assert set(res["splits"]["dev"]) >= {"accuracy", "weighted_f1", "macro_f1", "per_class", "confusion_matrix"}
+    ckpt = load_checkpoint(run / "best.pt")
+    assert ckpt["config"]["train"]["epochs"] == 1 and ckpt["cache_provenance"] == FeatureCache(path).provenance
+    # a second run into the same directory is refused
+    assert main(["train", "--cache", str(path), "--config", str(preset), "--out", str(run), "--quiet"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_unknown_set_key_is_an_error(tiny_cache, tmp_path, capsys):
+    path, _ = tiny_cache
+    assert main(["train", "--cache", str(path), "--set", "learning_rate=1", "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    assert "unknown key 'learning_rate'" in capsys.readouterr().err
+
+
+def test_same_seed_same_numbers(tiny_cache, tmp_path):
+    path, cfg = tiny_cache
+    a = train(path, cfg, tmp_path / "a", progress=False)
+    b = train(path, cfg, tmp_path / "b", progress=False)
+    ma, mb = _lines(tmp_path / "a" / "metrics.jsonl"), _lines(tmp_path / "b" / "metrics.jsonl")
+    for x, y in zip(ma, mb):
+        x.pop("epoch_seconds"), y.pop("epoch_seconds")
+        assert x == y
+    assert a == b
+    c = train(path, apply_overrides(cfg, ["seed=1"]), tmp_path / "c", progress=False)
+    assert _lines(tmp_path / "c" / "metrics.jsonl")[0]["loss_total"] != ma[0]["loss_total"]
+
+
+def test_resume_equals_uninterrupted(tiny_cache, tmp_path, monkeypatch):
+    path, cfg = tiny_cache
+    cfg = apply_overrides(cfg, ["epochs=4"])
+    full = train(path, cfg, tmp_path / "full", progress=False)
+
+    from sppscl.stage2 import train as train_mod
+
+    real = train_mod.evaluate_split
+    calls = {"n": 0}
+
+    def crash_in_epoch_three(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "evaluate_split", crash_in_epoch_three)
+    with pytest.raises(KeyboardInterrupt):
+        train(path, cfg, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(train_mod, "evaluate_split", real)
+    assert len(_lines(tmp_path / "resumed" / "metrics.jsonl")) == 2
+    resumed = train(path, cfg, tmp_path / "resumed", resume=True, progress=False)
+    a, b = _lines(tmp_path / "full" / "metrics.jsonl"), _lines(tmp_path / "resumed" / "metrics.jsonl")
+    assert len(b) == 4
+    for x, y in zip(a, b):
+        x.pop("epoch_seconds"), y.pop("epoch_seconds")
+        assert x == y
+    assert full == resumed
+    sa = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
+    sb = load_checkpoint(tmp_path / "resumed" / "last.pt")["model"]
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["update=one-step"],
+        ["use_inter=false"],
+        ["use_intra=false"],
+        ["fusion=sample"],
+        ["fusion=concat"],
+        ["ha_layers=1"],
+        ["gate=cosine", "alpha=1"],
+        ["supcon_self_term=true", "inter_symmetric=true"],
+        ["modalities=text"],
+        ["modalities=image"],
+    ],
+)
+def test_every_variant_trains_without_nan(tiny_cache, tmp_path, overrides):
+    path, cfg = tiny_cache
+    train(path, apply_overrides(cfg, ["epochs=1", *overrides]), tmp_path / "r", progress=False)
+    (line,) = _lines(tmp_path / "r" / "metrics.jsonl")
+    assert all(np.isfinite(v) for k, v in line.items() if isinstance(v, float)), line
+    if "use_inter=false" in overrides or "modalities=text" in overrides or "update=one-step" in overrides:
+        assert line["step2_fired"] == 0.0
+    if "use_intra=false" in overrides:
+        assert line["loss_intra_image"] == 0.0 and line["loss_intra_text"] == 0.0
+
+
+def test_last_batch_of_one_joins_the_previous(tiny_cache):
+    path, _ = tiny_cache
+    split = FeatureCache(path).load("train")
+    n = len(split.rows)
+    bs = n - 1  # leaves exactly one sample over
+    sizes = [len(b.rows) for b in SplitBatches(split).train_batches(bs, np.random.default_rng(0))]
+    assert sizes == [n]
+    sizes = [len(b.rows) for b in SplitBatches(split).train_batches(8, np.random.default_rng(0))]
+    assert sum(sizes) == n and min(sizes) >= 2
+
+
+def test_batches_have_no_positive_anchors_and_single_class(tmp_path):
+    """Batches of 2 with distinct labels (no anchor has a positive) and a dev split of one class must not produce NaN."""
+    from sppscl.stage1.synthetic import generate
+
+    data = tmp_path / "data"
+    generate(data, 40, seed=3)
+    # keep one class only in dev
+    lines = [ln for ln in (data / "dev.jsonl").read_text().splitlines() if json.loads(ln).get("label") == 0]
+    (data / "dev.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = tiny_config(data, size=40, batch_size=2, epochs=1)
+    cfg.dataset.format = "manifest"
+    extract(cfg, tmp_path / "c.h5", progress=False)
+    res = train(tmp_path / "c.h5", cfg, tmp_path / "r", progress=False)
+    (line,) = _lines(tmp_path / "r" / "metrics.jsonl")
+    assert all(np.isfinite(v) for v in line.values() if isinstance(v, float))
+    assert res["splits"]["dev"]["n"] == len(lines)
+
+
+def test_cache_from_another_encoder_pair_trains(tmp_path):
+    """Head dimensions come from the cache: a cache of other widths and layer counts just works."""
+    cfg = tiny_config(tmp_path / "data", size=40, epochs=1)
+    cfg.encoders.layers = 2
+    cfg = apply_overrides(cfg, ["ha_layers=2"])
+    extract(cfg, tmp_path / "c.h5", progress=False)
+    assert FeatureCache(tmp_path / "c.h5").layers == 2
+    train(tmp_path / "c.h5", cfg, tmp_path / "r", progress=False)
+    with pytest.raises(Exception, match="ha_layers"):
+        train(tmp_path / "c.h5", apply_overrides(cfg, ["encoders.layers=4", "ha_layers=4"]), tmp_path / "r2", progress=False)
+
+
+def test_evaluate_matches_results_and_refuses_other_encoders(tiny_cache, tmp_path, capsys):
+    path, cfg = tiny_cache
+    res = train(path, cfg, tmp_path / "r", progress=False)
+    preds = tmp_path / "dev.csv"
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "r" / "best.pt"), "--cache", str(path), "--split", "dev", "--predictions", str(preds)]) == 0
+    out = capsys.readouterr().out
+    assert f"{res['splits']['dev']['accuracy']:.4f}" in out
+    assert len(preds.read_text().splitlines()) == res["splits"]["dev"]["n"] + 1
+
+    other = tiny_config(tmp_path / "data2", size=30)
+    other.encoders.max_length = 16
+    extract(other, tmp_path / "other.h5", progress=False)
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "r" / "best.pt"), "--cache", str(tmp_path / "other.h5")]) == 2
+    assert "max_length" in capsys.readouterr().err
