@@ -253,6 +253,12 @@ def demo(
         _fail(e)
 
 
+# ----------------------------------------------------------------------------------- sweeps and paper tables (issue 4)
+
+
+# ----------------------------------------------------------------------------------- predict and analyze (issue 5)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI on an explicit argument list; returns the exit code (for tests and ``python -m sppscl``)."""
     try:
