@@ -33,10 +33,8 @@ def run_demo(out: Path, cache: Path, epochs: int | None, console: Console) -> di
         cfg = apply_overrides(cfg, {"epochs": epochs})
     console.rule("[bold]1/2 stage one: generate the synthetic set, extract features with EfficientNet-Lite0 + MiniLM-L6")
     summary = extract(cfg, cache, progress=True, console=console)
-    console.print(
-        f"cache {cache}: {summary.rows} rows ({summary.status}); "
-        + (f"{summary.samples_per_second:.1f} samples/s" if summary.samples_encoded else "reused")
-    )
+    speed = f"{summary.samples_per_second:.1f} samples/s" if summary.samples_encoded else "already complete, reused"
+    console.print(f"cache {cache}: {sum(summary.rows.values())} rows ({speed})")
     if out.exists():
         shutil.rmtree(out)
     results, run_dirs = {}, {}
@@ -45,11 +43,12 @@ def run_demo(out: Path, cache: Path, epochs: int | None, console: Console) -> di
         run_dirs[name] = out / name.split(" (")[0].replace(" ", "-").replace(",", "").lower()
         results[name] = train(cache, apply_overrides(cfg, sets), run_dirs[name], progress=True, console=console)
     table = Table(title=f"demo results (synthetic data, {cfg.train.epochs} epochs, best dev checkpoint)")
-    for col in ("model", "dev acc", "dev macro F1", "test acc", "test macro F1", "run"):
-        table.add_column(col, justify="left" if col in ("model", "run") else "right")
+    for col in ("model", "dev acc", "dev macro F1", "test acc", "test macro F1"):
+        table.add_column(col, justify="left" if col == "model" else "right", no_wrap=col == "model")
     for name, r in results.items():
         d, t = r["splits"]["dev"], r["splits"]["test"]
-        table.add_row(name, f"{d['accuracy']:.3f}", f"{d['macro_f1']:.3f}", f"{t['accuracy']:.3f}", f"{t['macro_f1']:.3f}", str(run_dirs[name]))
+        table.add_row(name, f"{d['accuracy']:.3f}", f"{d['macro_f1']:.3f}", f"{t['accuracy']:.3f}", f"{t['macro_f1']:.3f}")
     console.print(table)
+    console.print(f"runs (checkpoints, metrics.jsonl, results.json, predictions): {', '.join(str(p) for p in run_dirs.values())}")
     console.print(f"demo finished in {time.perf_counter() - t0:.0f}s")
     return results

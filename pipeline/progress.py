@@ -43,6 +43,9 @@ class _Disabled:
     def reset(self, *a, **k):
         pass
 
+    def note(self, text: str) -> None:
+        pass
+
     def __enter__(self):
         return self
 
@@ -50,10 +53,16 @@ class _Disabled:
         return False
 
 
+class _Progress(Progress):
+    def note(self, text: str) -> None:
+        """A line printed above the live bars (stays in the scrollback and in logs)."""
+        self.console.print(text, highlight=False)
+
+
 def make_progress(enabled: bool = True, console: Console | None = None, unit: str = "samples/s"):
     if not enabled:
         return _Disabled()
-    return Progress(
+    return _Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),

@@ -206,7 +206,7 @@ def model_from_checkpoint(ckpt: dict, device: torch.device) -> tuple[SPPSCLModel
 
 
 def train(
-    cache_path: Path,
+    cache_path: Path | FeatureCache,
     cfg: Config,
     out_dir: Path,
     resume: bool = False,
@@ -217,7 +217,8 @@ def train(
     cfg.validate()
     tc = cfg.train
     out_dir = Path(out_dir)
-    cache = FeatureCache(cache_path)
+    # an open FeatureCache may be passed, so sweeps read a cache once per worker, not once per run
+    cache = cache_path if isinstance(cache_path, FeatureCache) else FeatureCache(cache_path)
     classes = cache.classes
     for needed in ("train", "dev"):
         if needed not in cache.splits:
@@ -328,13 +329,12 @@ def train(
             # the log line follows its checkpoint, so a resumed run never finds a line for an epoch it must redo
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
-            prog.update(
-                ep_task,
-                advance=1,
-                description=(
-                    f"epoch {epoch + 1}/{tc.epochs} loss {record['loss_total']:.3f} step2 {record['step2_fired']:.0%} "
-                    f"dev acc {record['dev_accuracy']:.4f} best {best['key'][0]:.4f}@{best['epoch'] + 1}"
-                ),
+            prog.update(ep_task, advance=1, description=f"epoch {epoch + 1}/{tc.epochs}")
+            prog.note(
+                f"epoch {epoch + 1:>3}/{tc.epochs}  loss {record['loss_total']:.3f} (λ·CE {record['loss_lambda_ce']:.3f}, "
+                f"intra {record['loss_intra_image']:.3f}/{record['loss_intra_text']:.3f}, inter {record['loss_inter']:.3f})  "
+                f"step2 {record['step2_fired']:4.0%}  dev acc {record['dev_accuracy']:.4f}  "
+                f"best {best['key'][0]:.4f}@{best['epoch'] + 1}{' *' if improved else ''}  {record['epoch_seconds']:.1f}s"
             )
 
     return finish_run(out_dir, cache, classes, device, in_memory)
