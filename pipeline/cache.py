@@ -212,6 +212,75 @@ def read_skipped(path: Path) -> list[tuple[str, str, str]]:
 
 # ----------------------------------------------------------------------------------------- reader
 
+# Splits larger than this are streamed rather than held in RAM: 25k HFM-sized samples are ~9 GB, and
+# stage two should stay within a few GB whatever the dataset. Override with SPPSCL_MEMORY_BUDGET (bytes).
+DEFAULT_MEMORY_BUDGET = 3 * 1024**3
+
+
+class RowFile:
+    """Rows of a contiguous dataset read with ``os.pread``: streamed access whose memory use is one batch.
+
+    A memory map would do the same reads, but every page it touches counts toward the process's resident
+    memory until the kernel reclaims it; page-cache reads do not. Supports what stage two needs: an int,
+    a slice, an index array, and ``ranges`` for ragged token rows.
+    """
+
+    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype):
+        self.path, self.offset, self.shape, self.dtype = Path(path), offset, tuple(shape), np.dtype(dtype)
+        self.row_shape = self.shape[1:]
+        self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __del__(self):
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_fd"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def _read(self, start: int, count: int) -> np.ndarray:
+        nbytes = count * self.row_bytes
+        buf = os.pread(self._fd, nbytes, self.offset + start * self.row_bytes)
+        if len(buf) != nbytes:
+            raise CacheError(f"{self.path}: short read at row {start} (file truncated?)")
+        return np.frombuffer(buf, self.dtype).reshape(count, *self.row_shape)
+
+    def ranges(self, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Rows ``starts[i] : starts[i] + counts[i]`` for every i, concatenated (one read per range)."""
+        out = np.empty((int(counts.sum()), *self.row_shape), self.dtype)
+        at = 0
+        for st, n in zip(starts.tolist(), counts.tolist()):
+            out[at : at + n] = self._read(st, n)
+            at += n
+        return out
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self._read(int(key), 1)[0]
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise IndexError("RowFile slices must have step 1")
+            return self._read(start, max(0, stop - start))
+        idx = np.asarray(key, dtype=np.int64)
+        return self.ranges(idx, np.ones_like(idx))
+
+
+def gather_ranges(array, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenated row ranges of an in-RAM array or a RowFile (ragged token rows of a batch)."""
+    if isinstance(array, RowFile):
+        return array.ranges(starts, counts)
+    flat = np.repeat(starts, counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
+    return np.asarray(array[flat])
+
 
 @dataclass
 class SplitData:
@@ -222,8 +291,8 @@ class SplitData:
     texts: np.ndarray
     labels: np.ndarray  # int64, -1 = no label
     offsets: np.ndarray  # int64 (n+1,)
-    image: np.ndarray  # (n, C, h, w) float16, in RAM or a read-only memory map
-    tokens: np.ndarray  # (T, L, H) float16, in RAM or a read-only memory map
+    image: np.ndarray | RowFile  # (n, C, h, w) float16, in RAM or streamed from the file
+    tokens: np.ndarray | RowFile  # (T, L, H) float16, in RAM or streamed from the file
     rows: np.ndarray  # int64 indices of usable rows
     in_memory: bool
 
@@ -245,7 +314,7 @@ class FeatureCache:
     """Read access to a complete cache: provenance, splits, skipped rows.
 
     ``load(split)`` reads a whole split into RAM with large contiguous reads when it fits in the memory budget
-    (default: half the available RAM), and returns read-only memory maps otherwise (streamed by the OS page cache).
+    (default: the smaller of 3 GiB and half the available RAM), and streams it otherwise (``RowFile``).
     """
 
     def __init__(self, path: str | Path):
@@ -283,7 +352,7 @@ class FeatureCache:
         if split not in self.splits:
             raise CacheError(f"{self.path}: no split {split!r} (splits: {', '.join(self.splits)})")
         if in_memory is None:
-            budget = memory_budget if memory_budget is not None else available_memory() // 2
+            budget = memory_budget if memory_budget is not None else default_memory_budget()
             in_memory = self.split_bytes(split) <= budget
         with h5py.File(self.path, "r") as f:
             g = f[f"splits/{split}"]
@@ -300,13 +369,30 @@ class FeatureCache:
                     if d.size:
                         d.read_direct(arr)
                 else:
-                    arr = _raw_view(self.path, d, "r")
+                    arr = _row_file(self.path, d)
                 arrays[key] = arr
         rows = np.flatnonzero(status == WRITTEN).astype(np.int64)
         return SplitData(split, ids, texts, labels, offsets, arrays["image"], arrays["tokens"], rows, in_memory)
 
     def iter_splits(self) -> Iterator[str]:
         yield from self.splits
+
+
+def _row_file(path: Path, dset: h5py.Dataset) -> RowFile:
+    offset = dset.id.get_offset()
+    if offset is None or dset.chunks is not None or dset.compression is not None:
+        raise CacheError(f"{path}:{dset.name} is not a contiguous uncompressed dataset; it cannot be streamed")
+    return RowFile(path, offset, dset.shape, dset.dtype)
+
+
+def default_memory_budget() -> int:
+    env = os.environ.get("SPPSCL_MEMORY_BUDGET")
+    if env:
+        try:
+            return int(float(env))
+        except ValueError:
+            raise CacheError(f"SPPSCL_MEMORY_BUDGET={env!r} is not a number of bytes") from None
+    return min(DEFAULT_MEMORY_BUDGET, available_memory() // 2)
 
 
 def available_memory() -> int:

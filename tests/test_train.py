@@ -180,3 +180,27 @@ def test_evaluate_matches_results_and_refuses_other_encoders(tiny_cache, tmp_pat
     extract(other, tmp_path / "other.h5", progress=False)
     assert main(["evaluate", "--checkpoint", str(tmp_path / "r" / "best.pt"), "--cache", str(tmp_path / "other.h5")]) == 2
     assert "max_length" in capsys.readouterr().err
+
+
+def test_streamed_and_in_memory_splits_give_identical_batches(tiny_cache):
+    path, _ = tiny_cache
+    cache = FeatureCache(path)
+    ram, streamed = cache.load("train", in_memory=True), cache.load("train", in_memory=False)
+    assert not streamed.in_memory and not isinstance(streamed.image, np.ndarray)
+    rows = np.array([0, 3, 4, 10, 11, 40])
+    a, b = SplitBatches(ram).batch(rows), SplitBatches(streamed).batch(rows)
+    for key in ("image", "tokens", "mask", "labels"):
+        assert torch.equal(getattr(a, key), getattr(b, key)), key
+    # padding is zero and the mask marks exactly each row's tokens
+    lens = np.diff(ram.offsets)[rows]
+    assert a.mask.sum(1).tolist() == lens.tolist()
+    assert torch.all(a.tokens[~a.mask] == 0)
+
+
+def test_memory_budget_decides_streaming(tiny_cache, monkeypatch):
+    path, _ = tiny_cache
+    cache = FeatureCache(path)
+    monkeypatch.setenv("SPPSCL_MEMORY_BUDGET", "1")
+    assert not cache.load("train").in_memory
+    monkeypatch.setenv("SPPSCL_MEMORY_BUDGET", str(10**12))
+    assert cache.load("train").in_memory

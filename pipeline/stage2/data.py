@@ -1,4 +1,4 @@
-"""Batches for stage two, assembled from a cache split held in RAM (or memory-mapped when it does not fit).
+"""Batches for stage two, assembled from a cache split held in RAM (or streamed from the file when it does not fit).
 
 Features stay float16 in memory and become float32 one batch at a time. Ragged token states are gathered
 with one vectorised index per batch, never a per-sample h5py read.
@@ -12,7 +12,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..cache import SplitData
+from ..cache import SplitData, gather_ranges
 
 
 @dataclass
@@ -42,13 +42,12 @@ class SplitBatches:
         s = self.split
         lens = self._lengths[rows]
         n, width = len(rows), int(lens.max()) if len(rows) else 0
-        # flat token index of every real position, and its (sample, position) slot in the padded batch
-        starts = np.repeat(s.offsets[rows], lens)
+        # (sample, position) slot in the padded batch of every real token, in the order gather_ranges returns them
         pos = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
         which = np.repeat(np.arange(n), lens)
         tok = torch.zeros((n, width, *s.tokens.shape[1:]), dtype=torch.float32)
-        if len(starts):
-            tok[which, pos] = torch.from_numpy(np.asarray(s.tokens[starts + pos])).float()
+        if len(pos):
+            tok[which, pos] = torch.from_numpy(gather_ranges(s.tokens, s.offsets[rows], lens)).float()
         mask = torch.zeros((n, width), dtype=torch.bool)
         mask[which, pos] = True
         image = torch.from_numpy(np.asarray(s.image[rows])).float()
@@ -63,7 +62,7 @@ class SplitBatches:
             bounds.pop()
         for i, start in enumerate(bounds):
             end = bounds[i + 1] if i + 1 < len(bounds) else len(order)
-            # sorted within the batch: the batch is the same set, and reads from a memory map stay local
+            # sorted within the batch: the batch is the same set, and streamed reads move forward through the file
             yield self.batch(np.sort(order[start:end]))
 
     def eval_batches(self, batch_size: int) -> Iterator[Batch]:

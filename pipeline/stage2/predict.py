@@ -1,0 +1,335 @@
+"""Prediction on new image-text pairs with a trained checkpoint.
+
+A pair goes through the encoders that built the checkpoint's cache (loaded by the names stored in
+``ckpt["cache_provenance"]`` and refused unless their provenance matches it), through stage one's own
+batch encoder and the cache's dtype, into an in-memory :class:`~sppscl.cache.SplitData`, and through
+stage two's ``predict_split``: the path ``evaluate`` takes on a cache, so both give the same numbers.
+
+Batch fusion (Eq. 3, the paper's) makes a prediction depend on the other pairs of its batch. A file is
+therefore predicted in its own order, in batches of the checkpoint's ``eval_batch_size`` over its usable
+rows, exactly as ``evaluate`` batches a cache split. A single pair is a batch of one: in eval mode
+``A = softmax`` of a 1×1 matrix = 1, so the pair attends only to itself (``I_m = V_I(I_p)``,
+``T_m = V_T(T_p)``). ``sample`` fusion has no such dependence and is the one to use for single pairs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..cache import SplitData, diff_provenance
+from ..progress import make_progress
+from ..stage1.encoders import load_image_encoder, load_text_encoder
+from ..stage1.extract import _encode_batch, fixed_batches, resolve_device
+from ..stage1.verify import check_sample_image
+from .train import load_checkpoint, model_from_checkpoint, predict_split
+
+ON_ERROR = ("stop", "skip")
+OUTPUT_SUFFIXES = (".jsonl", ".csv")
+# Rows decoded and encoded per round; rounded up to whole head batches so the head batches are the file's.
+CHUNK_ROWS = 256
+
+
+class PredictError(RuntimeError):
+    """Prediction cannot run as asked, or an input row is bad; the message names the file, line and id."""
+
+
+@dataclass
+class Pair:
+    """One input row. ``line`` is its line in the input file (0 for a pair given on the command line);
+    ``error`` is set when the row could not even be parsed."""
+
+    id: str
+    text: str
+    image: Path | None
+    line: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Prediction:
+    """The outcome for one pair: a label and class probabilities, or an error (``label`` None)."""
+
+    id: str
+    line: int
+    label: str | None
+    pred: int | None
+    probs: np.ndarray | None
+    error: str | None = None
+
+
+# ------------------------------------------------------------------------------------ input rows
+
+
+def _where(source: str, pair: Pair) -> str:
+    if pair.line:
+        return f"{source}: line {pair.line} (id {pair.id!r})"
+    return f"pair {pair.id!r}"
+
+
+def _cheap_problem(pair: Pair) -> str | None:
+    """What makes a parsed row unusable without decoding its image."""
+    if not pair.text.strip():
+        return "empty text"
+    if not pair.image.is_file():
+        return f"missing image: {pair.image}"
+    return None
+
+
+def _row_error(source: str, pair: Pair, reason: str) -> PredictError:
+    return PredictError(f"{_where(source, pair)}: {reason}. Fix the row, or rerun with --on-error skip to report it and predict the rest.")
+
+
+def _row_pair(row: dict, line: int, number: int, base: Path) -> Pair:
+    """A parsed row -> Pair; ``id`` defaults to the data row's number (1-based), image paths are relative to ``base``."""
+    raw_id = row.get("id")
+    if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
+        sid = str(number)
+    elif isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool):
+        sid = str(raw_id).strip()
+    else:
+        return Pair(str(number), "", None, line, f"'id' must be a string or an integer, got {type(raw_id).__name__}")
+    for key in ("text", "image"):
+        if row.get(key) is None:
+            return Pair(sid, "", None, line, f"missing {key!r}")
+    if not isinstance(row["text"], str):
+        return Pair(sid, "", None, line, f"'text' is not a string ({type(row['text']).__name__})")
+    if not isinstance(row["image"], str) or not row["image"].strip():
+        return Pair(sid, row["text"], None, line, "'image' is empty or not a path")
+    image = Path(row["image"].strip()).expanduser()
+    return Pair(sid, row["text"], image if image.is_absolute() else base / image, line)
+
+
+def read_pairs(path: Path) -> list[Pair]:
+    """Rows of a ``.jsonl`` or ``.csv`` file with ``text``, ``image`` and optionally ``id``.
+
+    A malformed row (bad JSON, not an object, wrong CSV field count, missing key) becomes a Pair with
+    ``error`` set, so ``--on-error skip`` can report it and go on; a file that cannot be read at all
+    (missing, not UTF-8, CSV header without ``text``/``image``) raises :class:`PredictError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PredictError(f"{path}: no such input file")
+    suffix = path.suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise PredictError(f"{path}: input must be a .jsonl or .csv file")
+    try:
+        content = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise PredictError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    base = path.parent
+    pairs: list[Pair] = []
+    if suffix == ".jsonl":
+        for line, text in enumerate(content.splitlines(), start=1):
+            if not text.strip():
+                continue
+            number = len(pairs) + 1
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                pairs.append(Pair(str(number), "", None, line, f"not valid JSON ({e.msg})"))
+                continue
+            if not isinstance(row, dict):
+                pairs.append(Pair(str(number), "", None, line, f"expected a JSON object, got {type(row).__name__}"))
+                continue
+            pairs.append(_row_pair(row, line, number, base))
+        return pairs
+    reader = csv.DictReader(io.StringIO(content, newline=""))
+    header = reader.fieldnames or []
+    missing = [c for c in ("text", "image") if c not in header]
+    if missing:
+        raise PredictError(f"{path}: line 1 (header): missing column(s) {', '.join(missing)}")
+    try:
+        for row in reader:
+            number = len(pairs) + 1
+            # DictReader files surplus fields under the key None and fills absent ones with None
+            extra = row.pop(None, None) or []
+            found = sum(v is not None for v in row.values()) + len(extra)
+            if found != len(header):
+                pairs.append(Pair(str(number), "", None, reader.line_num, f"expected {len(header)} fields, found {found}"))
+                continue
+            pairs.append(_row_pair(row, reader.line_num, number, base))
+    except csv.Error as e:
+        raise PredictError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
+    return pairs
+
+
+# ------------------------------------------------------------------------------------ the predictor
+
+
+def check_encoders(stored: dict, loaded: dict, checkpoint: Path) -> None:
+    """Refuse encoders whose provenance differs from the one the checkpoint's cache recorded."""
+    diffs = diff_provenance(stored, loaded)
+    if diffs:
+        raise PredictError(
+            f"the encoders available here differ from those that built the cache {checkpoint} was trained on; "
+            "refusing to predict (the heads would see features they were not trained on). What differs:\n  "
+            + "\n  ".join(d.replace("cache has", "checkpoint's cache has").replace("request has", "loaded encoder has") for d in diffs)
+        )
+
+
+class Predictor:
+    """A checkpoint's heads plus the encoders and preprocessing that built its cache."""
+
+    def __init__(self, checkpoint: Path, device: str = "auto"):
+        self.checkpoint = Path(checkpoint)
+        ckpt = load_checkpoint(self.checkpoint)
+        prov = ckpt["cache_provenance"]
+        self.device = resolve_device(device)
+        enc = prov["encoders"]
+        tok = enc["text"]["tokenizer"]
+        self.image_enc = load_image_encoder(enc["image"]["name"], device=str(self.device))
+        self.text_enc = load_text_encoder(
+            enc["text"]["name"], max_length=tok["max_length"], layers=len(enc["text"]["layers"]), device=str(self.device)
+        )
+        check_encoders(enc, {"image": self.image_enc.provenance(), "text": self.text_enc.provenance()}, self.checkpoint)
+        self.model, self.cfg = model_from_checkpoint(ckpt, self.device)
+        self.classes: list[str] = list(ckpt["classes"])
+        # features pass through the cache's dtype, as extraction stores them, so predict and evaluate agree
+        self.np_dtype = np.dtype(prov["dtype"])
+        self.transform = self.image_enc.preprocess()
+
+    @property
+    def fusion(self) -> str:
+        return self.cfg.train.fusion if self.cfg.train.modalities == "both" else "none"
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.cfg.train.eval_batch_size
+
+    def fusion_note(self, single: bool) -> str | None:
+        """What the user must know about batch dependence, or None for a batch-independent checkpoint."""
+        if self.fusion != "batch":
+            return None
+        if single:
+            return (
+                "this checkpoint uses batch fusion (Eq. 3): a single pair is a batch of one and attends only to itself, "
+                "so its probabilities can differ from those it gets inside a batch. For single pairs, train with --set fusion=sample."
+            )
+        return (
+            f"this checkpoint uses batch fusion (Eq. 3): each prediction depends on the other pairs in its batch. Rows are "
+            f"predicted in file order in batches of {self.eval_batch_size} (the checkpoint's eval_batch_size), as `evaluate` "
+            "does on a cache; reordering the file changes the numbers. --set fusion=sample trains batch-independent heads."
+        )
+
+    def predict(
+        self,
+        pairs: list[Pair],
+        on_error: str = "stop",
+        batch_size: int | None = None,
+        source: str = "",
+        progress: bool = False,
+        console=None,
+    ) -> list[Prediction]:
+        """One Prediction per pair, in order. ``batch_size`` is the encoders' batch (default: the checkpoint's
+        ``extract.batch_size``); the heads always run in ``eval_batch_size`` batches of the usable rows."""
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        enc_bs = batch_size or self.cfg.extract.batch_size
+        if enc_bs < 1:
+            raise PredictError(f"--batch-size must be at least 1, got {enc_bs}")
+        # unparsable rows, empty texts and missing files are found before any encoder runs, so 'stop' fails early
+        errors = [p.error or _cheap_problem(p) for p in pairs]
+        for p, err in zip(pairs, errors):
+            if err is not None and on_error == "stop":
+                raise _row_error(source, p, err)
+        chunk = self.eval_batch_size * math.ceil(max(CHUNK_ROWS, enc_bs) / self.eval_batch_size)
+        results: list[Prediction | None] = [None] * len(pairs)
+        pending: list[tuple[int, torch.Tensor]] = []
+        with make_progress(enabled=progress, console=console) as prog:
+            task = prog.add_task("predict", total=len(pairs))
+            for i, p in enumerate(pairs):
+                if errors[i] is None:
+                    image, errors[i] = self._load_image(p.image)
+                    if errors[i] is None:
+                        pending.append((i, image))
+                    elif on_error == "stop":
+                        raise _row_error(source, p, errors[i])
+                if errors[i] is not None:
+                    results[i] = Prediction(p.id, p.line, None, None, None, errors[i])
+                    prog.advance(task)
+                if len(pending) == chunk:
+                    self._predict_chunk(pairs, pending, enc_bs, results)
+                    prog.advance(task, len(pending))
+                    pending = []
+            if pending:
+                self._predict_chunk(pairs, pending, enc_bs, results)
+                prog.advance(task, len(pending))
+        return results  # type: ignore[return-value]
+
+    def _load_image(self, path: Path) -> tuple[torch.Tensor | None, str | None]:
+        """The preprocessed image as extraction makes it, or the reason it cannot be used."""
+        reason = check_sample_image(path)
+        if reason is not None:
+            return None, reason
+        with Image.open(path) as img:
+            img.load()
+            return self.transform(img), None
+
+    def _predict_chunk(self, pairs: list[Pair], pending: list[tuple[int, torch.Tensor]], enc_bs: int, results: list) -> None:
+        idx = [i for i, _ in pending]
+        token_ids = self.text_enc.tokenize([pairs[i].text for i in idx])
+        images = torch.stack([x for _, x in pending])
+        maps, tokens = [], []
+        for b in fixed_batches(len(idx), enc_bs):
+            m, t = _encode_batch(self.image_enc, self.text_enc, images[b], [token_ids[j] for j in b], self.device, self.np_dtype)
+            maps.append(m)
+            tokens += t
+        split = in_memory_split([pairs[i] for i in idx], np.concatenate(maps), tokens)
+        out = predict_split(self.model, split, self.eval_batch_size, self.device)
+        for j, i in enumerate(idx):
+            k = int(out["pred"][j])
+            results[i] = Prediction(pairs[i].id, pairs[i].line, self.classes[k], k, out["probs"][j])
+
+
+def in_memory_split(pairs: list[Pair], image: np.ndarray, tokens: list[np.ndarray]) -> SplitData:
+    """A SplitData holding freshly encoded pairs (no labels), laid out as the cache lays out a split."""
+    offsets = np.concatenate([[0], np.cumsum([len(t) for t in tokens])]).astype(np.int64)
+    return SplitData(
+        name="predict",
+        ids=np.array([p.id for p in pairs], dtype=object),
+        texts=np.array([p.text for p in pairs], dtype=object),
+        labels=np.full(len(pairs), -1, dtype=np.int64),
+        offsets=offsets,
+        image=image,
+        tokens=np.concatenate(tokens),
+        rows=np.arange(len(pairs), dtype=np.int64),
+        in_memory=True,
+    )
+
+
+# ------------------------------------------------------------------------------------ output
+
+
+def write_output(path: Path, preds: list[Prediction], classes: list[str]) -> None:
+    """JSONL (``id, label, probabilities`` or ``id, line, error``) or CSV, chosen by the extension."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise PredictError(f"--out {path}: must end in .jsonl or .csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".jsonl":
+        with open(path, "w", encoding="utf-8") as fh:
+            for p in preds:
+                if p.error is not None:
+                    row = {"id": p.id, "line": p.line, "error": p.error}
+                else:
+                    row = {"id": p.id, "label": p.label, "probabilities": {c: float(x) for c, x in zip(classes, p.probs)}}
+                fh.write(json.dumps(row) + "\n")
+        return
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "label", *[f"p_{c}" for c in classes], "error"])
+        for p in preds:
+            if p.error is not None:
+                w.writerow([p.id, "", *[""] * len(classes), f"line {p.line}: {p.error}" if p.line else p.error])
+            else:
+                w.writerow([p.id, p.label, *[f"{float(x):.6f}" for x in p.probs], ""])
