@@ -239,6 +239,31 @@ def evaluate(
 
 
 @app.command()
+def probe(
+    cache: Path = typer.Option(..., help="Feature cache."),
+    modalities: str = typer.Option("both", help="both, image or text."),
+    seed: int = typer.Option(0, help="Random seed of the solver."),
+) -> None:
+    """Baseline: logistic regression on pooled image features + last-layer [CLS], C chosen on dev."""
+    from .stage2.probe import run_probe
+
+    try:
+        res = run_probe(cache, seed=seed, modalities=modalities)
+    except _user_errors() as e:
+        _fail(e)
+    console.print(f"logistic-regression probe on {res['features']}, C={res['C']} (chosen on dev accuracy)")
+    t = Table()
+    for col in ("split", "n", "accuracy", "weighted F1", "macro F1"):
+        t.add_column(col)
+    for name, m in res["splits"].items():
+        if "accuracy" in m:
+            t.add_row(name, str(m["n"]), f"{m['accuracy']:.4f}", f"{m['weighted_f1']:.4f}", f"{m['macro_f1']:.4f}")
+        else:
+            t.add_row(name, str(m["n"]), "-", "-", "predictions only")
+    console.print(t)
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where the demo's runs go (replaced on each demo run)."),
     cache: Path = typer.Option(Path("cache/demo.h5"), help="The demo's feature cache."),

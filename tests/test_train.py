@@ -204,3 +204,29 @@ def test_memory_budget_decides_streaming(tiny_cache, monkeypatch):
     assert not cache.load("train").in_memory
     monkeypatch.setenv("SPPSCL_MEMORY_BUDGET", str(10**12))
     assert cache.load("train").in_memory
+
+
+def test_probe_matches_a_direct_sklearn_fit(tiny_cache):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from sppscl.stage2.probe import run_probe
+
+    path, _ = tiny_cache
+    res = run_probe(path, c_grid=(1.0,))
+    cache = FeatureCache(path)
+    tr, dv = cache.load("train"), cache.load("dev")
+
+    def feats(s):  # written out directly: per-row spatial mean and last-layer [CLS]
+        rows = []
+        for r in s.rows:
+            img = s.image[r].astype(np.float32).reshape(s.image.shape[1], -1).mean(1)
+            cls = s.tokens[s.offsets[r], -1].astype(np.float32)
+            rows.append(np.concatenate([img, cls]))
+        return np.stack(rows)
+
+    sc = StandardScaler().fit(feats(tr))
+    clf = LogisticRegression(C=1.0, max_iter=3000, random_state=0).fit(sc.transform(feats(tr)), tr.labels[tr.rows])
+    acc = float((clf.predict(sc.transform(feats(dv))) == dv.labels[dv.rows]).mean())
+    assert res["splits"]["dev"]["accuracy"] == pytest.approx(acc)
+    assert res["C"] == 1.0
