@@ -31,7 +31,7 @@ test: install
 	$(PY) -m pytest -q $(ARGS)
 
 test-realdata: install
-	$(PY) -m pytest -q -m "realdata" $(ARGS)
+	$(PY) -m pytest -q -m "realdata and not slow" $(ARGS)
 
 test-all: install
 	$(PY) -m pytest -q -m "" $(ARGS)

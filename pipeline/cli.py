@@ -183,15 +183,20 @@ def train(
 
 
 def print_results(results: dict, title: str = "best checkpoint") -> None:
-    t = Table(title=f"{title} (epoch {results['best_epoch'] + 1}, selected on dev accuracy)")
+    console.print(split_table(results["splits"], f"{title} (epoch {results['best_epoch'] + 1}, selected on dev accuracy)"))
+
+
+def split_table(splits: dict[str, dict], title: str | None = None) -> Table:
+    """Accuracy and F1 per split; an unlabelled split shows as predictions only."""
+    t = Table(title=title)
     for col in ("split", "n", "accuracy", "weighted F1", "macro F1"):
         t.add_column(col, justify="right" if col != "split" else "left")
-    for name, m in results["splits"].items():
+    for name, m in splits.items():
         if "accuracy" in m:
             t.add_row(name, str(m["n"]), f"{m['accuracy']:.4f}", f"{m['weighted_f1']:.4f}", f"{m['macro_f1']:.4f}")
         else:
             t.add_row(name, str(m["n"]), "-", "-", "predictions only")
-    console.print(t)
+    return t
 
 
 @app.command()
@@ -251,16 +256,7 @@ def probe(
         res = run_probe(cache, seed=seed, modalities=modalities)
     except _user_errors() as e:
         _fail(e)
-    console.print(f"logistic-regression probe on {res['features']}, C={res['C']} (chosen on dev accuracy)")
-    t = Table()
-    for col in ("split", "n", "accuracy", "weighted F1", "macro F1"):
-        t.add_column(col)
-    for name, m in res["splits"].items():
-        if "accuracy" in m:
-            t.add_row(name, str(m["n"]), f"{m['accuracy']:.4f}", f"{m['weighted_f1']:.4f}", f"{m['macro_f1']:.4f}")
-        else:
-            t.add_row(name, str(m["n"]), "-", "-", "predictions only")
-    console.print(t)
+    console.print(split_table(res["splits"], f"logistic-regression probe on {res['features']}, C={res['C']} (chosen on dev accuracy)"))
 
 
 @app.command()
@@ -281,7 +277,147 @@ def demo(
 # ----------------------------------------------------------------------------------- sweeps and paper tables (issue 4)
 
 
+@app.command()
+def sweep(
+    cache: Path = typer.Option(..., help="Feature cache written by `sppscl extract` (read once per worker)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Preset or YAML [default: the preset named after the cache's dataset]."),
+    set_: list[str] = typer.Option([], "--set", help="Override a base hyperparameter for every run, e.g. --set epochs=50."),
+    grid: list[str] = typer.Option([], "--grid", help="A swept key and its values, e.g. --grid lr=1e-4,5e-5 (repeat for more keys: every combination runs)."),
+    random_: Optional[int] = typer.Option(None, "--random", help="Instead of a grid: N configurations drawn by an Optuna study over --space."),
+    space: list[str] = typer.Option([], "--space", help="A search dimension for --random: key=low:high, key=low:high:log or key=a,b,c."),
+    sampler: str = typer.Option("tpe", help="Optuna sampler for --random: random or tpe."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds, each configuration runs once per seed [default: the preset's train.seed]."),
+    workers: Optional[int] = typer.Option(None, help="Parallel runs [default: min(runs, cores); each gets cores/workers threads; 1 runs in this process]."),
+    out: Optional[Path] = typer.Option(None, help="Sweep directory [default: sweeps/<cache name>-<hash of the sweep's definition>]."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Many stage-two runs from one cache: a grid or a random/TPE search, x seeds, resumable; tables mean ± std over seeds."""
+    from .stage2.sweep import default_sweep_dir, parse_seeds, print_summary
+    from .stage2.sweep import sweep as run_sweep
+
+    try:
+        cfg = _train_config(cache, config, set_, None)
+        out = out or default_sweep_dir(cache, config, set_, grid, space, random_, sampler)
+        console.print(f"sweep directory: {out}")
+        result = run_sweep(
+            cache, cfg, out, grid, space, random_, sampler, parse_seeds(seeds) if seeds else None, workers, progress=not quiet, console=console
+        )
+    except _user_errors() as e:
+        _fail(e)
+    print_summary(result, console)
+    if result.failed:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def reproduce(
+    table: str = typer.Argument(..., help="table4 (two-step vs one-step), table5 (loss ablation), table6 (HA layers), table7 (CMF vs concat) or fig5 (α)."),
+    cache: Path = typer.Option(..., help="Feature cache; its dataset picks the paper's column (mvsa-single, mvsa-multiple, hfm)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Preset or YAML [default: the preset named after the cache's dataset]."),
+    set_: list[str] = typer.Option([], "--set", help="Override a base hyperparameter for every run, e.g. --set epochs=50."),
+    seeds: str = typer.Option("1,2,3", help="Comma-separated seeds; every number printed is a mean over them."),
+    workers: Optional[int] = typer.Option(None, help="Parallel runs [default: min(runs, cores)]."),
+    out: Optional[Path] = typer.Option(None, help="Directory shared by all tables of one cache [default: sweeps/<cache name>-paper]."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """A paper ablation (Tables 4-7, Fig. 5) on this cache, in the paper's layout with the paper's numbers beside ours."""
+    from .stage2.reproduce import print_reproduction
+    from .stage2.reproduce import reproduce as run_reproduce
+    from .stage2.sweep import default_sweep_dir, parse_seeds
+
+    try:
+        cfg = _train_config(cache, config, set_, None)
+        # another base configuration gets its own directory, so runs of different bases never mix
+        out = out or (Path("sweeps") / f"{cache.stem}-paper" if not (config or set_) else default_sweep_dir(cache, "paper", config, set_))
+        console.print(f"reproduce directory: {out}")
+        rep = run_reproduce(table, cache, cfg, out, parse_seeds(seeds), workers, progress=not quiet, console=console)
+    except _user_errors() as e:
+        _fail(e)
+    print_reproduction(rep, console)
+    if rep.sweep.failed:
+        raise typer.Exit(code=1)
+
+
 # ----------------------------------------------------------------------------------- predict and analyze (issue 5)
+
+
+@app.command()
+def predict(
+    checkpoint: Path = typer.Option(..., help="A checkpoint (RUN/best.pt)."),
+    image: Optional[Path] = typer.Option(None, help="One pair: its image file (with --text)."),
+    text: Optional[str] = typer.Option(None, help="One pair: its text (with --image)."),
+    input_: Optional[Path] = typer.Option(
+        None, "--input", help="Many pairs: .jsonl or .csv rows with text, image (relative to the file's folder) and optional id."
+    ),
+    out: Optional[Path] = typer.Option(None, help="Write one row per input here (.jsonl or .csv) [default: print a table]."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    on_error: str = typer.Option("stop", help="Bad row: 'stop' (error naming line and id) or 'skip' (reported in the output with its error)."),
+    batch_size: Optional[int] = typer.Option(
+        None, help="Pairs per encoder batch [checkpoint: extract.batch_size]; the heads always run in its eval_batch_size."
+    ),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Predict new image-text pairs with the encoders that built the checkpoint's cache, then its heads."""
+    from .stage2.predict import ON_ERROR, OUTPUT_SUFFIXES, Pair, PredictError, Predictor, read_pairs, write_output
+
+    try:
+        single = image is not None or text is not None
+        if single == (input_ is not None) or (single and (image is None or text is None)):
+            raise ConfigError("give either --image and --text (one pair) or --input (a file of pairs)")
+        if on_error not in ON_ERROR:
+            raise ConfigError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+        if out is not None and out.suffix.lower() not in OUTPUT_SUFFIXES:
+            raise ConfigError(f"--out {out}: must end in .jsonl or .csv")
+        pairs = [Pair(image.name, text, image)] if single else read_pairs(input_)
+        predictor = Predictor(checkpoint, device)
+        note = predictor.fusion_note(single)
+        if note:
+            console.print(f"[yellow]note:[/] {note}", highlight=False)
+        preds = predictor.predict(pairs, on_error, batch_size, str(input_ or ""), progress=not (quiet or single), console=console)
+        if out is not None:
+            write_output(out, preds, predictor.classes)
+    except (*_user_errors(), PredictError) as e:
+        _fail(e)
+    classes = predictor.classes
+    if single and preds[0].error is None:
+        console.print(f"label: [bold]{preds[0].label}[/]")
+    t = Table(title=f"predictions of {checkpoint}")
+    for col in ("id", "label", *classes, "error"):
+        t.add_column(col, justify="right" if col in classes else "left")
+    if single or out is None:
+        for p in preds:
+            probs = [f"{x:.4f}" for x in p.probs] if p.error is None else [""] * len(classes)
+            t.add_row(p.id, p.label or "", *probs, "" if p.error is None else f"line {p.line}: {p.error}" if p.line else p.error)
+        console.print(t)
+    failed = sum(p.error is not None for p in preds)
+    if out is not None:
+        console.print(f"{len(preds) - failed} predictions written to {out}")
+    if failed:
+        console.print(f"[yellow]{failed} rows not predicted[/] (their errors are in the output)")
+
+
+@app.command()
+def analyze(
+    checkpoint: Path = typer.Option(..., help="A checkpoint (RUN/best.pt)."),
+    cache: Path = typer.Option(..., help="A cache built with the checkpoint's encoders."),
+    split: str = typer.Option("dev", help="A labelled split of the cache."),
+    out: Optional[Path] = typer.Option(None, help="Folder for analysis.json and the PNGs [default: RUN/analysis-<split>]."),
+    compare: Optional[Path] = typer.Option(None, help="A second checkpoint (e.g. an ablation) as the reference, instead of the untrained heads."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+) -> None:
+    """The paper's diagnostics: IID/TTD/ITD same-label distances, t-SNE of the fused features, step-2 firing rate."""
+    from .stage2.analyze import analyze as run_analyze
+    from .stage2.analyze import render_analysis
+
+    try:
+        result = run_analyze(checkpoint, cache, split, out, compare, device)
+    except _user_errors() as e:
+        _fail(e)
+    render_analysis(result.report, console)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    for kind, path in result.files.items():
+        console.print(f"{kind}: {path}")
 
 
 def main(argv: list[str] | None = None) -> int:

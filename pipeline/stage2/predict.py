@@ -153,10 +153,10 @@ def read_pairs(path: Path) -> list[Pair]:
             # DictReader files surplus fields under the key None and fills absent ones with None
             extra = row.pop(None, None) or []
             found = sum(v is not None for v in row.values()) + len(extra)
+            pair = _row_pair(row, reader.line_num, number, base)
             if found != len(header):
-                pairs.append(Pair(str(number), "", None, reader.line_num, f"expected {len(header)} fields, found {found}"))
-                continue
-            pairs.append(_row_pair(row, reader.line_num, number, base))
+                pair = Pair(pair.id, "", None, reader.line_num, f"expected {len(header)} fields, found {found}")
+            pairs.append(pair)
     except csv.Error as e:
         raise PredictError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
     return pairs
@@ -274,16 +274,28 @@ class Predictor:
             img.load()
             return self.transform(img), None
 
-    def _predict_chunk(self, pairs: list[Pair], pending: list[tuple[int, torch.Tensor]], enc_bs: int, results: list) -> None:
-        idx = [i for i, _ in pending]
-        token_ids = self.text_enc.tokenize([pairs[i].text for i in idx])
-        images = torch.stack([x for _, x in pending])
+    def encode(self, pairs: list[Pair], batch_size: int | None = None) -> SplitData:
+        """The features extraction would cache for ``pairs`` (all usable), as an in-memory split."""
+        images = []
+        for p in pairs:
+            image, reason = self._load_image(p.image)
+            if reason is not None:
+                raise _row_error("", p, reason)
+            images.append(image)
+        return self._encode(pairs, torch.stack(images), batch_size or self.cfg.extract.batch_size)
+
+    def _encode(self, pairs: list[Pair], images: torch.Tensor, enc_bs: int) -> SplitData:
+        token_ids = self.text_enc.tokenize([p.text for p in pairs])
         maps, tokens = [], []
-        for b in fixed_batches(len(idx), enc_bs):
+        for b in fixed_batches(len(pairs), enc_bs):
             m, t = _encode_batch(self.image_enc, self.text_enc, images[b], [token_ids[j] for j in b], self.device, self.np_dtype)
             maps.append(m)
             tokens += t
-        split = in_memory_split([pairs[i] for i in idx], np.concatenate(maps), tokens)
+        return in_memory_split(pairs, np.concatenate(maps), tokens)
+
+    def _predict_chunk(self, pairs: list[Pair], pending: list[tuple[int, torch.Tensor]], enc_bs: int, results: list) -> None:
+        idx = [i for i, _ in pending]
+        split = self._encode([pairs[i] for i in idx], torch.stack([x for _, x in pending]), enc_bs)
         out = predict_split(self.model, split, self.eval_batch_size, self.device)
         for j, i in enumerate(idx):
             k = int(out["pred"][j])

@@ -1,0 +1,267 @@
+"""The paper's ablations from one cache: Tables 4-7 and Fig. 5, our numbers (mean ± std over seeds) beside the paper's.
+
+Each table is a small sweep over the flags the paper ablates (SPEC "Ablations"), run by the sweep machinery
+with the same resumable run directories and workers. All tables of one ``--out`` share ``<out>/runs/``: a
+variant is stored as its difference from the base configuration, so the full model (Table 4's two-step,
+Table 5's SPP-SCL, Table 6's four layers, Table 7's CMF, Fig. 5's α = 2/3) is trained once per seed for all.
+Each table's own files go to ``<out>/<table>/`` (table.md, runs.csv, summary.csv, summary.md; fig5.png).
+
+The paper reports one number per cell on the test split; the F1 is weighted F1 for MVSA and macro F1 for HFM.
+Ours are the dev split (where models are selected) and test when it is labelled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ..cache import FeatureCache
+from ..config import Config, ConfigError
+from .sweep import SweepResult, cell, config_slug, run_configs
+
+PAPER_COLUMNS = {"mvsa-single": "MVSA-S", "mvsa-multiple": "MVSA-M", "hfm": "HFM"}
+
+# (ACC, F1) per dataset, copied from the paper's tables
+_FULL = {"mvsa-single": (0.8133, 0.8015), "mvsa-multiple": (0.7871, 0.7753), "hfm": (0.9469, 0.9450)}
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    overrides: dict[str, Any]  # every key the table varies, explicitly
+    paper: dict[str, tuple[float, float]]  # dataset name -> (ACC, F1); empty: the paper gives no number
+
+
+@dataclass(frozen=True)
+class PaperTable:
+    title: str
+    variants: tuple[Variant, ...]
+    note: str = ""
+
+
+TABLES: dict[str, PaperTable] = {
+    "table4": PaperTable(
+        "Table 4: two-step vs one-step update",
+        (
+            Variant("SPP-SCL (two-step)", {"update": "two-step"}, _FULL),
+            Variant(
+                "SPP-SCL (one-step)",
+                {"update": "one-step"},
+                {"mvsa-single": (0.7956, 0.7684), "mvsa-multiple": (0.7276, 0.6929), "hfm": (0.8800, 0.8765)},
+            ),
+        ),
+    ),
+    "table5": PaperTable(
+        "Table 5: without L_cl_m, without L_cl_i + L_cl_t",
+        (
+            Variant("SPP-SCL", {"use_inter": True, "use_intra": True}, _FULL),
+            Variant(
+                "w/o L_cl_m",
+                {"use_inter": False, "use_intra": True},
+                {"mvsa-single": (0.7289, 0.7040), "mvsa-multiple": (0.7688, 0.7500), "hfm": (0.7812, 0.7753)},
+            ),
+            Variant(
+                "w/o L_cl_i, L_cl_t",
+                {"use_inter": True, "use_intra": False},
+                {"mvsa-single": (0.7244, 0.7170), "mvsa-multiple": (0.7459, 0.7411), "hfm": (0.9427, 0.9409)},
+            ),
+        ),
+    ),
+    "table6": PaperTable(
+        "Table 6: hierarchical attention over the last k text layers",
+        (
+            Variant(
+                "w: last three layers",
+                {"ha_layers": 3},
+                {"mvsa-single": (0.7667, 0.7565), "mvsa-multiple": (0.7612, 0.7275), "hfm": (0.9402, 0.9385)},
+            ),
+            Variant(
+                "w: last two layers",
+                {"ha_layers": 2},
+                {"mvsa-single": (0.8222, 0.8181), "mvsa-multiple": (0.5918, 0.5847), "hfm": (0.9311, 0.9293)},
+            ),
+            Variant(
+                "w: last one layer",
+                {"ha_layers": 1},
+                {"mvsa-single": (0.7133, 0.7025), "mvsa-multiple": (0.7282, 0.6840), "hfm": (0.6617, 0.6512)},
+            ),
+            Variant("SPP-SCL (last four layers)", {"ha_layers": 4}, _FULL),
+        ),
+    ),
+    "table7": PaperTable(
+        "Table 7: cross-modal fusion (CMF) vs concatenation",
+        (
+            Variant(
+                "w/o CMF (concatenation)",
+                {"fusion": "concat"},
+                {"mvsa-single": (0.7289, 0.7482), "mvsa-multiple": (0.7453, 0.7389), "hfm": (0.8117, 0.8260)},
+            ),
+            Variant("SPP-SCL (CMF)", {"fusion": "batch"}, _FULL),
+        ),
+        note="The paper's image-only ResNet-50 and ViT rows of this table are not retrained here.",
+    ),
+    "fig5": PaperTable(
+        "Fig. 5: sensitivity to the gate threshold α",
+        tuple(
+            Variant(f"α = {text}", {"alpha": value}, {})
+            for text, value in (("1/3", 1 / 3), ("1/2", 1 / 2), ("2/3", 2 / 3), ("5/6", 5 / 6), ("1", 1.0))
+        ),
+        note="The paper gives Fig. 5 as a plot only (best at α = 2/3), so there are no paper numbers to set beside ours.",
+    ),
+}
+
+
+@dataclass
+class Reproduction:
+    table: str
+    spec: PaperTable
+    dataset: str
+    paper_column: str | None  # MVSA-S / MVSA-M / HFM, or None for other datasets
+    rows: list[tuple[Variant, dict]]  # each variant with its summary row (mean/std/n over seeds)
+    sweep: SweepResult
+    markdown: str
+    files: list[Path]
+
+
+def minimal_overrides(overrides: dict[str, Any], base: Config) -> dict[str, Any]:
+    """A variant as its difference from the base configuration: equal variants of different tables share runs."""
+    return {k: v for k, v in overrides.items() if getattr(base.train, k) != v}
+
+
+def reproduce(
+    table: str,
+    cache_path: Path,
+    base_cfg: Config,
+    out: Path,
+    seeds: list[int],
+    workers: int | None = None,
+    progress: bool = True,
+    console: Console | None = None,
+) -> Reproduction:
+    """Train every variant of ``table`` for every seed (resumably), write ``<out>/<table>/table.md`` (and fig5.png)."""
+    if table not in TABLES:
+        raise ConfigError(f"unknown table {table!r} (tables: {', '.join(TABLES)})")
+    spec = TABLES[table]
+    out = Path(out)
+    dataset = FeatureCache(cache_path).provenance["dataset"]["name"]
+    keys = list(dict.fromkeys(k for v in spec.variants for k in v.overrides))
+    configs = [minimal_overrides(v.overrides, base_cfg) for v in spec.variants]
+    report = out / table
+    result = run_configs(cache_path, base_cfg, configs, seeds, report, keys, runs_dir=out / "runs", workers=workers, progress=progress, console=console)
+    by_slug = {s["config"]: s for s in result.summary}
+    rows = [(v, by_slug[config_slug(c)]) for v, c in zip(spec.variants, configs)]
+    column = PAPER_COLUMNS.get(dataset)
+    markdown = render_markdown(table, spec, rows, dataset, column, result)
+    (report / "table.md").write_text(markdown)
+    files = [report / "table.md"]
+    if table == "fig5":
+        files.append(plot_alpha(rows, report / "fig5.png", dataset, result.primary_f1))
+    return Reproduction(table, spec, dataset, column, rows, result, markdown, files)
+
+
+def _has_test(rows: list[tuple[Variant, dict]]) -> bool:
+    return any(s["test_accuracy_mean"] is not None for _, s in rows)
+
+
+def table_cells(rows: list[tuple[Variant, dict]], dataset: str, column: str | None, primary_f1: str) -> tuple[list[str], list[list[str]]]:
+    """Header and body shared by the Markdown file and the console table; every one of our cells says its n."""
+    f1 = f"{primary_f1}_f1"
+    head = ["Method"]
+    if column:
+        head += [f"paper {column} ACC", f"paper {column} F1"]
+    head += ["dev ACC", "dev F1"]
+    test = _has_test(rows)
+    if test:
+        head += ["test ACC", "test F1"]
+    body = []
+    for v, s in rows:
+        line = [v.label]
+        if column:
+            acc, f = v.paper.get(dataset, (None, None))
+            line += ["-" if acc is None else f"{acc:.4f}", "-" if f is None else f"{f:.4f}"]
+        splits = ("dev", "test") if test else ("dev",)
+        for split in splits:
+            for metric in ("accuracy", f1):
+                line.append(cell(s[f"{split}_{metric}_mean"], s[f"{split}_{metric}_std"], s["n"]))
+        body.append(line)
+    return head, body
+
+
+def _notes(spec: PaperTable, dataset: str, column: str | None, result: SweepResult, test: bool) -> list[str]:
+    f1_name = f"{result.primary_f1} F1"
+    ours = (
+        f"Ours: mean ± sample std (ddof=1; 0 when n=1) over seeds {', '.join(map(str, result.seeds))}; n = seeds averaged; "
+        f"each run's best dev checkpoint; F1 = {f1_name}. dev is the selection split"
+        + ("; test is reported beside, never used to select." if test else "; the test split has no labels here.")
+    )
+    paper = (
+        f"Paper: the {column} column, test split, one number per cell; F1 = weighted F1 for MVSA, macro F1 for HFM."
+        if column
+        else f"No paper column: the paper reports MVSA-S, MVSA-M and HFM, and this cache's dataset is {dataset!r}."
+    )
+    notes = [ours, paper]
+    if spec.note:
+        notes.append(spec.note)
+    failed = [r for r in result.rows if r["status"] != "ok"]
+    if failed:
+        notes.append(f"{len(failed)} runs failed (rerun the same command to retry): " + "; ".join(f"{r['run']}: {r['error']}" for r in failed))
+    return notes
+
+
+def render_markdown(table: str, spec: PaperTable, rows, dataset: str, column: str | None, result: SweepResult) -> str:
+    head, body = table_cells(rows, dataset, column, result.primary_f1)
+    lines = [f"# {spec.title} ({dataset})", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(line) + " |" for line in body]
+    lines.append("")
+    lines += [f"- {n}" for n in _notes(spec, dataset, column, result, _has_test(rows))]
+    if table == "fig5":
+        lines.append("- Plot: fig5.png (mean with ± std error bars).")
+    return "\n".join(lines) + "\n"
+
+
+def print_reproduction(rep: Reproduction, console: Console) -> None:
+    head, body = table_cells(rep.rows, rep.dataset, rep.paper_column, rep.sweep.primary_f1)
+    t = Table(title=f"{rep.spec.title} ({rep.dataset})")
+    for i, h in enumerate(head):
+        t.add_column(h, justify="left" if i == 0 else "right")
+    for line in body:
+        t.add_row(*line)
+    console.print(t)
+    for note in _notes(rep.spec, rep.dataset, rep.paper_column, rep.sweep, _has_test(rep.rows)):
+        console.print(escape(note), highlight=False)
+    console.print(f"written: {', '.join(str(f) for f in rep.files)} (runs: {rep.sweep.runs_dir})")
+
+
+def plot_alpha(rows: list[tuple[Variant, dict]], path: Path, dataset: str, primary_f1: str) -> Path:
+    """Fig. 5's layout: dev accuracy and dev F1 against α, mean with ± std error bars, n per point."""
+    # the Agg canvas directly: no pyplot, so the caller's matplotlib backend is left alone
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    done = [(v, s) for v, s in rows if s["n"] > 0]
+    xs = [v.overrides["alpha"] for v, _ in done]
+    fig = Figure(figsize=(5.5, 3.8), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for metric, label, marker in (("accuracy", "dev ACC", "o"), (f"{primary_f1}_f1", f"dev {primary_f1} F1", "s")):
+        ys = [s[f"dev_{metric}_mean"] for _, s in done]
+        es = [s[f"dev_{metric}_std"] for _, s in done]
+        ax.errorbar(xs, ys, yerr=es, marker=marker, capsize=3, label=label)
+    for (v, s), x in zip(done, xs):
+        ax.annotate(f"n={s['n']}", (x, s["dev_accuracy_mean"]), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7)
+    ax.set_xticks([v.overrides["alpha"] for v, _ in rows], [v.label.split("= ")[1] for v, _ in rows])
+    ax.axvline(2 / 3, color="grey", linestyle=":", linewidth=1, label="paper's best α = 2/3")
+    ax.set_xlabel("α (step-2 gate threshold)")
+    ax.set_ylabel("dev score")
+    ax.set_title(f"Sensitivity to α ({dataset})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

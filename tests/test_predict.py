@@ -1,0 +1,197 @@
+"""`sppscl predict`: single pairs, files, bad rows, agreement with `evaluate`, refusal of other encoders."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from sppscl.cache import FeatureCache
+from sppscl.cli import main
+from sppscl.config import apply_overrides
+from sppscl.stage2.predict import Pair, PredictError, Predictor, read_pairs
+from sppscl.stage2.train import predict_split, train
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_cache, tmp_path_factory):
+    """One-epoch runs on the tiny cache with the paper's batch fusion and the batch-independent sample fusion."""
+    path, cfg = tiny_cache
+    root = tmp_path_factory.mktemp("predict-runs")
+    for fusion in ("batch", "sample"):
+        train(path, apply_overrides(cfg, ["epochs=1", f"fusion={fusion}"]), root / fusion, progress=False)
+    return path, cfg.data_dir(), root
+
+
+def _cached_dev(runs, fusion: str):
+    path, data_dir, root = runs
+    predictor = Predictor(root / fusion / "best.pt", "cpu")
+    split = FeatureCache(path).load("dev")
+    return predictor, split, data_dir
+
+
+def test_file_prediction_agrees_with_evaluate_on_the_cache(runs):
+    predictor, split, data_dir = _cached_dev(runs, "batch")
+    # the manifest the dev split was extracted from: same rows, same order; image paths relative to its folder
+    pairs = read_pairs(data_dir / "dev.jsonl")
+    assert len(pairs) == len(split.rows) > predictor.eval_batch_size // 2
+    # the fresh encoder run reproduces the cached features exactly (same encoders, batches and float16 cast)
+    fresh = predictor.encode(pairs)
+    assert fresh.image.dtype == split.image.dtype == np.float16
+    np.testing.assert_array_equal(fresh.image, split.image[split.rows])
+    np.testing.assert_array_equal(fresh.offsets, split.offsets)
+    np.testing.assert_array_equal(fresh.tokens, split.tokens)
+    preds = predictor.predict(pairs, source="dev.jsonl")
+    ref = predict_split(predictor.model, split, predictor.eval_batch_size, predictor.device)
+    assert [p.id for p in preds] == list(split.ids[split.rows])
+    np.testing.assert_allclose(np.stack([p.probs for p in preds]), ref["probs"], atol=1e-5)
+    assert [p.pred for p in preds] == ref["pred"].tolist()
+    assert [p.label for p in preds] == [predictor.classes[k] for k in ref["pred"]]
+
+
+def test_cli_file_writes_one_row_per_input(runs, tmp_path):
+    predictor, split, data_dir = _cached_dev(runs, "batch")
+    ref = predict_split(predictor.model, split, predictor.eval_batch_size, predictor.device)
+    out = tmp_path / "preds.jsonl"
+    ckpt = runs[2] / "batch" / "best.pt"
+    code = main(["predict", "--checkpoint", str(ckpt), "--input", str(data_dir / "dev.jsonl"), "--out", str(out), "--device", "cpu", "--quiet"])
+    assert code == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == list(split.ids[split.rows])
+    assert [r["label"] for r in rows] == [predictor.classes[k] for k in ref["pred"]]
+    probs = np.array([[r["probabilities"][c] for c in predictor.classes] for r in rows])
+    np.testing.assert_allclose(probs, ref["probs"], atol=1e-5)
+
+    csv_out = tmp_path / "preds.csv"
+    assert main(["predict", "--checkpoint", str(ckpt), "--input", str(data_dir / "dev.jsonl"), "--out", str(csv_out), "--device", "cpu", "--quiet"]) == 0
+    with open(csv_out, newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["label"] for r in table] == [r["label"] for r in rows] and all(r["error"] == "" for r in table)
+
+
+def test_single_pair_is_a_batch_of_one(runs, capsys):
+    predictor, split, data_dir = _cached_dev(runs, "batch")
+    first = read_pairs(data_dir / "dev.jsonl")[0]
+    (pred,) = predictor.predict([Pair("one", first.text, first.image)])
+    # batch fusion on one pair: the cached row evaluated alone, as a batch of one
+    alone = predict_split(predictor.model, replace(split, rows=split.rows[:1]), predictor.eval_batch_size, predictor.device)
+    np.testing.assert_allclose(pred.probs, alone["probs"][0], atol=1e-5)
+    assert pred.probs.sum() == pytest.approx(1.0, abs=1e-5)
+
+    code = main(["predict", "--checkpoint", str(runs[2] / "batch" / "best.pt"), "--image", str(first.image), "--text", first.text, "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"label: {pred.label}" in out and "batch of one" in out
+    for c in predictor.classes:
+        assert c in out
+
+
+def test_sample_fusion_does_not_depend_on_the_batch(runs):
+    predictor, _, data_dir = _cached_dev(runs, "sample")
+    assert predictor.fusion_note(single=True) is None
+    pairs = read_pairs(data_dir / "dev.jsonl")
+    together = predictor.predict(pairs)
+    alone = [predictor.predict([p])[0] for p in pairs[:4]]
+    for a, b in zip(alone, together):
+        np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
+
+
+def _bad_input(tmp_path, data_dir):
+    """A JSONL file mixing good rows with every kind of bad row; returns (path, good texts+images)."""
+    good = read_pairs(data_dir / "dev.jsonl")[:3]
+    (tmp_path / "broken.jpg").write_bytes(b"this is not a JPEG")
+    lines = [
+        json.dumps({"id": "g1", "text": good[0].text, "image": str(good[0].image)}),
+        "{not json",
+        json.dumps({"id": "no-text", "image": str(good[0].image)}),
+        json.dumps({"id": "empty", "text": "  ", "image": str(good[0].image)}),
+        json.dumps({"id": "gone", "text": "hello", "image": "missing.jpg"}),
+        json.dumps({"id": "g2", "text": good[1].text, "image": str(good[1].image)}),
+        json.dumps({"id": "broken", "text": "hello", "image": "broken.jpg"}),
+        json.dumps({"text": good[2].text, "image": str(good[2].image)}),
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_bad_rows_stop_names_the_row(runs, tmp_path, capsys):
+    predictor, _, data_dir = _cached_dev(runs, "batch")
+    path = _bad_input(tmp_path, data_dir)
+    with pytest.raises(PredictError, match=r"pairs.jsonl: line 2 \(id '2'\): not valid JSON"):
+        predictor.predict(read_pairs(path), source=str(path))
+    # an undecodable image is only found when decoding: the first such row is named
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.startswith("{\"")]
+    only_broken = tmp_path / "broken.jsonl"
+    only_broken.write_text("\n".join(json.dumps(r) for r in rows if r.get("id") in ("g1", "broken")) + "\n")
+    with pytest.raises(PredictError, match=r"line 2 \(id 'broken'\): undecodable image"):
+        predictor.predict(read_pairs(only_broken), source=str(only_broken))
+    code = main(["predict", "--checkpoint", str(runs[2] / "batch" / "best.pt"), "--input", str(path), "--device", "cpu", "--quiet"])
+    assert code == 2
+    assert "line 2 (id '2')" in capsys.readouterr().err
+
+
+def test_bad_rows_skip_reports_them_and_predicts_the_rest(runs, tmp_path):
+    predictor, _, data_dir = _cached_dev(runs, "batch")
+    path = _bad_input(tmp_path, data_dir)
+    out = tmp_path / "out.jsonl"
+    code = main(["predict", "--checkpoint", str(runs[2] / "batch" / "best.pt"), "--input", str(path), "--out", str(out), "--on-error", "skip", "--device", "cpu", "--quiet"])
+    assert code == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["g1", "2", "no-text", "empty", "gone", "g2", "broken", "8"]
+    errors = {r["id"]: r["error"] for r in rows if "error" in r}
+    assert set(errors) == {"2", "no-text", "empty", "gone", "broken"}
+    assert "not valid JSON" in errors["2"] and "missing 'text'" in errors["no-text"] and errors["empty"] == "empty text"
+    assert errors["gone"].startswith("missing image:") and errors["broken"].startswith("undecodable image:")
+    for r in rows:
+        assert ("label" in r) == ("error" not in r)
+    # the good rows form the head batches on their own, as skipped rows do in a cache
+    good = [r for r in rows if "label" in r]
+    clean = predictor.predict([p for p in read_pairs(path) if p.id in ("g1", "g2", "8")])
+    for r, p in zip(good, clean):
+        assert r["label"] == p.label
+        np.testing.assert_allclose([r["probabilities"][c] for c in predictor.classes], p.probs, atol=1e-6)
+
+
+def test_csv_input_rows(runs, tmp_path):
+    predictor, _, data_dir = _cached_dev(runs, "batch")
+    good = read_pairs(data_dir / "dev.jsonl")[:2]
+    path = tmp_path / "pairs.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "text", "image"])
+        w.writerow(["a", good[0].text, str(good[0].image)])
+        w.writerow(["b", good[1].text, str(good[1].image), "surplus"])
+        w.writerow(["", good[1].text, str(good[1].image)])
+    pairs = read_pairs(path)
+    assert [p.id for p in pairs] == ["a", "b", "3"]
+    assert pairs[1].error == "expected 3 fields, found 4" and pairs[1].line == 3
+    with pytest.raises(PredictError, match=r"line 3 \(id 'b'\): expected 3 fields"):
+        predictor.predict(pairs, source=str(path))
+    preds = predictor.predict(pairs, on_error="skip")
+    assert preds[0].label is not None and preds[1].label is None and preds[2].label is not None
+
+
+def test_encoders_that_differ_from_the_checkpoints_are_refused(runs, tmp_path, capsys):
+    ckpt = torch.load(runs[2] / "batch" / "best.pt", map_location="cpu", weights_only=False)
+    ckpt["cache_provenance"]["encoders"]["image"]["weight_sha256"] = "0" * 64
+    tampered = tmp_path / "tampered.pt"
+    torch.save(ckpt, tampered)
+    with pytest.raises(PredictError, match=r"image\.weight_sha256: checkpoint's cache has '0000"):
+        Predictor(tampered, "cpu")
+    assert main(["predict", "--checkpoint", str(tampered), "--image", "x.jpg", "--text", "hi", "--device", "cpu"]) == 2
+    assert "refusing to predict" in capsys.readouterr().err
+
+
+def test_usage_errors(runs, capsys):
+    ckpt = str(runs[2] / "batch" / "best.pt")
+    assert main(["predict", "--checkpoint", ckpt]) == 2
+    assert main(["predict", "--checkpoint", ckpt, "--text", "hi"]) == 2
+    assert main(["predict", "--checkpoint", ckpt, "--text", "hi", "--image", "x.jpg", "--input", "p.jsonl"]) == 2
+    assert "either --image and --text" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", ckpt, "--input", "p.jsonl", "--out", "p.txt"]) == 2
+    assert "must end in .jsonl or .csv" in capsys.readouterr().err
