@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -42,7 +43,7 @@ def _user_errors():
 
 
 def _fail(e: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False)
     raise typer.Exit(code=2)
 
 
@@ -92,13 +93,13 @@ def data_verify(
 def extract(
     config: str = typer.Option(..., "--config", "-c", help="Preset name or YAML file (data location, encoders)."),
     data_dir: Optional[Path] = typer.Option(None, help="Dataset folder; overrides the preset's data_dir."),
-    out: Optional[Path] = typer.Option(None, help="Cache file to write [default: cache/<dataset>.h5]."),
+    out: Optional[Path] = typer.Option(None, help="Cache file to write (default: cache/<dataset>.h5)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N or auto (GPU when there is one)."),
-    batch_size: Optional[int] = typer.Option(None, help="Samples per encoder batch [preset: extract.batch_size]."),
+    batch_size: Optional[int] = typer.Option(None, help="Samples per encoder batch (preset: extract.batch_size)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N samples of each split (quick trials)."),
     on_error: str = typer.Option("stop", help="Bad sample: 'stop' (error naming file and id) or 'skip' (recorded in the cache, counted)."),
     force: bool = typer.Option(False, help="Rebuild even if a complete or different cache exists at --out."),
-    workers: Optional[int] = typer.Option(None, help="Image-decoding worker processes [preset: extract.num_workers]."),
+    workers: Optional[int] = typer.Option(None, help="Image-decoding worker processes (preset: extract.num_workers)."),
     image_encoder: Optional[str] = typer.Option(None, help="Image encoder name or path (resnet50, efficientnet-lite0, tiny-cnn, any torchvision CNN, a .pth)."),
     text_encoder: Optional[str] = typer.Option(None, help="Text encoder name or path (bert-base-uncased, minilm-l6, tiny-bert, any HF name or local dir)."),
     set_: list[str] = typer.Option([], "--set", help="Override a preset key, e.g. --set encoders.max_length=128."),
@@ -160,10 +161,10 @@ def _train_config(cache: Path, config: Optional[str], sets: list[str], seed: Opt
 @app.command()
 def train(
     cache: Path = typer.Option(..., help="Feature cache written by `sppscl extract`."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="Preset or YAML [default: the preset named after the cache's dataset]."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Preset or YAML (default: the preset named after the cache's dataset)."),
     set_: list[str] = typer.Option([], "--set", help="Override a hyperparameter, e.g. --set lr=5e-5 --set fusion=sample. Unknown keys are an error."),
-    seed: Optional[int] = typer.Option(None, help="Random seed [preset: train.seed]."),
-    out: Optional[Path] = typer.Option(None, help="Run directory [default: runs/<cache name>-<time>]."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (preset: train.seed)."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<cache name>-<time>)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     quiet: bool = typer.Option(False, help="No live view."),
 ) -> None:
@@ -280,15 +281,15 @@ def demo(
 @app.command()
 def sweep(
     cache: Path = typer.Option(..., help="Feature cache written by `sppscl extract` (read once per worker)."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="Preset or YAML [default: the preset named after the cache's dataset]."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Preset or YAML (default: the preset named after the cache's dataset)."),
     set_: list[str] = typer.Option([], "--set", help="Override a base hyperparameter for every run, e.g. --set epochs=50."),
     grid: list[str] = typer.Option([], "--grid", help="A swept key and its values, e.g. --grid lr=1e-4,5e-5 (repeat for more keys: every combination runs)."),
     random_: Optional[int] = typer.Option(None, "--random", help="Instead of a grid: N configurations drawn by an Optuna study over --space."),
     space: list[str] = typer.Option([], "--space", help="A search dimension for --random: key=low:high, key=low:high:log or key=a,b,c."),
     sampler: str = typer.Option("tpe", help="Optuna sampler for --random: random or tpe."),
-    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds, each configuration runs once per seed [default: the preset's train.seed]."),
-    workers: Optional[int] = typer.Option(None, help="Parallel runs [default: min(runs, cores); each gets cores/workers threads; 1 runs in this process]."),
-    out: Optional[Path] = typer.Option(None, help="Sweep directory [default: sweeps/<cache name>-<hash of the sweep's definition>]."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds, each configuration runs once per seed (default: the preset's train.seed)."),
+    workers: Optional[int] = typer.Option(None, help="Parallel runs (default: min(runs, cores); each gets cores/workers threads; 1 runs in this process)."),
+    out: Optional[Path] = typer.Option(None, help="Sweep directory (default: sweeps/<cache name>-<hash of the sweep's definition>)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Many stage-two runs from one cache: a grid or a random/TPE search, x seeds, resumable; tables mean ± std over seeds."""
@@ -313,11 +314,11 @@ def sweep(
 def reproduce(
     table: str = typer.Argument(..., help="table4 (two-step vs one-step), table5 (loss ablation), table6 (HA layers), table7 (CMF vs concat) or fig5 (α)."),
     cache: Path = typer.Option(..., help="Feature cache; its dataset picks the paper's column (mvsa-single, mvsa-multiple, hfm)."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="Preset or YAML [default: the preset named after the cache's dataset]."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Preset or YAML (default: the preset named after the cache's dataset)."),
     set_: list[str] = typer.Option([], "--set", help="Override a base hyperparameter for every run, e.g. --set epochs=50."),
     seeds: str = typer.Option("1,2,3", help="Comma-separated seeds; every number printed is a mean over them."),
-    workers: Optional[int] = typer.Option(None, help="Parallel runs [default: min(runs, cores)]."),
-    out: Optional[Path] = typer.Option(None, help="Directory shared by all tables of one cache [default: sweeps/<cache name>-paper]."),
+    workers: Optional[int] = typer.Option(None, help="Parallel runs (default: min(runs, cores))."),
+    out: Optional[Path] = typer.Option(None, help="Directory shared by all tables of one cache (default: sweeps/<cache name>-paper)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """A paper ablation (Tables 4-7, Fig. 5) on this cache, in the paper's layout with the paper's numbers beside ours."""
@@ -349,11 +350,11 @@ def predict(
     input_: Optional[Path] = typer.Option(
         None, "--input", help="Many pairs: .jsonl or .csv rows with text, image (relative to the file's folder) and optional id."
     ),
-    out: Optional[Path] = typer.Option(None, help="Write one row per input here (.jsonl or .csv) [default: print a table]."),
+    out: Optional[Path] = typer.Option(None, help="Write one row per input here (.jsonl or .csv) (default: print a table)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     on_error: str = typer.Option("stop", help="Bad row: 'stop' (error naming line and id) or 'skip' (reported in the output with its error)."),
     batch_size: Optional[int] = typer.Option(
-        None, help="Pairs per encoder batch [checkpoint: extract.batch_size]; the heads always run in its eval_batch_size."
+        None, help="Pairs per encoder batch (default: the checkpoint's extract.batch_size); the heads always run in its eval_batch_size."
     ),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
@@ -378,6 +379,8 @@ def predict(
             write_output(out, preds, predictor.classes)
     except (*_user_errors(), PredictError) as e:
         _fail(e)
+    from rich.markup import escape
+
     classes = predictor.classes
     if single and preds[0].error is None:
         console.print(f"label: [bold]{preds[0].label}[/]")
@@ -387,7 +390,8 @@ def predict(
     if single or out is None:
         for p in preds:
             probs = [f"{x:.4f}" for x in p.probs] if p.error is None else [""] * len(classes)
-            t.add_row(p.id, p.label or "", *probs, "" if p.error is None else f"line {p.line}: {p.error}" if p.line else p.error)
+            error = "" if p.error is None else f"line {p.line}: {p.error}" if p.line else p.error
+            t.add_row(escape(p.id), p.label or "", *probs, escape(error))
         console.print(t)
     failed = sum(p.error is not None for p in preds)
     if out is not None:
@@ -401,7 +405,7 @@ def analyze(
     checkpoint: Path = typer.Option(..., help="A checkpoint (RUN/best.pt)."),
     cache: Path = typer.Option(..., help="A cache built with the checkpoint's encoders."),
     split: str = typer.Option("dev", help="A labelled split of the cache."),
-    out: Optional[Path] = typer.Option(None, help="Folder for analysis.json and the PNGs [default: RUN/analysis-<split>]."),
+    out: Optional[Path] = typer.Option(None, help="Folder for analysis.json and the PNGs (default: RUN/analysis-<split>)."),
     compare: Optional[Path] = typer.Option(None, help="A second checkpoint (e.g. an ablation) as the reference, instead of the untrained heads."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
 ) -> None:
@@ -413,9 +417,11 @@ def analyze(
         result = run_analyze(checkpoint, cache, split, out, compare, device)
     except _user_errors() as e:
         _fail(e)
+    from rich.markup import escape
+
     render_analysis(result.report, console)
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     for kind, path in result.files.items():
         console.print(f"{kind}: {path}")
 

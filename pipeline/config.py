@@ -151,7 +151,7 @@ class Config:
             raise ConfigError("with use_intra=false, use_inter=false and lambda_ce<=0 nothing is trained")
 
 
-def _coerce(value: Any, default: Any, where: str) -> Any:
+def coerce_value(value: Any, default: Any, where: str) -> Any:
     """Convert ``value`` (from YAML or a ``key=value`` string) to the type of ``default``."""
     target = type(default)
     if isinstance(value, str) and target is not str:
@@ -196,7 +196,7 @@ def _merge_section(cfg: Config, section: str, values: dict[str, Any], origin: st
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"{origin}: unknown key {section}.{key} (known: {', '.join(sorted(known))})")
-        setattr(obj, key, _coerce(value, getattr(obj, key), f"{origin}: {section}.{key}"))
+        setattr(obj, key, coerce_value(value, getattr(obj, key), f"{origin}: {section}.{key}"))
 
 
 def resolve_key(key: str) -> tuple[str, str]:

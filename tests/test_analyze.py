@@ -103,7 +103,8 @@ def _assert_png(path):
 def test_analyze_against_the_untrained_heads(runs, tmp_path, capsys):
     cache, root = runs
     out = tmp_path / "an"
-    code = main(["analyze", "--checkpoint", str(root / "spp" / "best.pt"), "--cache", str(cache), "--split", "dev", "--out", str(out), "--device", "cpu"])
+    ckpt = root / "spp" / "best.pt"
+    code = main(["analyze", "--checkpoint", str(ckpt), "--cache", str(cache), "--split", "dev", "--out", str(out), "--device", "cpu"])
     printed = capsys.readouterr().out
     assert code == 0
     assert "L2-normalised embeddings" in printed and "raw embeddings" in printed and "untrained" in printed
@@ -150,3 +151,19 @@ def test_analyze_refuses_a_split_it_cannot_use(runs, tmp_path):
     cache, root = runs
     with pytest.raises(CacheError, match="no split 'nope'"):
         analyze(root / "spp" / "best.pt", cache, "nope", tmp_path / "x", device="cpu", tsne=False)
+
+
+def test_untrained_reference_is_the_runs_initial_weights(tiny_cache, tmp_path):
+    import torch
+
+    from sppscl.stage2.analyze import untrained_model
+
+    path, cfg = tiny_cache
+    # lr 1e-30: every update is below float32 resolution except on zero-initialised biases, which move by ~1e-30
+    train(path, apply_overrides(cfg, ["epochs=1", "lr=1e-30", "seed=7"]), tmp_path / "frozen", progress=False)
+    ckpt = load_checkpoint(tmp_path / "frozen" / "best.pt")
+    trained, _ = model_from_checkpoint(ckpt, "cpu")
+    initial = untrained_model(ckpt, "cpu")
+    assert not initial.training
+    for (name, p), (_, q) in zip(trained.named_parameters(), initial.named_parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-20), name

@@ -27,6 +27,10 @@ def runs(tiny_cache, tmp_path_factory):
     return path, cfg.data_dir(), root
 
 
+def _cli(ckpt, *args: str) -> int:
+    return main(["predict", "--checkpoint", str(ckpt), "--device", "cpu", *map(str, args)])
+
+
 def _cached_dev(runs, fusion: str):
     path, data_dir, root = runs
     predictor = Predictor(root / fusion / "best.pt", "cpu")
@@ -58,8 +62,7 @@ def test_cli_file_writes_one_row_per_input(runs, tmp_path):
     ref = predict_split(predictor.model, split, predictor.eval_batch_size, predictor.device)
     out = tmp_path / "preds.jsonl"
     ckpt = runs[2] / "batch" / "best.pt"
-    code = main(["predict", "--checkpoint", str(ckpt), "--input", str(data_dir / "dev.jsonl"), "--out", str(out), "--device", "cpu", "--quiet"])
-    assert code == 0
+    assert _cli(ckpt, "--input", data_dir / "dev.jsonl", "--out", out, "--quiet") == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == list(split.ids[split.rows])
     assert [r["label"] for r in rows] == [predictor.classes[k] for k in ref["pred"]]
@@ -67,7 +70,7 @@ def test_cli_file_writes_one_row_per_input(runs, tmp_path):
     np.testing.assert_allclose(probs, ref["probs"], atol=1e-5)
 
     csv_out = tmp_path / "preds.csv"
-    assert main(["predict", "--checkpoint", str(ckpt), "--input", str(data_dir / "dev.jsonl"), "--out", str(csv_out), "--device", "cpu", "--quiet"]) == 0
+    assert _cli(ckpt, "--input", data_dir / "dev.jsonl", "--out", csv_out, "--quiet") == 0
     with open(csv_out, newline="") as fh:
         table = list(csv.DictReader(fh))
     assert [r["label"] for r in table] == [r["label"] for r in rows] and all(r["error"] == "" for r in table)
@@ -82,7 +85,7 @@ def test_single_pair_is_a_batch_of_one(runs, capsys):
     np.testing.assert_allclose(pred.probs, alone["probs"][0], atol=1e-5)
     assert pred.probs.sum() == pytest.approx(1.0, abs=1e-5)
 
-    code = main(["predict", "--checkpoint", str(runs[2] / "batch" / "best.pt"), "--image", str(first.image), "--text", first.text, "--device", "cpu"])
+    code = _cli(runs[2] / "batch" / "best.pt", "--image", first.image, "--text", first.text)
     out = capsys.readouterr().out
     assert code == 0
     assert f"label: {pred.label}" in out and "batch of one" in out
@@ -130,8 +133,7 @@ def test_bad_rows_stop_names_the_row(runs, tmp_path, capsys):
     only_broken.write_text("\n".join(json.dumps(r) for r in rows if r.get("id") in ("g1", "broken")) + "\n")
     with pytest.raises(PredictError, match=r"line 2 \(id 'broken'\): undecodable image"):
         predictor.predict(read_pairs(only_broken), source=str(only_broken))
-    code = main(["predict", "--checkpoint", str(runs[2] / "batch" / "best.pt"), "--input", str(path), "--device", "cpu", "--quiet"])
-    assert code == 2
+    assert _cli(runs[2] / "batch" / "best.pt", "--input", path, "--quiet") == 2
     assert "line 2 (id '2')" in capsys.readouterr().err
 
 
@@ -139,8 +141,7 @@ def test_bad_rows_skip_reports_them_and_predicts_the_rest(runs, tmp_path):
     predictor, _, data_dir = _cached_dev(runs, "batch")
     path = _bad_input(tmp_path, data_dir)
     out = tmp_path / "out.jsonl"
-    code = main(["predict", "--checkpoint", str(runs[2] / "batch" / "best.pt"), "--input", str(path), "--out", str(out), "--on-error", "skip", "--device", "cpu", "--quiet"])
-    assert code == 0
+    assert _cli(runs[2] / "batch" / "best.pt", "--input", path, "--out", out, "--on-error", "skip", "--quiet") == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["g1", "2", "no-text", "empty", "gone", "g2", "broken", "8"]
     errors = {r["id"]: r["error"] for r in rows if "error" in r}
@@ -183,15 +184,18 @@ def test_encoders_that_differ_from_the_checkpoints_are_refused(runs, tmp_path, c
     torch.save(ckpt, tampered)
     with pytest.raises(PredictError, match=r"image\.weight_sha256: checkpoint's cache has '0000"):
         Predictor(tampered, "cpu")
-    assert main(["predict", "--checkpoint", str(tampered), "--image", "x.jpg", "--text", "hi", "--device", "cpu"]) == 2
+    assert _cli(tampered, "--image", "x.jpg", "--text", "hi") == 2
     assert "refusing to predict" in capsys.readouterr().err
 
 
-def test_usage_errors(runs, capsys):
-    ckpt = str(runs[2] / "batch" / "best.pt")
-    assert main(["predict", "--checkpoint", ckpt]) == 2
-    assert main(["predict", "--checkpoint", ckpt, "--text", "hi"]) == 2
-    assert main(["predict", "--checkpoint", ckpt, "--text", "hi", "--image", "x.jpg", "--input", "p.jsonl"]) == 2
+def test_usage_errors(runs, tmp_path, capsys):
+    ckpt = runs[2] / "batch" / "best.pt"
+    assert _cli(ckpt) == 2
+    assert _cli(ckpt, "--text", "hi") == 2
+    assert _cli(ckpt, "--text", "hi", "--image", "x.jpg", "--input", "p.jsonl") == 2
     assert "either --image and --text" in capsys.readouterr().err
-    assert main(["predict", "--checkpoint", ckpt, "--input", "p.jsonl", "--out", "p.txt"]) == 2
+    assert _cli(ckpt, "--input", "p.jsonl", "--out", "p.txt") == 2
     assert "must end in .jsonl or .csv" in capsys.readouterr().err
+    (tmp_path / "empty.jsonl").write_text("\n")
+    assert _cli(ckpt, "--input", tmp_path / "empty.jsonl") == 2
+    assert "no rows to predict" in capsys.readouterr().err

@@ -141,7 +141,7 @@ def read_pairs(path: Path) -> list[Pair]:
                 pairs.append(Pair(str(number), "", None, line, f"expected a JSON object, got {type(row).__name__}"))
                 continue
             pairs.append(_row_pair(row, line, number, base))
-        return pairs
+        return _nonempty(pairs, path)
     reader = csv.DictReader(io.StringIO(content, newline=""))
     header = reader.fieldnames or []
     missing = [c for c in ("text", "image") if c not in header]
@@ -159,6 +159,12 @@ def read_pairs(path: Path) -> list[Pair]:
             pairs.append(pair)
     except csv.Error as e:
         raise PredictError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
+    return _nonempty(pairs, path)
+
+
+def _nonempty(pairs: list[Pair], path: Path) -> list[Pair]:
+    if not pairs:
+        raise PredictError(f"{path}: no rows to predict")
     return pairs
 
 
@@ -233,7 +239,7 @@ class Predictor:
         ``extract.batch_size``); the heads always run in ``eval_batch_size`` batches of the usable rows."""
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-        enc_bs = batch_size or self.cfg.extract.batch_size
+        enc_bs = self.cfg.extract.batch_size if batch_size is None else batch_size
         if enc_bs < 1:
             raise PredictError(f"--batch-size must be at least 1, got {enc_bs}")
         # unparsable rows, empty texts and missing files are found before any encoder runs, so 'stop' fails early

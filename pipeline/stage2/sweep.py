@@ -36,8 +36,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..cache import FeatureCache, SplitData, available_memory, diff_provenance
-from ..config import Config, ConfigError, TrainConfig, _coerce, apply_overrides, resolve_key
+from ..cache import FeatureCache, SplitData, default_memory_budget, diff_provenance
+from ..config import Config, ConfigError, TrainConfig, coerce_value, apply_overrides, resolve_key
 from ..progress import make_progress
 from .train import RunError, train
 
@@ -64,7 +64,7 @@ def _sweep_key(key: str, where: str) -> str:
 
 
 def _typed(name: str, text: str, where: str) -> Any:
-    return _coerce(text, getattr(TrainConfig(), name), where)
+    return coerce_value(text, getattr(TrainConfig(), name), where)
 
 
 def _split_item(item: str, flag: str) -> tuple[str, str]:
@@ -197,8 +197,8 @@ def default_sweep_dir(cache: Path, *parts: Any) -> Path:
 class SharedCache(FeatureCache):
     """A FeatureCache that reads each split once and hands the same arrays to every run in its process.
 
-    ``memory_budget`` is this process's share of RAM: with many workers a split that does not fit in each
-    one's share is memory-mapped instead, and the OS page cache then holds one copy for all of them."""
+    ``memory_budget`` is this process's share of the stage-two memory budget: with many workers a split that
+    does not fit in each one's share is streamed instead, and the OS page cache then holds one copy for all."""
 
     def __init__(self, path: str | Path, memory_budget: int | None = None):
         super().__init__(path)
@@ -279,6 +279,8 @@ class _Plan(Protocol):
 
 
 class _GridPlan:
+    """A grid is known up front: every configuration is handed out at once (the workers drain the queue)."""
+
     def __init__(self, configs: list[dict]):
         self.configs, self.expected = configs, len(configs)
 
@@ -453,6 +455,8 @@ def run_configs(
 
     ``keys`` are the table's configuration columns (a configuration's value, or the base's when it does not set the key).
     ``workers``: None uses min(runs to do, cores) processes with cores // workers torch threads each; 1 runs in this process."""
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
     out = Path(out)
     runs_dir = Path(runs_dir) if runs_dir is not None else out / "runs"
     plan = _GridPlan(plan) if isinstance(plan, list) else plan
@@ -469,7 +473,8 @@ def run_configs(
     def make_executor():
         if workers == 1:
             return _InlineExecutor(cache)
-        budget = available_memory() // 2 // workers
+        # the sweep as a whole stays within the budget of one run (SPPSCL_MEMORY_BUDGET or the default)
+        budget = default_memory_budget() // workers
         return ProcessPoolExecutor(
             max_workers=workers,
             # spawn: a forked child would inherit torch's thread pools and any CUDA state of the parent
