@@ -14,8 +14,8 @@ One HDF5 file per dataset. Layout (``n`` rows in a split, ``T`` tokens in all it
 
 Why this shape: everything a row needs is known before any encoder runs (token counts come from the
 tokenizer), so the file is laid out in full first and then filled *by row index*. The big arrays are
-contiguous and allocated up front, so filling them never touches HDF5 metadata: rows are written through a
-memory map at the dataset's byte offset. A ``kill -9`` mid-fill therefore cannot corrupt the file, a rerun
+contiguous and allocated up front, so filling them never touches HDF5 metadata: rows are written with
+positioned writes at the dataset's byte offset. A ``kill -9`` mid-fill therefore cannot corrupt the file, a rerun
 fills the rows whose status is still 0, and several processes can fill disjoint rows of one file at once.
 The ``complete`` attribute is written last; a reader refuses a file without it.
 """
@@ -134,56 +134,52 @@ def read_provenance(path: Path) -> tuple[dict, bool]:
         raise CacheError(f"{path}: not a readable sppscl cache ({e}); delete it or rerun extraction with --force") from None
 
 
-def _raw_view(path: Path, dset: h5py.Dataset, mode: str) -> np.ndarray | None:
-    """A numpy memory map of a contiguous, uncompressed dataset (None when it has no elements)."""
-    if dset.size == 0:
-        return None
-    offset = dset.id.get_offset()
-    if offset is None or dset.chunks is not None or dset.compression is not None:
-        raise CacheError(f"{path}:{dset.name} is not a contiguous uncompressed dataset; it cannot be memory-mapped")
-    return np.memmap(path, dtype=dset.dtype, mode=mode, offset=offset, shape=dset.shape)
-
-
 class CacheFiller:
-    """Writes rows into a laid-out cache through memory maps; safe to kill at any point.
+    """Writes rows into a laid-out cache with positioned writes; safe to kill at any point.
 
-    Order per batch: features, flush, then status, flush; a row marked written therefore has its bytes on disk.
+    Order per batch: features, fdatasync, then status, fdatasync; a row marked written therefore has its bytes
+    on disk. Not memory maps: every page written through a map stays in the writer's resident memory until the
+    kernel reclaims it, so the extraction process would grow by the whole file (~10 GB for HFM).
     """
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._maps: dict[str, dict[str, np.ndarray | None]] = {}
+        self._rows: dict[str, dict[str, RowFile | None]] = {}
         self.offsets: dict[str, np.ndarray] = {}
         with h5py.File(self.path, "r") as f:
             for split, g in f["splits"].items():
                 self.offsets[split] = g["offsets"][()]
-                self._maps[split] = {k: _raw_view(self.path, g[k], "r+") for k in ("image", "tokens", "status")}
+                self._rows[split] = {
+                    k: _row_file(self.path, g[k], writable=True) if g[k].size else None for k in ("image", "tokens", "status")
+                }
 
     def status(self, split: str) -> np.ndarray:
-        m = self._maps[split]["status"]
-        return np.zeros(0, np.uint8) if m is None else np.asarray(m)
+        st = self._rows[split]["status"]
+        return np.zeros(0, np.uint8) if st is None else st[0 : len(st)].copy()
 
     def write(self, split: str, rows: np.ndarray, image: np.ndarray, tokens: list[np.ndarray], ok: np.ndarray) -> None:
         """Write ``rows`` (sorted indices). ``tokens[i]`` is [n_tokens, L, H]; rows with ``ok`` False are marked skipped."""
-        m = self._maps[split]
+        m = self._rows[split]
         off = self.offsets[split]
         for j, r in enumerate(rows):
             if ok[j]:
-                m["image"][r] = image[j]
+                m["image"].write(int(r), image[j : j + 1])
                 if m["tokens"] is not None and off[r + 1] > off[r]:
-                    m["tokens"][off[r] : off[r + 1]] = tokens[j]
+                    m["tokens"].write(int(off[r]), tokens[j])
         for key in ("image", "tokens"):
             if m[key] is not None:
-                m[key].flush()
-        m["status"][rows] = np.where(ok, WRITTEN, SKIPPED).astype(np.uint8)
-        m["status"].flush()
+                m[key].sync()
+        status = np.where(ok, WRITTEN, SKIPPED).astype(np.uint8)
+        for j, r in enumerate(rows):
+            m["status"].write(int(r), status[j : j + 1])
+        m["status"].sync()
 
     def close(self) -> None:
-        for maps in self._maps.values():
-            for a in maps.values():
-                if a is not None:
-                    a.flush()
-        self._maps.clear()
+        for rows in self._rows.values():
+            for rf in rows.values():
+                if rf is not None:
+                    rf.sync()
+        self._rows.clear()
 
 
 def finalize_cache(path: Path, skipped: list[tuple[str, str, str]], attrs: dict[str, Any] | None = None) -> None:
@@ -213,23 +209,27 @@ def read_skipped(path: Path) -> list[tuple[str, str, str]]:
 # ----------------------------------------------------------------------------------------- reader
 
 # Splits larger than this are streamed rather than held in RAM: 25k HFM-sized samples are ~9 GB, and
-# stage two should stay within a few GB whatever the dataset. Override with SPPSCL_MEMORY_BUDGET (bytes).
-DEFAULT_MEMORY_BUDGET = 3 * 1024**3
+# stage two should stay within 4 GB whatever the dataset. Its peak is ~0.6 GB of runtime (torch), the
+# in-RAM splits (train and dev, each checked against this budget) and ~0.5 GB of batch working set: with
+# 3 GiB a train split just under the budget peaked at 4.7 GB. Override with SPPSCL_MEMORY_BUDGET (bytes).
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 
 
 class RowFile:
-    """Rows of a contiguous dataset read with ``os.pread``: streamed access whose memory use is one batch.
+    """Rows of a contiguous dataset read with ``os.pread`` (and, to fill a cache, written with ``os.pwrite``):
+    streamed access whose memory use is one batch.
 
     A memory map would do the same reads, but every page it touches counts toward the process's resident
     memory until the kernel reclaims it; page-cache reads do not. Supports what stage two needs: an int,
     a slice, an index array, and ``ranges`` for ragged token rows.
     """
 
-    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype):
+    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype, writable: bool = False):
         self.path, self.offset, self.shape, self.dtype = Path(path), offset, tuple(shape), np.dtype(dtype)
+        self.writable = writable
         self.row_shape = self.shape[1:]
         self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self._fd = os.open(self.path, os.O_RDWR if writable else os.O_RDONLY)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -244,7 +244,7 @@ class RowFile:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self._fd = os.open(self.path, os.O_RDWR if self.writable else os.O_RDONLY)
 
     def _read(self, start: int, count: int) -> np.ndarray:
         nbytes = count * self.row_bytes
@@ -252,6 +252,20 @@ class RowFile:
         if len(buf) != nbytes:
             raise CacheError(f"{self.path}: short read at row {start} (file truncated?)")
         return np.frombuffer(buf, self.dtype).reshape(count, *self.row_shape)
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        """Write consecutive rows from row ``start`` (positioned writes; ``sync`` makes them durable)."""
+        data = np.ascontiguousarray(rows, dtype=self.dtype)
+        if data.shape[1:] != self.row_shape or start < 0 or start + len(data) > len(self):
+            raise CacheError(f"{self.path}: cannot write {data.shape} at row {start} of a {self.shape} dataset")
+        view = memoryview(data).cast("B")
+        pos = self.offset + start * self.row_bytes
+        while len(view):
+            n = os.pwrite(self._fd, view, pos)
+            view, pos = view[n:], pos + n
+
+    def sync(self) -> None:
+        os.fdatasync(self._fd)
 
     def ranges(self, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """Rows ``starts[i] : starts[i] + counts[i]`` for every i, concatenated (one read per range)."""
@@ -314,7 +328,7 @@ class FeatureCache:
     """Read access to a complete cache: provenance, splits, skipped rows.
 
     ``load(split)`` reads a whole split into RAM with large contiguous reads when it fits in the memory budget
-    (default: the smaller of 3 GiB and half the available RAM), and streams it otherwise (``RowFile``).
+    (default: the smaller of 2 GiB and half the available RAM), and streams it otherwise (``RowFile``).
     """
 
     def __init__(self, path: str | Path):
@@ -378,11 +392,11 @@ class FeatureCache:
         yield from self.splits
 
 
-def _row_file(path: Path, dset: h5py.Dataset) -> RowFile:
+def _row_file(path: Path, dset: h5py.Dataset, writable: bool = False) -> RowFile:
     offset = dset.id.get_offset()
     if offset is None or dset.chunks is not None or dset.compression is not None:
-        raise CacheError(f"{path}:{dset.name} is not a contiguous uncompressed dataset; it cannot be streamed")
-    return RowFile(path, offset, dset.shape, dset.dtype)
+        raise CacheError(f"{path}:{dset.name} is not a contiguous uncompressed dataset; it cannot be streamed or filled")
+    return RowFile(path, offset, dset.shape, dset.dtype, writable)
 
 
 def default_memory_budget() -> int:

@@ -92,6 +92,9 @@ class TrainConfig:
     modalities: str = "both"
     seed: int = 42
     device: str = "auto"
+    # torch intra-op threads for stage two; 0 = torch's default (one per core). On a machine shared with other
+    # jobs, threads beyond the free cores wait for each other at every small op: 1 is then much faster.
+    threads: int = 0
 
 
 SECTIONS = {"dataset": DatasetConfig, "encoders": EncoderConfig, "extract": ExtractConfig, "train": TrainConfig}
@@ -145,6 +148,8 @@ class Config:
         for key in ("lr", "tau", "batch_size", "eval_batch_size", "epochs", "dim", "step_size"):
             if getattr(t, key) <= 0:
                 raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
+        if t.threads < 0:
+            raise ConfigError(f"train.threads must be 0 (torch's default) or a positive count, got {t.threads}")
         if not 0 <= t.dropout < 1:
             raise ConfigError(f"train.dropout must be in [0, 1), got {t.dropout}")
         if not t.use_intra and not t.use_inter and t.lambda_ce <= 0:

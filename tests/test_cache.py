@@ -1,4 +1,6 @@
-"""The cache schema on its own: layout, memory-mapped filling, completeness, reader."""
+"""The cache schema on its own: layout, filling by positioned writes, completeness, reader."""
+
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -16,6 +18,7 @@ from sppscl.cache import (
     create_cache,
     diff_provenance,
     finalize_cache,
+    _row_file,
 )
 
 
@@ -108,3 +111,36 @@ def test_diff_provenance_names_paths():
     b = {"encoders": {"image": {"name": "tiny-cnn"}}, "dtype": "float16"}
     assert diff_provenance(a, b) == ["encoders.image.name: cache has 'resnet50', request has 'tiny-cnn'"]
     assert diff_provenance(a, a) == []
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_filling_does_not_grow_the_writers_memory_by_the_file(tmp_path):
+    """A memory-mapped writer keeps every written page resident (an HFM cache is ~10 GB); positioned writes do not."""
+    path, n = tmp_path / "big.h5", 160
+    plans = [SplitPlan("train", [str(i) for i in range(n)], ["t"] * n, np.zeros(n, np.int16), np.ones(n, np.int64))]
+    create_cache(path, plans, FeatureShapes((100, 32, 32), 1, 8), {"k": 1}, [])
+    image = np.ones((n, 100, 32, 32), np.float16)  # 33 MB
+    filler = CacheFiller(path)
+    before = _rss()
+    filler.write("train", np.arange(n), image, [np.ones((1, 1, 8), np.float16)] * n, np.ones(n, bool))
+    grown = _rss() - before
+    filler.close()
+    assert grown < image.nbytes / 4
+    finalize_cache(path, [])
+    np.testing.assert_array_equal(FeatureCache(path).load("train", in_memory=False).image[n - 1], image[n - 1])
+
+
+def test_row_writes_outside_the_dataset_are_refused(tmp_path):
+    path = tmp_path / "c.h5"
+    create_cache(path, _plans(), FeatureShapes((4, 2, 2), 2, 3), {"k": 1}, [])
+    with h5py.File(path, "r") as f:
+        rows = _row_file(path, f["splits/train/image"], writable=True)
+    with pytest.raises(CacheError, match="at row 2"):
+        rows.write(2, np.zeros((2, 4, 2, 2), np.float16))
+    with pytest.raises(CacheError, match="cannot write"):
+        rows.write(0, np.zeros((1, 4, 2, 3), np.float16))

@@ -46,6 +46,7 @@ def test_overrides_are_typed():
         ("ha_layers=5", "ha_layers=5"),
         ("nosection.x=1", "unknown section"),
         ("lr", "key=value"),
+        ("threads=-1", "train.threads must be 0"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

@@ -401,8 +401,8 @@ def _expected_config_dict(cfg: Config) -> dict:
 
 
 def _check_finished_run(run_dir: Path, cfg: Config) -> None:
-    stored = json.loads((run_dir / "config.json").read_text())
-    stored.pop("source", None)
+    # through Config so that keys added to the config since the run was trained compare as their defaults
+    stored = _expected_config_dict(Config.from_dict(json.loads((run_dir / "config.json").read_text())))
     diffs = diff_provenance(stored, _expected_config_dict(cfg))
     if diffs:
         raise SweepError(

@@ -245,6 +245,8 @@ def train(
     if tc.ha_layers > dims["cached_layers"]:
         raise RunError(f"train.ha_layers={tc.ha_layers} but {cache.path} holds only the last {dims['cached_layers']} text layers")
     device = resolve_device(tc.device)
+    if tc.threads > 0:
+        torch.set_num_threads(tc.threads)
     seed_everything(tc.seed)
     model = build_model(dims, cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)

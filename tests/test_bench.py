@@ -1,0 +1,139 @@
+"""Smoke test of the benchmark suite: every section's code path at tiny sizes, and the shape of its reports.
+
+Never asserts a time: benchmarks report, they do not fail on numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+REPO = Path(__file__).resolve().parents[1]
+# bench/ is run as `python -m bench.run` from the repository root, not installed with the package
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.common import Row, Target, default_threads, fmt, markdown  # noqa: E402
+from bench.run import TABLE_ORDER, main  # noqa: E402
+
+SECTIONS = {"caching", "extraction", "loader", "scale", "compute"}
+
+
+def _quiet() -> Console:
+    return Console(file=open("/dev/null", "w"), width=200)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[int, Path, Path]:
+    root = tmp_path_factory.mktemp("bench")
+    out, work = root / "out", root / "work"
+    code = main(["--quick", "--scale", "40", "--out", str(out), "--workdir", str(work)], console=_quiet())
+    return code, out, work
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_quick_run_writes_json_with_every_section(quick_run):
+    code, out, work = quick_run
+    assert code == 0
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["sections"]) == SECTIONS
+    assert {"cores", "torch_threads", "torch", "cpu", "load_average_start"} <= set(report["machine"])
+    assert report["profile"]["name"] == "quick" and report["profile"]["scale_sizes"] == [40]
+    assert {r["section"] for r in report["rows"]} == SECTIONS
+    keys = {(r["section"], r["key"]) for r in report["rows"]}
+    assert {("extraction", "offline_no_workers"), ("scale", "bytes_gzip"), ("caching", "run_hfm")} <= keys
+    assert (("compute", "threads") in keys) == (default_threads() > 1)
+    # the table follows the issue's order
+    order = [TABLE_ORDER.index(r["section"]) for r in report["rows"]]
+    assert order == sorted(order)
+    # temporary caches and images are gone; the folder given as --workdir itself is left alone
+    assert work.is_dir() and not any(work.iterdir())
+
+
+def test_every_ratio_is_a_finite_positive_number(quick_run):
+    _, out, _ = quick_run
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    for r in rows:
+        assert _positive(r["ours"]), r
+        assert _positive(r["ratio"]), r
+        if r["alternative"] is not None:
+            assert _positive(r["alternative"]), r
+            # the ratio relates the two columns (ours/alt or alt/ours), up to rounding
+            assert math.isclose(r["ratio"], r["ours"] / r["alternative"], rel_tol=1e-6) or math.isclose(
+                r["ratio"], r["alternative"] / r["ours"], rel_tol=1e-6
+            ), r
+
+
+def test_targets_carry_met_flags(quick_run):
+    _, out, _ = quick_run
+    report = json.loads((out / "results.json").read_text())
+    targeted = [r for r in report["rows"] if r["target"] is not None]
+    # caching x3, extraction x2, loader x2, peak RSS of the largest size, compute
+    assert len(targeted) == 9
+    assert all(isinstance(r["met"], bool) for r in targeted)
+    assert [t["met"] for t in report["targets"]] == [r["met"] for r in targeted]
+    keys = {(r["section"], r["key"]) for r in targeted}
+    assert {("caching", "epoch_hfm"), ("extraction", "paper"), ("loader", "stream"), ("scale", "rss_40"), ("compute", "flops")} <= keys
+
+
+def test_markdown_table_has_one_line_per_row(quick_run):
+    _, out, _ = quick_run
+    md = (out / "results.md").read_text()
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    table = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert table[0] == "| measurement | ours | alternative | ratio | target | met? |"
+    assert len(table) == 1 + len(rows)
+    for line, r in zip(table[1:], rows):
+        assert line.startswith(f"| {r['measurement']}")
+        assert line.count("|") == 7
+    # every referenced note is written below the table
+    refs = sum(1 for r in rows if r["note"])
+    assert f"\n{refs}. " in md
+
+
+def test_only_runs_the_named_sections(tmp_path):
+    code = main(["--quick", "--only", "loader", "--out", str(tmp_path / "o"), "--workdir", str(tmp_path / "w")], console=_quiet())
+    assert code == 0
+    report = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert list(report["sections"]) == ["loader"]
+    assert {r["section"] for r in report["rows"]} == {"loader"}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--only", "caching,warp"], "unknown section(s) warp"),
+        (["--scale", "1000,lots"], "--scale '1000,lots'"),
+        (["--scale", "5"], "at least 20 samples"),
+        (["--official-batches", "0"], "--official-batches must be at least 1"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message(tmp_path, args, message):
+    buf = Console(file=open(tmp_path / "log.txt", "w"), width=200)
+    assert main(["--quick", "--out", str(tmp_path / "o"), *args], console=buf) == 2
+    buf.file.close()
+    assert message in (tmp_path / "log.txt").read_text()
+    assert not (tmp_path / "o").exists()
+
+
+def test_target_and_formatting():
+    assert Target(">=", 300).met(1.0, 301.0) is True
+    assert Target(">=", 300).met(1.0, 299.0) is False
+    assert Target("<=", 4e9, on="ours", unit="B").met(5e9, 0.1) is False
+    assert Target("<=", 1.1).met(1.0, float("nan")) is None
+    assert fmt(5400.0, "s") == "90 min"
+    assert fmt(9.6e9, "B") == "9.6 GB"
+    assert fmt(1234.0, "x") == "1,234×"
+    row = Row("s", "k", "thing", 2.0, "s", 600.0, "alt", 300.0, target=Target(">=", 300), note="why")
+    assert row.met is True
+    md = markdown([row], "header")
+    assert "| thing [1] | 2 s | 10 min (alt) | 300× | ≥ 300× | yes |" in md
+    assert md.rstrip().endswith("1. why")
