@@ -14,7 +14,7 @@ from sklearn.preprocessing import StandardScaler
 from ..cache import FeatureCache, SplitData
 from .metrics import classification_report
 
-C_GRID = (0.01, 0.1, 1.0)
+C_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 1.0)
 
 
 def pooled_features(split: SplitData, modalities: str = "both", chunk: int = 512) -> np.ndarray:
