@@ -84,7 +84,7 @@ def extract_config(root: Path, image_enc: ImageEncoder, text_enc: TextEncoder, p
 
 
 def prepare_batches(cfg: Config, n: int, image_enc: ImageEncoder, text_enc: TextEncoder) -> tuple[list, float]:
-    """The batches ``extract`` forms, decoded, preprocessed and padded as ``_encode_batch`` pads them;
+    """The batches ``extract`` forms, decoded, preprocessed and padded as ``encode_batch`` pads them;
     and the seconds per image that decoding + preprocessing took in this one process."""
     samples = load_samples(cfg, cfg.data_dir()).samples[:n]
     transform = image_enc.preprocess()

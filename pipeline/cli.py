@@ -210,7 +210,8 @@ def evaluate(
 ) -> None:
     """Evaluate a checkpoint on one split of a matching cache (metrics if labelled, predictions always)."""
     from .cache import FeatureCache
-    from .stage2.train import RunError, compatible, evaluate_split, load_checkpoint, model_from_checkpoint, resolve_device, write_predictions
+    from .devices import resolve_device
+    from .stage2.train import RunError, compatible, evaluate_split, load_checkpoint, model_from_checkpoint, write_predictions
 
     try:
         ckpt = load_checkpoint(checkpoint)

@@ -76,3 +76,14 @@ def test_relative_data_dir_resolves_against_project_root():
     cfg = load_config("mvsa-single")
     assert cfg.data_dir() == (CONFIG_DIR.parent / "../shared/data/mvsa-single")
     assert cfg.data_dir("/elsewhere") == Path("/elsewhere")
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
+    import torch
+
+    from sppscl.devices import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(ConfigError, match="'cuda:1' was asked for but CUDA is not available"):
+        resolve_device("cuda:1")

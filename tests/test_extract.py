@@ -118,7 +118,7 @@ def test_interrupted_then_resumed_equals_clean(tmp_path, monkeypatch):
     clean = tmp_path / "clean.h5"
     extract(cfg, clean, progress=False)
 
-    real = extract_mod._encode_batch
+    real = extract_mod.encode_batch
     calls = {"n": 0}
 
     def flaky(*a, **k):
@@ -127,7 +127,7 @@ def test_interrupted_then_resumed_equals_clean(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(extract_mod, "_encode_batch", flaky)
+    monkeypatch.setattr(extract_mod, "encode_batch", flaky)
     resumed = tmp_path / "resumed.h5"
     with pytest.raises(KeyboardInterrupt):
         extract(cfg, resumed, progress=False)
@@ -136,7 +136,7 @@ def test_interrupted_then_resumed_equals_clean(tmp_path, monkeypatch):
     with h5py.File(resumed) as f:
         written_before = sum(int((g["status"][()] == WRITTEN).sum()) for g in f["splits"].values())
     assert written_before == 3 * cfg.extract.batch_size
-    monkeypatch.setattr(extract_mod, "_encode_batch", real)
+    monkeypatch.setattr(extract_mod, "encode_batch", real)
     s = extract(cfg, resumed, progress=False)
     assert s.status == "resumed" and s.samples_encoded == 60 - written_before
     _assert_same(_arrays(clean), _arrays(resumed))

@@ -36,6 +36,7 @@ from ..cache import (
     WRITTEN,
 )
 from ..config import Config
+from ..devices import resolve_device
 from ..progress import make_progress
 from .adapters import load_samples
 from .encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
@@ -69,14 +70,6 @@ class ExtractSummary:
     def bytes_per_sample(self) -> float:
         n = sum(self.rows.values())
         return self.file_bytes / n if n else 0.0
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ExtractionError(f"--device {device} was asked for but CUDA is not available on this machine")
-    return torch.device(device)
 
 
 def plan_samples(
@@ -313,7 +306,7 @@ def extract(
                                 f"sample id {s.id!r} (split {split}): {r}. Rows already written are kept; fix the file and rerun "
                                 "the same command to continue, or rerun with --on-error skip."
                             )
-                    img_feats, tok_feats = _encode_batch(image_enc, text_enc, images, [texts_ids[split][i] for i in idx], dev, np_dtype)
+                    img_feats, tok_feats = encode_batch(image_enc, text_enc, images, [texts_ids[split][i] for i in idx], dev, np_dtype)
                     filler.write(split, np.array(idx), img_feats, tok_feats, ok)
                     summary.samples_encoded += len(idx)
                     prog.advance(task, len(idx))
@@ -327,7 +320,7 @@ def extract(
     return summary
 
 
-def _encode_batch(image_enc, text_enc, images, token_ids, dev, np_dtype):
+def encode_batch(image_enc, text_enc, images, token_ids, dev, np_dtype):
     with torch.inference_mode():
         img = image_enc(images.to(dev, non_blocking=True)).float().cpu().numpy().astype(np_dtype)
         n = max(len(t) for t in token_ids)

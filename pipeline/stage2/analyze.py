@@ -21,8 +21,9 @@ import torch
 
 from ..cache import FeatureCache, SplitData
 from ..config import Config
+from ..devices import resolve_device
 from .data import SplitBatches
-from .train import RunError, build_model, compatible, load_checkpoint, model_from_checkpoint, resolve_device
+from .train import RunError, build_model, compatible, load_checkpoint, model_from_checkpoint
 
 MEASURES = ("IID", "TTD", "ITD")
 SPACES = ("l2", "raw")

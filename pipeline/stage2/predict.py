@@ -28,7 +28,8 @@ from PIL import Image
 from ..cache import SplitData, diff_provenance
 from ..progress import make_progress
 from ..stage1.encoders import load_image_encoder, load_text_encoder
-from ..stage1.extract import _encode_batch, fixed_batches, resolve_device
+from ..devices import resolve_device
+from ..stage1.extract import encode_batch, fixed_batches
 from ..stage1.verify import check_sample_image
 from .train import load_checkpoint, model_from_checkpoint, predict_split
 
@@ -294,7 +295,7 @@ class Predictor:
         token_ids = self.text_enc.tokenize([p.text for p in pairs])
         maps, tokens = [], []
         for b in fixed_batches(len(pairs), enc_bs):
-            m, t = _encode_batch(self.image_enc, self.text_enc, images[b], [token_ids[j] for j in b], self.device, self.np_dtype)
+            m, t = encode_batch(self.image_enc, self.text_enc, images[b], [token_ids[j] for j in b], self.device, self.np_dtype)
             maps.append(m)
             tokens += t
         return in_memory_split(pairs, np.concatenate(maps), tokens)

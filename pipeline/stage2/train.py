@@ -21,6 +21,7 @@ import torch
 
 from ..cache import FeatureCache, SplitData, diff_provenance
 from ..config import Config
+from ..devices import resolve_device
 from ..progress import make_progress
 from .data import Batch, SplitBatches
 from .gate import two_step_gate
@@ -33,12 +34,6 @@ CHECKPOINT_VERSION = 1
 
 class RunError(RuntimeError):
     """A run cannot start or continue as asked (existing directory, mismatched cache, bad checkpoint)."""
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def seed_everything(seed: int) -> None:

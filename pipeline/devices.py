@@ -1,0 +1,16 @@
+"""Device choice shared by extraction, training, evaluation and prediction."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ConfigError
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks the GPU when there is one; asking for CUDA where there is none is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was asked for but CUDA is not available on this machine (use cpu or auto)")
+    return torch.device(device)
