@@ -294,15 +294,15 @@ def sweep(
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Many stage-two runs from one cache: a grid or a random/TPE search, x seeds, resumable; tables mean ± std over seeds."""
-    from .stage2.sweep import default_sweep_dir, parse_seeds, print_summary
-    from .stage2.sweep import sweep as run_sweep
+    from .stage2.sweeps import Execution, default_sweep_dir, parse_seeds, print_summary
+    from .stage2.sweeps import sweep as run_sweep
 
     try:
         cfg = _train_config(cache, config, set_, None)
         out = out or default_sweep_dir(cache, config, set_, grid, space, random_, sampler)
         console.print(f"sweep directory: {out}")
         result = run_sweep(
-            cache, cfg, out, grid, space, random_, sampler, parse_seeds(seeds) if seeds else None, workers, progress=not quiet, console=console
+            cache, cfg, out, grid, space, random_, sampler, parse_seeds(seeds) if seeds else None, Execution(workers), progress=not quiet, console=console
         )
     except _user_errors() as e:
         _fail(e)
@@ -325,14 +325,14 @@ def reproduce(
     """A paper ablation (Tables 4-7, Fig. 5) on this cache, in the paper's layout with the paper's numbers beside ours."""
     from .stage2.reproduce import print_reproduction
     from .stage2.reproduce import reproduce as run_reproduce
-    from .stage2.sweep import default_sweep_dir, parse_seeds
+    from .stage2.sweeps import Execution, default_sweep_dir, parse_seeds
 
     try:
         cfg = _train_config(cache, config, set_, None)
         # another base configuration gets its own directory, so runs of different bases never mix
         out = out or (Path("sweeps") / f"{cache.stem}-paper" if not (config or set_) else default_sweep_dir(cache, "paper", config, set_))
         console.print(f"reproduce directory: {out}")
-        rep = run_reproduce(table, cache, cfg, out, parse_seeds(seeds), workers, progress=not quiet, console=console)
+        rep = run_reproduce(table, cache, cfg, out, parse_seeds(seeds), Execution(workers), progress=not quiet, console=console)
     except _user_errors() as e:
         _fail(e)
     print_reproduction(rep, console)

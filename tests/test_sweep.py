@@ -14,7 +14,10 @@ from sppscl.cache import FeatureCache
 from sppscl.cli import main
 from sppscl.config import ConfigError, apply_overrides
 from sppscl.stage2.reproduce import TABLES, minimal_overrides, plot_alpha, render_markdown
-from sppscl.stage2.sweep import SweepError, SweepResult, aggregate, config_slug, mean_std, parse_grid, parse_space, sweep
+from sppscl.stage2.sweeps import Execution, SweepError, SweepResult, aggregate, config_slug, mean_std, parse_grid, parse_space, sweep
+
+
+INLINE = Execution(workers=1)  # runs in the test process
 
 
 @pytest.fixture
@@ -39,7 +42,7 @@ def test_grid_times_seeds_rows_aggregates_and_one_cache_read(base, tmp_path, mon
         return real_load(self, split, *a, **k)
 
     monkeypatch.setattr(FeatureCache, "load", counting_load)
-    res = sweep(path, cfg, tmp_path / "s", grid=["fusion=batch,concat"], seeds=[1, 2], workers=1, progress=False)
+    res = sweep(path, cfg, tmp_path / "s", grid=["fusion=batch,concat"], seeds=[1, 2], execution=INLINE, progress=False)
 
     assert [(r["fusion"], r["seed"], r["status"]) for r in res.rows] == [("batch", 1, "ok"), ("batch", 2, "ok"), ("concat", 1, "ok"), ("concat", 2, "ok")]
     assert [r["run"] for r in res.rows] == ["fusion-batch-seed1", "fusion-batch-seed2", "fusion-concat-seed1", "fusion-concat-seed2"]
@@ -98,22 +101,22 @@ def test_aggregate_matches_numpy_and_sorts_on_dev():
 def test_resume_reruns_only_unfinished_runs(base, tmp_path):
     path, cfg = base
     out = tmp_path / "s"
-    first = sweep(path, cfg, out, grid=["ha_layers=2,4"], seeds=[0], workers=1, progress=False)
+    first = sweep(path, cfg, out, grid=["ha_layers=2,4"], seeds=[0], execution=INLINE, progress=False)
     assert len(first.ran) == 2
     keep = out / "runs" / "ha_layers-4-seed0" / "results.json"
     stamp = keep.stat().st_mtime_ns
     # an interrupted run: its directory is there (checkpoints, log) but results.json is not
     (out / "runs" / "ha_layers-2-seed0" / "results.json").unlink()
-    second = sweep(path, cfg, out, grid=["ha_layers=2,4"], seeds=[0], workers=1, progress=False)
+    second = sweep(path, cfg, out, grid=["ha_layers=2,4"], seeds=[0], execution=INLINE, progress=False)
     assert second.ran == ["ha_layers-2-seed0"]
     assert keep.stat().st_mtime_ns == stamp
     assert [r["status"] for r in second.rows] == ["ok", "ok"]
     # the same command with nothing left to do trains nothing; another seed adds only its runs
-    assert sweep(path, cfg, out, grid=["ha_layers=2,4"], seeds=[0], workers=1, progress=False).ran == []
-    assert sorted(sweep(path, cfg, out, grid=["ha_layers=4,2"], seeds=[0, 1], workers=1, progress=False).ran) == ["ha_layers-2-seed1", "ha_layers-4-seed1"]
+    assert sweep(path, cfg, out, grid=["ha_layers=2,4"], seeds=[0], execution=INLINE, progress=False).ran == []
+    assert sorted(sweep(path, cfg, out, grid=["ha_layers=4,2"], seeds=[0, 1], execution=INLINE, progress=False).ran) == ["ha_layers-2-seed1", "ha_layers-4-seed1"]
     # a changed base configuration is refused instead of mixing runs
     with pytest.raises(SweepError, match="another configuration"):
-        sweep(path, apply_overrides(cfg, ["dim=16"]), out, grid=["ha_layers=2,4"], seeds=[0], workers=1, progress=False)
+        sweep(path, apply_overrides(cfg, ["dim=16"]), out, grid=["ha_layers=2,4"], seeds=[0], execution=INLINE, progress=False)
 
 
 def test_failed_run_is_reported_and_retried_while_others_finish(base, tmp_path, capsys):
@@ -140,7 +143,7 @@ def test_failed_run_is_reported_and_retried_while_others_finish(base, tmp_path, 
 
 
 def test_raising_run_is_caught(base, tmp_path, monkeypatch):
-    from sppscl.stage2 import sweep as sweep_mod
+    from sppscl.stage2.sweeps import worker as sweep_mod
 
     path, cfg = base
     real = sweep_mod.train
@@ -151,7 +154,7 @@ def test_raising_run_is_caught(base, tmp_path, monkeypatch):
         return real(cache, run_cfg, out_dir, **k)
 
     monkeypatch.setattr(sweep_mod, "train", flaky)
-    res = sweep(path, cfg, tmp_path / "s", seeds=[1, 2, 3], workers=1, progress=False)
+    res = sweep(path, cfg, tmp_path / "s", seeds=[1, 2, 3], execution=INLINE, progress=False)
     assert [r["status"] for r in res.rows] == ["ok", "failed", "ok"]
     assert res.failed == ["base-seed2"] and res.rows[1]["error"] == "RuntimeError: boom in seed 2"
     assert res.summary[0]["n"] == 2 and res.summary[0]["n_failed"] == 1
@@ -162,7 +165,7 @@ def test_optuna_random_search_writes_study_and_resumes(base, tmp_path):
 
     path, cfg = base
     out = tmp_path / "s"
-    args = dict(space=["lr=1e-3:1e-1:log", "fusion=batch,concat"], n_random=2, sampler="random", seeds=[0], workers=1, progress=False)
+    args = dict(space=["lr=1e-3:1e-1:log", "fusion=batch,concat"], n_random=2, sampler="random", seeds=[0], execution=INLINE, progress=False)
     res = sweep(path, cfg, out, **args)
     assert (out / "study.db").exists()
     assert len(res.rows) == 2 and all(r["status"] == "ok" for r in res.rows) and len(res.ran) == 2
@@ -181,12 +184,12 @@ def test_optuna_random_search_writes_study_and_resumes(base, tmp_path):
 
 def test_two_worker_processes(base, tmp_path):
     path, cfg = base
-    res = sweep(path, cfg, tmp_path / "s", grid=["fusion=batch,concat"], seeds=[0], workers=2, progress=False)
+    res = sweep(path, cfg, tmp_path / "s", grid=["fusion=batch,concat"], seeds=[0], execution=Execution(workers=2), progress=False)
     assert [r["status"] for r in res.rows] == ["ok", "ok"], [r["error"] for r in res.rows]
     pids = {json.loads((tmp_path / "s" / "runs" / r["run"] / "sweep-run.json").read_text())["pid"] for r in res.rows}
     assert os.getpid() not in pids
     # the same configuration trained in this process gives the same numbers
-    inline = sweep(path, cfg, tmp_path / "t", grid=["fusion=batch,concat"], seeds=[0], workers=1, progress=False)
+    inline = sweep(path, cfg, tmp_path / "t", grid=["fusion=batch,concat"], seeds=[0], execution=INLINE, progress=False)
     assert [r["dev_accuracy"] for r in inline.rows] == [r["dev_accuracy"] for r in res.rows]
 
 

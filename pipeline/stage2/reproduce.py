@@ -22,7 +22,7 @@ from rich.table import Table
 
 from ..cache import FeatureCache
 from ..config import Config, ConfigError
-from .sweep import SweepResult, cell, config_slug, run_configs
+from .sweeps import Execution, SweepResult, cell, config_slug, run_configs
 
 PAPER_COLUMNS = {"mvsa-single": "MVSA-S", "mvsa-multiple": "MVSA-M", "hfm": "HFM"}
 
@@ -139,7 +139,7 @@ def reproduce(
     base_cfg: Config,
     out: Path,
     seeds: list[int],
-    workers: int | None = None,
+    execution: Execution = Execution(),
     progress: bool = True,
     console: Console | None = None,
 ) -> Reproduction:
@@ -152,7 +152,7 @@ def reproduce(
     keys = list(dict.fromkeys(k for v in spec.variants for k in v.overrides))
     configs = [minimal_overrides(v.overrides, base_cfg) for v in spec.variants]
     report = out / table
-    result = run_configs(cache_path, base_cfg, configs, seeds, report, keys, runs_dir=out / "runs", workers=workers, progress=progress, console=console)
+    result = run_configs(cache_path, base_cfg, configs, seeds, report, keys, runs_dir=out / "runs", execution=execution, progress=progress, console=console)
     by_slug = {s["config"]: s for s in result.summary}
     rows = [(v, by_slug[config_slug(c)]) for v, c in zip(spec.variants, configs)]
     column = PAPER_COLUMNS.get(dataset)

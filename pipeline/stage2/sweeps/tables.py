@@ -1,0 +1,168 @@
+"""The sweep's tables: one row per run, aggregated over seeds into one row per configuration.
+
+``runs.csv`` (every run), ``summary.csv`` (means and sample stds as numbers) and ``summary.md`` (``mean ± std``
+cells), and the same summary as a rich table. Model choice is on dev only: configurations are sorted by mean dev
+accuracy (ties by the dataset's primary F1); test columns are reported beside, never used to select.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .spec import fmt
+
+METRICS = ("accuracy", "weighted_f1", "macro_f1")
+SPLITS = ("dev", "test")
+METRIC_COLUMNS = [f"{s}_{m}" for s in SPLITS for m in METRICS]
+
+
+@dataclass
+class SweepResult:
+    out: Path  # where runs.csv and summary.{csv,md} were written
+    runs_dir: Path
+    keys: list[str]  # swept keys (table columns)
+    rows: list[dict]  # one per run, in plan order
+    summary: list[dict]  # one per configuration, best on dev first
+    ran: list[str]  # runs trained by this invocation (the others were finished already)
+    failed: list[str]
+    primary_f1: str
+    seeds: list[int]
+
+
+def read_run(run_dir: Path, status: str, error: str, wall_s: float | None) -> dict:
+    """A run's row: its best epoch (1-based) and dev/test metrics from results.json; only the error when it failed."""
+    row: dict[str, Any] = {"status": status, "best_epoch": None, **{c: None for c in METRIC_COLUMNS}, "wall_s": wall_s, "error": error}
+    if status != "ok":
+        return row
+    res = json.loads((run_dir / "results.json").read_text())
+    row["best_epoch"] = res["best_epoch"] + 1  # 1-based, as `sppscl train` prints it
+    for split in SPLITS:
+        m = res["splits"].get(split, {})
+        for metric in METRICS:
+            row[f"{split}_{metric}"] = m.get(metric)
+    if wall_s is None and (run_dir / "sweep-run.json").exists():
+        row["wall_s"] = json.loads((run_dir / "sweep-run.json").read_text())["wall_s"]
+    return row
+
+
+def first_line(text: str) -> str:
+    return text.splitlines()[0] if text else ""
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1) over seeds; the std of a single seed is 0.0."""
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), (float(a.std(ddof=1)) if len(a) > 1 else 0.0)
+
+
+def aggregate(rows: list[dict], keys: list[str], primary_f1: str = "weighted") -> list[dict]:
+    """One row per configuration: n finished seeds, failures, mean and std of every metric; best on dev first.
+
+    Sorted by mean dev accuracy, ties by mean dev primary F1; configurations with no finished seed last."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["config"], []).append(r)
+    summary = []
+    for slug, rs in groups.items():
+        ok = [r for r in rs if r["status"] == "ok"]
+        s: dict[str, Any] = {"config": slug, **{k: rs[0][k] for k in keys}, "n": len(ok), "n_failed": len(rs) - len(ok)}
+        for col in METRIC_COLUMNS:
+            vals = [r[col] for r in ok if r[col] is not None]
+            mean, std = mean_std(vals) if vals else (None, None)
+            s[f"{col}_mean"], s[f"{col}_std"] = mean, std
+        summary.append(s)
+
+    def key(s: dict) -> tuple:
+        return (s["n"] > 0, s["dev_accuracy_mean"] or 0.0, s[f"dev_{primary_f1}_f1_mean"] or 0.0)
+
+    return sorted(summary, key=key, reverse=True)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        path.write_text("")
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: "" if v is None else v for k, v in r.items()})
+    os.replace(tmp, path)
+
+
+def cell(mean: float | None, std: float | None, n: int | None = None) -> str:
+    """``0.7311 ± 0.0042`` (with ``(n=3)`` when n is given); empty when there is no value."""
+    if mean is None:
+        return "" if n is None else f"- (n={n})"
+    text = f"{mean:.4f} ± {std:.4f}"
+    return text if n is None else f"{text} (n={n})"
+
+
+def _label(col: str) -> str:
+    split, metric = col.split("_", 1)
+    return f"{split} " + {"accuracy": "acc", "weighted_f1": "weighted F1", "macro_f1": "macro F1"}[metric]
+
+
+def _shown_columns(summary: list[dict]) -> list[str]:
+    return [c for c in METRIC_COLUMNS if c.startswith("dev") or any(s[f"{c}_mean"] is not None for s in summary)]
+
+
+def write_summary(out: Path, summary: list[dict], keys: list[str], primary_f1: str, n_seeds: int) -> None:
+    """summary.csv (means and stds as numbers) and summary.md (``mean ± std`` cells, best on dev in bold)."""
+    write_csv(out / "summary.csv", summary)
+    cols = _shown_columns(summary)
+    head = [*(keys or ["config"]), "n", "failed", *[_label(c) for c in cols]]
+    lines = [
+        f"Mean ± sample std (ddof=1; 0 when n=1) over seeds ({n_seeds} per configuration asked; n = seeds finished). "
+        f"Sorted by mean dev accuracy, ties by dev {primary_f1} F1; the best configuration (chosen on dev only) is in bold; "
+        "test is reported beside, never used to select.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
+    ]
+    for i, s in enumerate(summary):
+        names = [fmt(s[k]) for k in keys] or [s["config"]]
+        if i == 0 and s["n"] > 0:
+            names = [f"**{x}**" for x in names]
+        lines.append("| " + " | ".join([*names, str(s["n"]), str(s["n_failed"]), *[cell(s[f"{c}_mean"], s[f"{c}_std"]) for c in cols]]) + " |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def print_summary(result: SweepResult, console: Console) -> None:
+    """The aggregate as a rich table, best configuration (on dev) highlighted; then the failures, if any."""
+    cols = _shown_columns(result.summary)
+    t = Table(
+        title=f"sweep {result.out}: {len(result.summary)} configurations x {len(result.seeds)} seeds, mean ± std over seeds",
+        caption=f"sorted by dev accuracy (ties: dev {result.primary_f1} F1); highlighted: best on dev; test never used to select",
+    )
+    for k in result.keys or ["config"]:
+        t.add_column(k)
+    t.add_column("n", justify="right")
+    t.add_column("failed", justify="right")
+    for c in cols:
+        t.add_column(_label(c), justify="right")
+    for i, s in enumerate(result.summary):
+        names = [fmt(s[k]) for k in result.keys] or [s["config"]]
+        cells = [cell(s[f"{c}_mean"], s[f"{c}_std"]) for c in cols]
+        t.add_row(*names, str(s["n"]), str(s["n_failed"]), *cells, style="bold green" if i == 0 and s["n"] > 0 else None)
+    console.print(t)
+    # a failed run is always retried, so every row not trained now was finished before
+    console.print(f"trained now: {len(result.ran)} runs; finished before: {len(result.rows) - len(result.ran)}")
+    console.print(f"tables: {result.out / 'runs.csv'}, {result.out / 'summary.csv'}, {result.out / 'summary.md'}")
+    if result.failed:
+        console.print(f"[bold red]{len(result.failed)} runs failed[/] (rerun the same command to retry them):")
+        for r in result.rows:
+            if r["status"] != "ok":
+                console.print(f"  {escape(r['run'])}: {escape(first_line(r['error']))}  ({escape(str(result.runs_dir / r['run'] / 'error.txt'))})")
