@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DATASET ?= demo
+# the dataset folder for make extract (default: the preset's data/<dataset> under this directory)
+DATA_DIR ?=
 ARGS ?=
 
 .PHONY: help install demo test test-all test-realdata extract train bench clean
@@ -13,13 +15,14 @@ help:
 	@echo "make demo                 run the whole pipeline on synthetic data (offline encoders)"
 	@echo "make test                 run the test suite (fast; slow/real-data checks excluded)"
 	@echo "make test-realdata        also run the checks on ../shared/data/mvsa-single"
-	@echo "make extract DATASET=hfm  stage one for a preset in configs/ (ARGS='--device cuda ...')"
+	@echo "make extract DATASET=hfm DATA_DIR=path/to/HFM   stage one for a preset in configs/ (ARGS='--device cuda ...')"
 	@echo "make train DATASET=hfm    stage two from cache/\$$DATASET.h5 (ARGS='--set lr=5e-5 ...')"
 	@echo "make bench                benchmarks -> bench/results.json, bench/results.md"
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins torch/torchvision for this project's machines; the package itself accepts a range
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[offline,test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[offline,test]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -37,7 +40,7 @@ test-all: install
 	$(PY) -m pytest -q -m "" $(ARGS)
 
 extract: install
-	$(VENV)/bin/sppscl extract --config $(DATASET) --out cache/$(DATASET).h5 $(ARGS)
+	$(VENV)/bin/sppscl extract --config $(DATASET) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --out cache/$(DATASET).h5 $(ARGS)
 
 train: install
 	$(VENV)/bin/sppscl train --cache cache/$(DATASET).h5 $(ARGS)

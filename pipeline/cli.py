@@ -18,6 +18,7 @@ from rich.table import Table
 
 from . import __version__
 from .config import CONFIG_DIR, Config, ConfigError, apply_overrides, load_config
+from .presets import app as presets_app
 
 app = typer.Typer(
     add_completion=False,
@@ -27,6 +28,7 @@ app = typer.Typer(
 )
 data_app = typer.Typer(no_args_is_help=True, help="Inspect and check datasets before extraction.")
 app.add_typer(data_app, name="data")
+app.add_typer(presets_app, name="presets")
 console = Console(stderr=False)
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -62,21 +64,28 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
 
 # ----------------------------------------------------------------------------------- stage one
 
+DATA_DIR_HELP = (
+    "Dataset folder (relative to the current directory); overrides the preset's data_dir. "
+    "The public layouts (CLMLF files, HFM's and MVSA's releases) are recognised: README, Datasets."
+)
+ALLOW_DOWNLOAD_HELP = "Let missing encoder weights download (torchvision, Hugging Face hub); also SPPSCL_ALLOW_DOWNLOAD=1."
+
 
 @data_app.command("verify")
 def data_verify(
     config: str = typer.Option(..., "--config", "-c", help="Preset name (hfm, mvsa-single, ...) or a YAML file."),
-    data_dir: Optional[Path] = typer.Option(None, help="Dataset folder; overrides the preset's data_dir."),
+    data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     no_images: bool = typer.Option(False, "--no-images", help="Skip decoding images (checks files exist only if not set)."),
     workers: int = typer.Option(2, help="Threads decoding images."),
+    set_: list[str] = typer.Option([], "--set", help="Override a preset key, as for extract, e.g. --set dataset.hfm_keyword_filter=false."),
 ) -> None:
     """Check a dataset without extracting: decodable images, non-empty texts, ids unique across all splits, known labels."""
     from .stage1.adapters import load_samples
     from .stage1.verify import verify_samples
 
     try:
-        cfg = _config(config, [])
-        report = load_samples(cfg, cfg.data_dir(data_dir))
+        cfg = _config(config, set_)
+        report = load_samples(cfg, data_dir)
         for note in report.notes:
             console.print(f"[yellow]note:[/] {note}")
         for reason, ids in report.dropped.items():
@@ -92,7 +101,7 @@ def data_verify(
 @app.command()
 def extract(
     config: str = typer.Option(..., "--config", "-c", help="Preset name or YAML file (data location, encoders)."),
-    data_dir: Optional[Path] = typer.Option(None, help="Dataset folder; overrides the preset's data_dir."),
+    data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     out: Optional[Path] = typer.Option(None, help="Cache file to write (default: cache/<dataset>.h5)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N or auto (GPU when there is one)."),
     batch_size: Optional[int] = typer.Option(None, help="Samples per encoder batch (preset: extract.batch_size)."),
@@ -103,15 +112,18 @@ def extract(
     image_encoder: Optional[str] = typer.Option(None, help="Image encoder name or path (resnet50, efficientnet-lite0, tiny-cnn, any torchvision CNN, a .pth)."),
     text_encoder: Optional[str] = typer.Option(None, help="Text encoder name or path (bert-base-uncased, minilm-l6, tiny-bert, any HF name or local dir)."),
     set_: list[str] = typer.Option([], "--set", help="Override a preset key, e.g. --set encoders.max_length=128."),
+    allow_download: bool = typer.Option(False, "--allow-download", help=ALLOW_DOWNLOAD_HELP),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Stage one: run the frozen encoders once and write the HDF5 feature cache (resumable)."""
+    from .stage1.encoders import allow_downloads
     from .stage1.extract import extract as run_extract
 
     try:
         cfg = _config(config, set_, **{"encoders.image": image_encoder, "encoders.text": text_encoder})
         out = out or Path("cache") / f"{cfg.dataset.name}.h5"
-        s = run_extract(cfg, out, data_dir, device, batch_size, limit, on_error, force, workers, progress=not quiet, console=console)
+        with allow_downloads(allow_download):
+            s = run_extract(cfg, out, data_dir, device, batch_size, limit, on_error, force, workers, progress=not quiet, console=console)
     except _user_errors() as e:
         _fail(e)
     _print_extract_summary(s)
@@ -357,9 +369,11 @@ def predict(
     batch_size: Optional[int] = typer.Option(
         None, help="Pairs per encoder batch (default: the checkpoint's extract.batch_size); the heads always run in its eval_batch_size."
     ),
+    allow_download: bool = typer.Option(False, "--allow-download", help=ALLOW_DOWNLOAD_HELP),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Predict new image-text pairs with the encoders that built the checkpoint's cache, then its heads."""
+    from .stage1.encoders import allow_downloads
     from .stage2.predict import ON_ERROR, OUTPUT_SUFFIXES, Pair, PredictError, Predictor, read_pairs, write_output
 
     try:
@@ -371,7 +385,8 @@ def predict(
         if out is not None and out.suffix.lower() not in OUTPUT_SUFFIXES:
             raise ConfigError(f"--out {out}: must end in .jsonl or .csv")
         pairs = [Pair(image.name, text, image)] if single else read_pairs(input_)
-        predictor = Predictor(checkpoint, device)
+        with allow_downloads(allow_download):
+            predictor = Predictor(checkpoint, device)
         note = predictor.fusion_note(single)
         if note:
             console.print(f"[yellow]note:[/] {note}", highlight=False)

@@ -10,13 +10,28 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _preset_dir() -> Path:
+    """The presets: ``sppscl/presets`` in an installed wheel, ``configs/`` beside the package in a source checkout.
+
+    ``configs/`` is the one copy in the source tree; pyproject maps it into the wheel as ``sppscl/presets``.
+    """
+    here = Path(__file__).resolve().parent
+    installed = here / "presets"
+    return installed if installed.is_dir() else here.parent / "configs"
+
+
+PRESET_DIR = _preset_dir()
+# the name older code and tests use
+CONFIG_DIR = PRESET_DIR
 
 
 class ConfigError(ValueError):
@@ -26,9 +41,10 @@ class ConfigError(ValueError):
 @dataclass
 class DatasetConfig:
     name: str = "demo"
-    # clmlf | hfm-raw | mvsa-raw | mmsd2 | manifest | synthetic
+    # auto (recognise the public layouts, see stage1/layouts.py) | clmlf | hfm-raw | mvsa-raw | mmsd2 | manifest | synthetic
     format: str = "synthetic"
-    # Relative paths are resolved against the preset file's folder's parent (the project root).
+    # A relative data_dir resolves against the folder of the YAML file that sets it; a built-in preset's against
+    # the current directory. image_dir, splits and label_dir resolve against data_dir.
     data_dir: str = "cache/demo-data"
     image_dir: str = "images"
     # split name -> file inside data_dir (format-specific meaning)
@@ -100,7 +116,7 @@ class TrainConfig:
 SECTIONS = {"dataset": DatasetConfig, "encoders": EncoderConfig, "extract": ExtractConfig, "train": TrainConfig}
 
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("dataset", "format"): ("clmlf", "hfm-raw", "mvsa-raw", "mmsd2", "manifest", "synthetic"),
+    ("dataset", "format"): ("auto", "clmlf", "hfm-raw", "mvsa-raw", "mmsd2", "manifest", "synthetic"),
     ("dataset", "primary_f1"): ("weighted", "macro"),
     ("extract", "dtype"): ("float16", "float32"),
     ("train", "fusion"): ("batch", "sample", "concat"),
@@ -116,7 +132,7 @@ class Config:
     encoders: EncoderConfig = field(default_factory=EncoderConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    # where the preset came from; relative data paths resolve against its project root
+    # the YAML file it was loaded from ("" for defaults); see data_dir() for what relative paths resolve against
     source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,12 +146,19 @@ class Config:
         return cfg
 
     def data_dir(self, override: str | Path | None = None) -> Path:
-        """The dataset folder: ``override`` if given, else the preset's, relative to the project root."""
-        p = Path(override if override is not None else self.dataset.data_dir).expanduser()
-        if not p.is_absolute():
-            root = Path(self.source).resolve().parent.parent if self.source else Path.cwd()
-            p = root / p
-        return p
+        """The dataset folder, absolute.
+
+        ``override`` (a command-line path) resolves against the current directory. The config's own
+        ``dataset.data_dir`` resolves against the folder of the YAML file that set it, except in a built-in preset,
+        whose ``data/<dataset>`` means "under the current directory" wherever the package is installed.
+        """
+        if override is not None:
+            p, base = Path(override).expanduser(), Path.cwd()
+        else:
+            p = Path(self.dataset.data_dir).expanduser()
+            base = Path(self.source).parent if self.source and not is_preset_file(self.source) else Path.cwd()
+        # abspath, not resolve(): keep the user's symlinks in the paths we report
+        return Path(os.path.abspath(base / p))
 
     def validate(self) -> None:
         for (section, key), allowed in CHOICES.items():
@@ -242,6 +265,16 @@ def _split_override(text: str) -> tuple[str, str]:
     return key.strip(), value
 
 
+def preset_names() -> list[str]:
+    """The built-in presets, by name."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def is_preset_file(path: str | Path) -> bool:
+    """Whether ``path`` is one of the built-in presets (by location, however it was named)."""
+    return Path(path).resolve().parent == PRESET_DIR.resolve()
+
+
 def preset_path(name_or_path: str | Path) -> Path:
     """A preset name (``hfm``) or a YAML path."""
     p = Path(name_or_path)
@@ -249,10 +282,9 @@ def preset_path(name_or_path: str | Path) -> Path:
         if not p.exists():
             raise ConfigError(f"config file {p} does not exist")
         return p
-    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    candidate = PRESET_DIR / f"{name_or_path}.yaml"
     if not candidate.exists():
-        names = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
-        raise ConfigError(f"no preset named {name_or_path!r} (presets: {', '.join(names)})")
+        raise ConfigError(f"no preset named {name_or_path!r} (presets: {', '.join(preset_names())}; `sppscl presets` lists them)")
     return candidate
 
 

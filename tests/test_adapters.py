@@ -438,7 +438,7 @@ def test_unknown_format_is_an_error(tmp_path):
 def test_real_mvsa_single_split_and_class_counts():
     if not REAL_MVSA_SINGLE.is_dir():
         pytest.skip(f"{REAL_MVSA_SINGLE} is absent")
-    report = load_samples(load_config("mvsa-single"))
+    report = load_samples(load_config("mvsa-single"), REAL_MVSA_SINGLE)
 
     assert report.split_counts() == {"train": 3611, "dev": 450, "test": 450}
     labels = {split: Counter(s.label for s in report.samples if s.split == split) for split in ("train", "dev", "test")}

@@ -2,7 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from sppscl.config import CONFIG_DIR, Config, ConfigError, apply_overrides, load_config
+import yaml
+
+from sppscl.config import PRESET_DIR, Config, ConfigError, apply_overrides, load_config, preset_names
 
 
 @pytest.mark.parametrize("name", ["mvsa-single", "mvsa-multiple", "hfm", "demo"])
@@ -25,7 +27,6 @@ def test_table2_values():
             assert getattr(t, k) == v, (name, k)
         assert (t.gamma, t.weight_decay, t.dropout, t.epochs, t.tau, t.dim) == (0.5, 1e-6, 0.2, 150, 0.07, 32)
         assert t.alpha == pytest.approx(2 / 3)
-    assert load_config("hfm").dataset.splits["dev"] == "valid.json"
     assert load_config("hfm").dataset.primary_f1 == "macro"
 
 
@@ -72,10 +73,54 @@ def test_round_trip_through_dict():
     assert again == cfg
 
 
-def test_relative_data_dir_resolves_against_project_root():
-    cfg = load_config("mvsa-single")
-    assert cfg.data_dir() == (CONFIG_DIR.parent / "../shared/data/mvsa-single")
+@pytest.mark.parametrize("name", ["mvsa-single", "mvsa-multiple", "hfm"])
+def test_preset_data_dir_is_data_dataset_under_the_current_directory(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config(name).data_dir() == tmp_path / "data" / name
+    # the same preset named by its path is still a preset
+    assert load_config(PRESET_DIR / f"{name}.yaml").data_dir() == tmp_path / "data" / name
+
+
+def test_command_line_data_dir_resolves_against_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("hfm")
+    assert cfg.data_dir("mydata") == tmp_path / "mydata"
+    assert cfg.data_dir(Path("../x")) == tmp_path.parent / "x"
     assert cfg.data_dir("/elsewhere") == Path("/elsewhere")
+
+
+def test_data_dir_in_a_yaml_file_resolves_against_its_folder(tmp_path, monkeypatch):
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "mine.yaml").write_text("dataset: {name: mine, format: clmlf, data_dir: ../sets/mine}\n")
+    monkeypatch.chdir("/")
+    assert load_config(tmp_path / "exp" / "mine.yaml").data_dir() == tmp_path / "sets" / "mine"
+    assert load_config(tmp_path / "exp" / "mine.yaml").data_dir("d") == Path("/d")
+
+
+def test_presets_are_listed_and_shown_with_every_default(capsys):
+    from sppscl.cli import main
+
+    assert main(["presets"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[:-1]]
+    assert listed == preset_names() == ["demo", "hfm", "mvsa-multiple", "mvsa-single"]
+    assert main(["presets", "show", "hfm"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    cfg = load_config("hfm").to_dict()
+    del cfg["source"]
+    assert shown == cfg
+    assert main(["presets", "show", "nope"]) == 2
+    assert "no preset named 'nope'" in capsys.readouterr().err
+
+
+def test_a_shown_preset_saved_to_a_file_loads_as_the_same_config(tmp_path, monkeypatch):
+    from sppscl.presets import preset_yaml
+
+    (tmp_path / "mine.yaml").write_text(preset_yaml("mvsa-single"))
+    monkeypatch.chdir(tmp_path)
+    mine, preset = load_config(tmp_path / "mine.yaml"), load_config("mvsa-single")
+    assert mine.to_dict() | {"source": ""} == preset.to_dict() | {"source": ""}
+    # copied next to the working directory, the relative data_dir means the same folder
+    assert mine.data_dir() == preset.data_dir()
 
 
 def test_cuda_without_a_gpu_is_a_clear_error(monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import socket
 import warnings
@@ -14,6 +15,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from sppscl.stage1 import encoders
 from sppscl.stage1.encoders import (
     ALLOW_DOWNLOAD_ENV,
     IMAGE_ENCODERS,
@@ -22,6 +24,8 @@ from sppscl.stage1.encoders import (
     EncoderUnavailable,
     ImageEncoder,
     TextEncoder,
+    allow_downloads,
+    downloads_allowed,
     load_image_encoder,
     load_text_encoder,
 )
@@ -370,9 +374,53 @@ def test_missing_hf_model_offline_explains_how_to_provide_it(monkeypatch, no_net
         assert hint in message
 
 
+@pytest.fixture
+def hub_calls(monkeypatch) -> list[dict]:
+    """transformers' from_pretrained, recorded: nothing is in the local cache, and a hub fetch fails."""
+    import transformers
+
+    calls = []
+
+    def from_pretrained(source, **kwargs):
+        calls.append(kwargs)
+        if kwargs.get("local_files_only"):
+            raise OSError(f"{source} is not in the local cache")
+        raise RuntimeError("fetched from the hub")
+
+    for cls in (transformers.AutoModel, transformers.AutoTokenizer):
+        monkeypatch.setattr(cls, "from_pretrained", from_pretrained)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    return calls
+
+
+def test_hf_name_is_never_fetched_unless_downloads_are_allowed(hub_calls, monkeypatch, no_network):
+    monkeypatch.delenv(ALLOW_DOWNLOAD_ENV, raising=False)
+    with pytest.raises(EncoderUnavailable, match="downloads are not allowed") as caught:
+        load_text_encoder("sppscl-tests/no-such-model")
+    assert hub_calls and all(call.get("local_files_only") for call in hub_calls)
+    assert "--allow-download" in str(caught.value) and f"{ALLOW_DOWNLOAD_ENV}=1" in str(caught.value)
+
+
+def test_allowed_downloads_reach_the_hub(hub_calls, monkeypatch):
+    monkeypatch.delenv(ALLOW_DOWNLOAD_ENV, raising=False)
+    monkeypatch.setattr(encoders, "_hub_unreachable", lambda: None)
+    with allow_downloads(True):
+        assert downloads_allowed()
+        with pytest.raises(EncoderUnavailable, match="download failed .fetched from the hub"):
+            load_text_encoder("sppscl-tests/no-such-model")
+    assert not downloads_allowed() and ALLOW_DOWNLOAD_ENV not in os.environ
+    assert any(not call.get("local_files_only") for call in hub_calls)
+    # without the flag the environment decides
+    monkeypatch.setenv(ALLOW_DOWNLOAD_ENV, "1")
+    with allow_downloads(False):
+        assert downloads_allowed()
+
+
 def test_missing_hf_model_with_unreachable_hub_fails_fast(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv(ALLOW_DOWNLOAD_ENV, "1")
     attempts = []
 
     def unreachable(address, *args, **kwargs):

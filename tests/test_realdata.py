@@ -20,7 +20,7 @@ def test_verify_finds_no_problem():
     from sppscl.stage1.verify import verify_samples
 
     cfg = load_config("mvsa-single")
-    report = verify_samples(load_samples(cfg).samples, len(cfg.dataset.classes), workers=2)
+    report = verify_samples(load_samples(cfg, MVSA_DIR).samples, len(cfg.dataset.classes), workers=2)
     assert report.n_samples == 4511
     assert report.ok, {k: v[:5] for k, v in report.problems.items() if v}
 
@@ -31,7 +31,7 @@ def test_offline_extraction_of_a_slice(tmp_path):
     from sppscl.stage1.extract import extract
 
     cfg = load_config("mvsa-single", ["encoders.image=efficientnet-lite0", "encoders.text=minilm-l6"])
-    s = extract(cfg, tmp_path / "m.h5", limit=8, progress=False)
+    s = extract(cfg, tmp_path / "m.h5", MVSA_DIR, limit=8, progress=False)
     assert s.rows == {"train": 8, "dev": 8, "test": 8} and not s.skipped
     cache = FeatureCache(tmp_path / "m.h5")
     assert cache.image_shape == (1280, 7, 7) and (cache.layers, cache.hidden) == (4, 384)
@@ -48,7 +48,7 @@ def test_full_offline_extraction(tmp_path):
     from sppscl.stage1.extract import extract
 
     cfg = load_config("mvsa-single", ["encoders.image=efficientnet-lite0", "encoders.text=minilm-l6"])
-    s = extract(cfg, tmp_path / "m.h5", progress=False)
+    s = extract(cfg, tmp_path / "m.h5", MVSA_DIR, progress=False)
     assert s.rows == {"train": 3611, "dev": 450, "test": 450} and not s.skipped
     test = FeatureCache(tmp_path / "m.h5").load("test")
     assert len(test.rows) == 450 and (test.labels == -1).all()

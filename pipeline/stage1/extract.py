@@ -40,6 +40,7 @@ from ..devices import resolve_device
 from ..progress import make_progress
 from .adapters import load_samples
 from .encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
+from .layouts import resolve_dataset
 from .records import NO_LABEL, Sample
 from .verify import check_sample_image
 
@@ -200,8 +201,11 @@ def extract(
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     out = Path(out)
-    ddir = cfg.data_dir(data_dir)
+    # the concrete layout (format: auto) is what the cache's provenance records
+    cfg, ddir, layout = resolve_dataset(cfg, data_dir)
     report = load_samples(cfg, ddir)
+    if layout:
+        report.notes.insert(0, layout)
     samples = report.samples
     if limit is not None:
         per_split: Counter = Counter()
