@@ -58,11 +58,14 @@ def installed(tmp_path_factory) -> tuple[Path, Path, dict]:
     return wheel, venv / "bin", env
 
 
-def test_wheel_carries_the_presets_and_py_typed(installed):
+def test_wheel_carries_every_module_the_presets_and_py_typed(installed):
     wheel, _, _ = installed
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         assert "sppscl/py.typed" in names
+        # every module of the source tree (a sub-package missing from pyproject's list would be left out silently)
+        modules = {f"sppscl/{p.relative_to(REPO / 'pipeline').as_posix()}" for p in (REPO / "pipeline").rglob("*.py")}
+        assert modules <= names, sorted(modules - names)
         for preset in sorted((REPO / "configs").glob("*.yaml")):
             # byte for byte the files users see in configs/
             assert z.read(f"sppscl/presets/{preset.name}") == preset.read_bytes()
