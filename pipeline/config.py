@@ -111,6 +111,8 @@ class TrainConfig:
     # torch intra-op threads for stage two; 0 = torch's default (one per core). On a machine shared with other
     # jobs, threads beyond the free cores wait for each other at every small op: 1 is then much faster.
     threads: int = 0
+    # none | tensorboard | mlflow: an experiment tracker mirroring metrics.jsonl (each an optional extra)
+    logger: str = "none"
 
 
 SECTIONS = {"dataset": DatasetConfig, "encoders": EncoderConfig, "extract": ExtractConfig, "train": TrainConfig}
@@ -123,6 +125,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("train", "update"): ("two-step", "one-step"),
     ("train", "gate"): ("official", "cosine"),
     ("train", "modalities"): ("both", "text", "image"),
+    ("train", "logger"): ("none", "tensorboard", "mlflow"),
 }
 
 
@@ -227,18 +230,31 @@ def _merge_section(cfg: Config, section: str, values: dict[str, Any], origin: st
         setattr(obj, key, coerce_value(value, getattr(obj, key), f"{origin}: {section}.{key}"))
 
 
-def resolve_key(key: str) -> tuple[str, str]:
-    """``lr`` or ``train.lr`` -> ("train", "lr"). Bare keys are looked up in every section; ambiguity is an error."""
+# The sections each command reads: a --set key must belong to the stage that uses it (extract's batch_size is not
+# train's), so a bare key resolves among these sections only, and a key from another section is an error.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "extract": ("dataset", "encoders", "extract"),
+    "train": ("train",),
+}
+
+
+def resolve_key(key: str, sections: tuple[str, ...] | None = None, command: str = "") -> tuple[str, str]:
+    """``lr`` or ``train.lr`` -> ("train", "lr"). Bare keys are looked up in ``sections`` (default: every section);
+    ambiguity is an error, and so is a key outside ``sections`` (``command`` names who does not use it)."""
+    allowed = sections or tuple(SECTIONS)
     if "." in key:
         section, name = key.split(".", 1)
         if section not in SECTIONS:
             raise ConfigError(f"unknown section {section!r} in key {key!r} (sections: {', '.join(SECTIONS)})")
         if name not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
             raise ConfigError(f"unknown key {key!r}")
+        if section not in allowed:
+            raise ConfigError(_unused(key, allowed, command))
         return section, name
-    hits = [s for s, c in SECTIONS.items() if key in {f.name for f in dataclasses.fields(c)}]
+    hits = [s for s in allowed if key in {f.name for f in dataclasses.fields(SECTIONS[s])}]
     if not hits:
-        raise ConfigError(f"unknown key {key!r}")
+        elsewhere = [s for s, c in SECTIONS.items() if key in {f.name for f in dataclasses.fields(c)}]
+        raise ConfigError(_unused(f"{elsewhere[0]}.{key}", allowed, command) if elsewhere else f"unknown key {key!r}")
     if len(hits) > 1:
         # train is where sweeps and --set overrides live; the others need their section named
         if "train" in hits:
@@ -247,12 +263,18 @@ def resolve_key(key: str) -> tuple[str, str]:
     return hits[0], key
 
 
-def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Config:
-    """Return a copy of ``cfg`` with ``key=value`` overrides applied (typed, unknown keys rejected)."""
+def _unused(key: str, allowed: tuple[str, ...], command: str) -> str:
+    who = f"`sppscl {command}`" if command else "this command"
+    return f"--set {key}: {who} does not use this key (it reads {', '.join(s + '.*' for s in allowed)}); drop it or pass it to the command that does"
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any], sections: tuple[str, ...] | None = None, command: str = "") -> Config:
+    """Return a copy of ``cfg`` with ``key=value`` overrides applied (typed, unknown keys rejected; with ``sections``,
+    only keys of those sections are accepted, bare keys resolving among them)."""
     cfg = copy.deepcopy(cfg)
     items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
     for key, value in items:
-        section, name = resolve_key(key)
+        section, name = resolve_key(key, sections, command)
         _merge_section(cfg, section, {name: value}, origin="override")
     cfg.validate()
     return cfg
@@ -288,7 +310,7 @@ def preset_path(name_or_path: str | Path) -> Path:
     return candidate
 
 
-def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> Config:
+def load_config(name_or_path: str | Path, overrides: list[str] | None = None, sections: tuple[str, ...] | None = None, command: str = "") -> Config:
     path = preset_path(name_or_path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -301,5 +323,5 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
         if section not in SECTIONS:
             raise ConfigError(f"{path}: unknown section {section!r} (sections: {', '.join(SECTIONS)})")
         _merge_section(cfg, section, values or {}, origin=str(path))
-    cfg = apply_overrides(cfg, overrides or [])
+    cfg = apply_overrides(cfg, overrides or [], sections, command)
     return cfg
