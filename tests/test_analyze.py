@@ -103,7 +103,7 @@ def _assert_png(path):
 def test_analyze_against_the_untrained_heads(runs, tmp_path, capsys):
     cache, root = runs
     out = tmp_path / "an"
-    ckpt = root / "spp" / "best.pt"
+    ckpt = root / "spp" / "best.safetensors"
     code = main(["analyze", "--checkpoint", str(ckpt), "--cache", str(cache), "--split", "dev", "--out", str(out), "--device", "cpu"])
     printed = capsys.readouterr().out
     assert code == 0
@@ -114,7 +114,7 @@ def test_analyze_against_the_untrained_heads(runs, tmp_path, capsys):
     assert report["reference"]["kind"] == "untrained" and report["split"] == "dev"
     assert len(report["step2_fired"]["spp"]) == 2
 
-    ckpt = load_checkpoint(root / "spp" / "best.pt")
+    ckpt = load_checkpoint(root / "spp" / "best.safetensors")
     model, cfg = model_from_checkpoint(ckpt, "cpu")
     data = FeatureCache(cache).load("dev")
     emb = collect_embeddings(model, data, cfg.train.eval_batch_size, "cpu")
@@ -130,10 +130,10 @@ def test_analyze_compare_and_a_checkpoint_without_its_log(runs, tmp_path, capsys
     cache, root = runs
     lone = tmp_path / "lone"
     lone.mkdir()
-    shutil.copy(root / "spp" / "best.pt", lone / "best.pt")
+    shutil.copy(root / "spp" / "best.safetensors", lone / "best.safetensors")
     out = tmp_path / "cmp"
-    code = main(["analyze", "--checkpoint", str(lone / "best.pt"), "--cache", str(cache), "--out", str(out),
-                 "--compare", str(root / "no-inter" / "best.pt"), "--device", "cpu"])
+    code = main(["analyze", "--checkpoint", str(lone / "best.safetensors"), "--cache", str(cache), "--out", str(out),
+                 "--compare", str(root / "no-inter" / "best.safetensors"), "--device", "cpu"])
     printed = capsys.readouterr().out
     assert code == 0
     report = json.loads((out / "analysis.json").read_text())
@@ -150,7 +150,7 @@ def test_analyze_compare_and_a_checkpoint_without_its_log(runs, tmp_path, capsys
 def test_analyze_refuses_a_split_it_cannot_use(runs, tmp_path):
     cache, root = runs
     with pytest.raises(CacheError, match="no split 'nope'"):
-        analyze(root / "spp" / "best.pt", cache, "nope", tmp_path / "x", device="cpu", tsne=False)
+        analyze(root / "spp" / "best.safetensors", cache, "nope", tmp_path / "x", device="cpu", tsne=False)
 
 
 def test_untrained_reference_is_the_runs_initial_weights(tiny_cache, tmp_path):
@@ -161,7 +161,7 @@ def test_untrained_reference_is_the_runs_initial_weights(tiny_cache, tmp_path):
     path, cfg = tiny_cache
     # lr 1e-30: every update is below float32 resolution except on zero-initialised biases, which move by ~1e-30
     train(path, apply_overrides(cfg, ["epochs=1", "lr=1e-30", "seed=7"]), tmp_path / "frozen", progress=False)
-    ckpt = load_checkpoint(tmp_path / "frozen" / "best.pt")
+    ckpt = load_checkpoint(tmp_path / "frozen" / "best.safetensors")
     trained, _ = model_from_checkpoint(ckpt, "cpu")
     initial = untrained_model(ckpt, "cpu")
     assert not initial.training

@@ -8,13 +8,13 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
 from sppscl.cache import FeatureCache
 from sppscl.cli import main
 from sppscl.config import apply_overrides
 from sppscl.stage2.predict import Pair, PredictError, Predictor, read_pairs
-from sppscl.stage2.train import predict_split, train
+from sppscl.stage2.checkpoint import save_checkpoint
+from sppscl.stage2.train import load_checkpoint, predict_split, train
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def _cli(ckpt, *args: str) -> int:
 
 def _cached_dev(runs, fusion: str):
     path, data_dir, root = runs
-    predictor = Predictor(root / fusion / "best.pt", "cpu")
+    predictor = Predictor(root / fusion / "best.safetensors", "cpu")
     split = FeatureCache(path).load("dev")
     return predictor, split, data_dir
 
@@ -61,11 +61,11 @@ def test_cli_file_writes_one_row_per_input(runs, tmp_path):
     predictor, split, data_dir = _cached_dev(runs, "batch")
     ref = predict_split(predictor.model, split, predictor.eval_batch_size, predictor.device)
     out = tmp_path / "preds.jsonl"
-    ckpt = runs[2] / "batch" / "best.pt"
+    ckpt = runs[2] / "batch" / "best.safetensors"
     assert _cli(ckpt, "--input", data_dir / "dev.jsonl", "--out", out, "--quiet") == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == list(split.ids[split.rows])
-    assert [r["label"] for r in rows] == [predictor.classes[k] for k in ref["pred"]]
+    assert [r["pred"] for r in rows] == [predictor.classes[k] for k in ref["pred"]]
     probs = np.array([[r["probabilities"][c] for c in predictor.classes] for r in rows])
     np.testing.assert_allclose(probs, ref["probs"], atol=1e-5)
 
@@ -73,7 +73,7 @@ def test_cli_file_writes_one_row_per_input(runs, tmp_path):
     assert _cli(ckpt, "--input", data_dir / "dev.jsonl", "--out", csv_out, "--quiet") == 0
     with open(csv_out, newline="") as fh:
         table = list(csv.DictReader(fh))
-    assert [r["label"] for r in table] == [r["label"] for r in rows] and all(r["error"] == "" for r in table)
+    assert [r["pred"] for r in table] == [r["pred"] for r in rows] and all(r["error"] == "" for r in table)
 
 
 def test_single_pair_is_a_batch_of_one(runs, capsys):
@@ -85,10 +85,10 @@ def test_single_pair_is_a_batch_of_one(runs, capsys):
     np.testing.assert_allclose(pred.probs, alone["probs"][0], atol=1e-5)
     assert pred.probs.sum() == pytest.approx(1.0, abs=1e-5)
 
-    code = _cli(runs[2] / "batch" / "best.pt", "--image", first.image, "--text", first.text)
+    code = _cli(runs[2] / "batch" / "best.safetensors", "--image", first.image, "--text", first.text)
     out = capsys.readouterr().out
     assert code == 0
-    assert f"label: {pred.label}" in out and "batch of one" in out
+    assert f"pred: {pred.label}" in out and "batch of one" in out
     for c in predictor.classes:
         assert c in out
 
@@ -133,7 +133,7 @@ def test_bad_rows_stop_names_the_row(runs, tmp_path, capsys):
     only_broken.write_text("\n".join(json.dumps(r) for r in rows if r.get("id") in ("g1", "broken")) + "\n")
     with pytest.raises(PredictError, match=r"line 2 \(id 'broken'\): undecodable image"):
         predictor.predict(read_pairs(only_broken), source=str(only_broken))
-    assert _cli(runs[2] / "batch" / "best.pt", "--input", path, "--quiet") == 2
+    assert _cli(runs[2] / "batch" / "best.safetensors", "--input", path, "--quiet") == 2
     assert "line 2 (id '2')" in capsys.readouterr().err
 
 
@@ -141,7 +141,7 @@ def test_bad_rows_skip_reports_them_and_predicts_the_rest(runs, tmp_path):
     predictor, _, data_dir = _cached_dev(runs, "batch")
     path = _bad_input(tmp_path, data_dir)
     out = tmp_path / "out.jsonl"
-    assert _cli(runs[2] / "batch" / "best.pt", "--input", path, "--out", out, "--on-error", "skip", "--quiet") == 0
+    assert _cli(runs[2] / "batch" / "best.safetensors", "--input", path, "--out", out, "--on-error", "skip", "--quiet") == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["g1", "2", "no-text", "empty", "gone", "g2", "broken", "8"]
     errors = {r["id"]: r["error"] for r in rows if "error" in r}
@@ -149,12 +149,12 @@ def test_bad_rows_skip_reports_them_and_predicts_the_rest(runs, tmp_path):
     assert "not valid JSON" in errors["2"] and "missing 'text'" in errors["no-text"] and errors["empty"] == "empty text"
     assert errors["gone"].startswith("missing image:") and errors["broken"].startswith("undecodable image:")
     for r in rows:
-        assert ("label" in r) == ("error" not in r)
+        assert ("pred" in r) == ("error" not in r)
     # the good rows form the head batches on their own, as skipped rows do in a cache
-    good = [r for r in rows if "label" in r]
+    good = [r for r in rows if "pred" in r]
     clean = predictor.predict([p for p in read_pairs(path) if p.id in ("g1", "g2", "8")])
     for r, p in zip(good, clean):
-        assert r["label"] == p.label
+        assert r["pred"] == p.label
         np.testing.assert_allclose([r["probabilities"][c] for c in predictor.classes], p.probs, atol=1e-6)
 
 
@@ -178,10 +178,9 @@ def test_csv_input_rows(runs, tmp_path):
 
 
 def test_encoders_that_differ_from_the_checkpoints_are_refused(runs, tmp_path, capsys):
-    ckpt = torch.load(runs[2] / "batch" / "best.pt", map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(runs[2] / "batch" / "best.safetensors")
     ckpt["cache_provenance"]["encoders"]["image"]["weight_sha256"] = "0" * 64
-    tampered = tmp_path / "tampered.pt"
-    torch.save(ckpt, tampered)
+    tampered = save_checkpoint(ckpt, tmp_path / "tampered")
     with pytest.raises(PredictError, match=r"image\.weight_sha256: checkpoint's cache has '0000"):
         Predictor(tampered, "cpu")
     assert _cli(tampered, "--image", "x.jpg", "--text", "hi") == 2
@@ -189,7 +188,7 @@ def test_encoders_that_differ_from_the_checkpoints_are_refused(runs, tmp_path, c
 
 
 def test_usage_errors(runs, tmp_path, capsys):
-    ckpt = runs[2] / "batch" / "best.pt"
+    ckpt = runs[2] / "batch" / "best.safetensors"
     assert _cli(ckpt) == 2
     assert _cli(ckpt, "--text", "hi") == 2
     assert _cli(ckpt, "--text", "hi", "--image", "x.jpg", "--input", "p.jsonl") == 2

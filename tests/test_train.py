@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -30,7 +31,7 @@ def test_one_epoch_through_the_cli(tiny_cache, tmp_path, capsys):
     preset.write_text(yaml.safe_dump({"train": {k: v for k, v in cfg.train.__dict__.items()}}))
     code = main(["train", "--cache", str(path), "--config", str(preset), "--set", "epochs=1", "--out", str(run), "--quiet"])
     assert code == 0
-    for name in ("config.json", "metrics.jsonl", "best.pt", "last.pt", "results.json", "predictions-test.csv"):
+    for name in ("config.json", "metrics.jsonl", "best.safetensors", "last.safetensors", "results.json", "predictions-test.csv"):
         assert (run / name).exists(), name
     (line,) = _lines(run / "metrics.jsonl")
     for key in ("loss_lambda_ce", "loss_intra_image", "loss_intra_text", "loss_inter", "step2_fired", "dev_accuracy", "lr", "epoch_seconds"):
@@ -39,7 +40,7 @@ def test_one_epoch_through_the_cli(tiny_cache, tmp_path, capsys):
     res = json.loads((run / "results.json").read_text())
     assert {"train", "dev", "test"} <= set(res["splits"])
     assert set(res["splits"]["dev"]) >= {"accuracy", "weighted_f1", "macro_f1", "per_class", "confusion_matrix"}
-    ckpt = load_checkpoint(run / "best.pt")
+    ckpt = load_checkpoint(run / "best.safetensors")
     assert ckpt["config"]["train"]["epochs"] == 1 and ckpt["cache_provenance"] == FeatureCache(path).provenance
     # a second run into the same directory is refused
     assert main(["train", "--cache", str(path), "--config", str(preset), "--out", str(run), "--quiet"]) == 2
@@ -93,8 +94,8 @@ def test_resume_equals_uninterrupted(tiny_cache, tmp_path, monkeypatch):
         x.pop("epoch_seconds"), y.pop("epoch_seconds")
         assert x == y
     assert full == resumed
-    sa = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
-    sb = load_checkpoint(tmp_path / "resumed" / "last.pt")["model"]
+    sa = load_checkpoint(tmp_path / "full" / "last.safetensors")["model"]
+    sb = load_checkpoint(tmp_path / "resumed" / "last.safetensors")["model"]
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
 
@@ -169,16 +170,32 @@ def test_cache_from_another_encoder_pair_trains(tmp_path):
 def test_evaluate_matches_results_and_refuses_other_encoders(tiny_cache, tmp_path, capsys):
     path, cfg = tiny_cache
     res = train(path, cfg, tmp_path / "r", progress=False)
-    preds = tmp_path / "dev.csv"
-    assert main(["evaluate", "--checkpoint", str(tmp_path / "r" / "best.pt"), "--cache", str(path), "--split", "dev", "--predictions", str(preds)]) == 0
+    ev = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "r" / "best.safetensors"), "--cache", str(path), "--split", "dev", "--out", str(ev)]) == 0
     out = capsys.readouterr().out
     assert f"{res['splits']['dev']['accuracy']:.4f}" in out
-    assert len(preds.read_text().splitlines()) == res["splits"]["dev"]["n"] + 1
+    # the saved results hold every metric of train's results.json for that split, per class and the confusion matrix
+    saved = json.loads((ev / "results.json").read_text())
+    assert saved["splits"]["dev"] == res["splits"]["dev"] and saved["classes"] == res["classes"]
+    assert (ev / "confusion-dev.png").stat().st_size > 0
+    with open(ev / "predictions-dev.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == res["splits"]["dev"]["n"]
+    # label is the true class and pred the predicted one, both by name, as in predict's output
+    split = FeatureCache(path).load("dev")
+    assert [r["label"] for r in rows] == [res["classes"][k] for k in split.labels[split.rows]]
+    assert {r["pred"] for r in rows} <= set(res["classes"])
+    acc = np.mean([r["label"] == r["pred"] for r in rows])
+    assert acc == pytest.approx(res["splits"]["dev"]["accuracy"])
+
+    # --json: stdout is one JSON document and nothing else
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "r" / "best.safetensors"), "--cache", str(path), "--split", "dev", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == saved
 
     other = tiny_config(tmp_path / "data2", size=30)
     other.encoders.max_length = 16
     extract(other, tmp_path / "other.h5", progress=False)
-    assert main(["evaluate", "--checkpoint", str(tmp_path / "r" / "best.pt"), "--cache", str(tmp_path / "other.h5")]) == 2
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "r" / "best.safetensors"), "--cache", str(tmp_path / "other.h5")]) == 2
     assert "max_length" in capsys.readouterr().err
 
 

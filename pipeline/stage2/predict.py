@@ -329,7 +329,8 @@ def in_memory_split(pairs: list[Pair], image: np.ndarray, tokens: list[np.ndarra
 
 
 def write_output(path: Path, preds: list[Prediction], classes: list[str]) -> None:
-    """JSONL (``id, label, probabilities`` or ``id, line, error``) or CSV, chosen by the extension."""
+    """JSONL (``id, pred, probabilities`` or ``id, line, error``) or CSV, chosen by the extension. ``pred`` is the
+    predicted class name, as in evaluate's and train's predictions CSV (where ``label`` is the true class)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in OUTPUT_SUFFIXES:
@@ -341,12 +342,12 @@ def write_output(path: Path, preds: list[Prediction], classes: list[str]) -> Non
                 if p.error is not None:
                     row = {"id": p.id, "line": p.line, "error": p.error}
                 else:
-                    row = {"id": p.id, "label": p.label, "probabilities": {c: float(x) for c, x in zip(classes, p.probs)}}
+                    row = {"id": p.id, "pred": p.label, "probabilities": {c: float(x) for c, x in zip(classes, p.probs)}}
                 fh.write(json.dumps(row) + "\n")
         return
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["id", "label", *[f"p_{c}" for c in classes], "error"])
+        w.writerow(["id", "pred", *[f"p_{c}" for c in classes], "error"])
         for p in preds:
             if p.error is not None:
                 w.writerow([p.id, "", *[""] * len(classes), f"line {p.line}: {p.error}" if p.line else p.error])

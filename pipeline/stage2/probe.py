@@ -46,7 +46,7 @@ def run_probe(cache_path, seed: int = 0, modalities: str = "both", c_grid=C_GRID
         if best is None or dev["accuracy"] > best[1]["accuracy"]:
             best = (c, dev, clf)
     c, _, clf = best
-    out = {"C": c, "features": f"pooled image map + last-layer [CLS] ({modalities})", "splits": {}}
+    out = {"C": c, "features": f"pooled image map + last-layer [CLS] ({modalities})", "classes": classes, "splits": {}}
     for name, s in splits.items():
         if s.has_labels:
             out["splits"][name] = classification_report(y[name], clf.predict(x[name]), classes)

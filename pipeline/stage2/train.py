@@ -2,7 +2,8 @@
 
 Read top to bottom: ``train`` sets up (cache, model, optimiser, run directory), then loops over epochs;
 each batch goes through ``two_step_update`` (or ``one_step_update`` for Table 4's ablation); each epoch
-ends with a dev evaluation, a line in ``metrics.jsonl`` and the ``last.pt``/``best.pt`` checkpoints.
+ends with a dev evaluation, a line in ``metrics.jsonl`` and the ``last``/``best`` checkpoints (safetensors + JSON,
+see ``checkpoint.py``). Epochs are numbered from 1 everywhere: console, metrics.jsonl, checkpoints, results.json.
 After training the best checkpoint is evaluated on every labelled split; unlabelled splits get predictions.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -23,14 +23,14 @@ from ..cache import FeatureCache, SplitData, diff_provenance
 from ..config import Config
 from ..devices import resolve_device
 from ..progress import make_progress
+from .checkpoint import FORMAT, VERSION, CheckpointError, checkpoint_files, load_checkpoint_file, save_checkpoint
 from .data import Batch, SplitBatches
 from .gate import two_step_gate
 from .heads import SPPSCLModel
+from .loggers import make_logger
 from .losses import LossTerms, one_step_loss, step1_loss, step2_loss
 from .metrics import classification_report, selection_key
-
-CHECKPOINT_VERSION = 1
-
+from .plots import plot_confusions, plot_curves
 
 class RunError(RuntimeError):
     """A run cannot start or continue as asked (existing directory, mismatched cache, bad checkpoint)."""
@@ -156,37 +156,28 @@ def evaluate_split(model, split: SplitData, batch_size: int, device, classes: li
     return classification_report(split.labels[split.rows], pred["pred"], classes), pred
 
 
+# Column names shared with `sppscl predict`'s CSV: ``label`` is always the true class, ``pred`` the predicted one,
+# both by name; ``p_<class>`` the predicted probabilities.
 def write_predictions(path: Path, split: SplitData, pred: dict, classes: list[str]) -> None:
+    """One row per usable sample: id, true label (empty when the split has none), predicted label, probabilities."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["id", "label", "pred", "pred_name", *[f"p_{c}" for c in classes]])
+        w.writerow(["id", "label", "pred", *[f"p_{c}" for c in classes]])
         for j, r in enumerate(pred["rows"]):
             lab = int(split.labels[r])
-            p = int(pred["pred"][j])
-            w.writerow([split.ids[r], "" if lab < 0 else lab, p, classes[p], *[f"{x:.6f}" for x in pred["probs"][j]]])
+            w.writerow([split.ids[r], "" if lab < 0 else classes[lab], classes[int(pred["pred"][j])], *[f"{x:.6f}" for x in pred["probs"][j]]])
 
 
 # ------------------------------------------------------------------------------------ checkpoints
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise RunError(f"{path}: no such checkpoint")
+    """A checkpoint as a dict: RUN/best.safetensors (or RUN/best.json), or a legacy RUN/best.pt."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise RunError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "sppscl-checkpoint":
-        raise RunError(f"{path}: not an sppscl checkpoint")
-    return ckpt
+        return load_checkpoint_file(path)
+    except CheckpointError as e:
+        raise RunError(str(e)) from None
 
 
 def model_from_checkpoint(ckpt: dict, device: torch.device) -> tuple[SPPSCLModel, Config]:
@@ -221,11 +212,16 @@ def train(
     # the cache decides the dataset's classes; the preset's primary F1 applies when it names the same dataset
     primary = cache.provenance["dataset"].get("primary_f1", cfg.dataset.primary_f1)
 
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    last_path, best_path = out_dir / "last", out_dir / "best"
     metrics_path = out_dir / "metrics.jsonl"
     if resume:
-        if not last_path.exists():
-            raise RunError(f"{out_dir}: nothing to resume (no last.pt); start the run without --resume")
+        if not checkpoint_files(last_path)[0].exists():
+            if (out_dir / "last.pt").exists():
+                raise RunError(
+                    f"{out_dir} was started by an older sppscl (last.pt); its checkpoints still load for evaluate, predict "
+                    "and analyze, but it cannot be resumed: start a new run"
+                )
+            raise RunError(f"{out_dir}: nothing to resume (no last.safetensors); start the run without --resume")
         ckpt = load_checkpoint(last_path)
         diffs = diff_provenance(ckpt["cache_provenance"], cache.provenance)
         if diffs:
@@ -240,6 +236,8 @@ def train(
     if tc.ha_layers > dims["cached_layers"]:
         raise RunError(f"train.ha_layers={tc.ha_layers} but {cache.path} holds only the last {dims['cached_layers']} text layers")
     device = resolve_device(tc.device)
+    # before anything is written: a tracker whose package is missing stops the run here
+    logger = make_logger(cfg, out_dir)
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
     seed_everything(tc.seed)
@@ -247,7 +245,8 @@ def train(
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=tc.step_size, gamma=tc.gamma)
     rng = np.random.default_rng(tc.seed)
-    start_epoch, best = 0, {"epoch": -1, "key": (-1.0, -1.0), "dev": None}
+    # epochs are numbered from 1; ``done`` epochs are finished, best epoch 0 means none yet
+    done, best = 0, {"epoch": 0, "key": (-1.0, -1.0), "dev": None}
 
     if resume:
         model.load_state_dict(ckpt["model"])
@@ -256,9 +255,9 @@ def train(
         rng.bit_generator.state = ckpt["rng"]["numpy"]
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(ckpt["rng"]["python"])
-        start_epoch = ckpt["epoch"] + 1
+        done = ckpt["epoch"]
         best = {**ckpt["best"], "key": tuple(ckpt["best"]["key"])}
-        _truncate_metrics(metrics_path, start_epoch)
+        _truncate_metrics(metrics_path, done)
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -272,11 +271,11 @@ def train(
     train_batches = SplitBatches(train_split)
     update = two_step_update if tc.update == "two-step" else one_step_update
 
-    with make_progress(enabled=progress, console=console, unit="batch/s") as prog:
+    with make_progress(enabled=progress, console=console, unit="batch/s") as prog, logger:
         n_batches = max(1, (len(train_batches) + tc.batch_size - 1) // tc.batch_size)
-        ep_task = prog.add_task("epochs", total=tc.epochs, completed=start_epoch)
+        ep_task = prog.add_task("epochs", total=tc.epochs, completed=done)
         b_task = prog.add_task("batches", total=n_batches)
-        for epoch in range(start_epoch, tc.epochs):
+        for epoch in range(done + 1, tc.epochs + 1):
             t0 = time.perf_counter()
             prog.reset(b_task, total=n_batches)
             logs: list[StepLog] = []
@@ -306,8 +305,8 @@ def train(
                 "epoch_seconds": time.perf_counter() - t0,
             }
             state = {
-                "format": "sppscl-checkpoint",
-                "version": CHECKPOINT_VERSION,
+                "format": FORMAT,
+                "version": VERSION,
                 "epoch": epoch,
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
@@ -321,25 +320,29 @@ def train(
                 "cache_path": str(cache.path),
             }
             if improved:
-                _atomic_save(state, best_path)
-            _atomic_save(state, last_path)
+                # best needs no optimiser or RNG state: it is evaluated and shared, never resumed
+                save_checkpoint({k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "rng")}, best_path)
+            save_checkpoint(state, last_path)
             # the log line follows its checkpoint, so a resumed run never finds a line for an epoch it must redo
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
-            prog.update(ep_task, advance=1, description=f"epoch {epoch + 1}/{tc.epochs}")
+            logger.log_epoch(record)
+            prog.update(ep_task, advance=1, description=f"epoch {epoch}/{tc.epochs}")
             prog.note(
-                f"epoch {epoch + 1:>3}/{tc.epochs}  loss {record['loss_total']:.3f} (λ·CE {record['loss_lambda_ce']:.3f}, "
+                f"epoch {epoch:>3}/{tc.epochs}  loss {record['loss_total']:.3f} (λ·CE {record['loss_lambda_ce']:.3f}, "
                 f"intra {record['loss_intra_image']:.3f}/{record['loss_intra_text']:.3f}, inter {record['loss_inter']:.3f})  "
                 f"step2 {record['step2_fired']:4.0%}  dev acc {record['dev_accuracy']:.4f}  "
-                f"best {best['key'][0]:.4f}@{best['epoch'] + 1}{' *' if improved else ''}  {record['epoch_seconds']:.1f}s"
+                f"best {best['key'][0]:.4f}@{best['epoch']}{' *' if improved else ''}  {record['epoch_seconds']:.1f}s"
             )
+        logger.finish({"epoch": best["epoch"], **{f"dev_{k}": best["dev"][k] for k in ("accuracy", "weighted_f1", "macro_f1")}})
 
     return finish_run(out_dir, cache, classes, device, in_memory)
 
 
 def finish_run(out_dir: Path, cache: FeatureCache, classes: list[str], device, in_memory=None) -> dict:
-    """Evaluate the best checkpoint on every labelled split; write predictions for every split; results.json."""
-    ckpt = load_checkpoint(out_dir / "best.pt")
+    """Evaluate the best checkpoint on every labelled split; write predictions for every split; results.json;
+    curves.png from metrics.jsonl and confusion-<split>.png for every labelled split."""
+    ckpt = load_checkpoint(out_dir / "best")
     model, cfg = model_from_checkpoint(ckpt, device)
     results = {
         "best_epoch": ckpt["best"]["epoch"],
@@ -355,6 +358,8 @@ def finish_run(out_dir: Path, cache: FeatureCache, classes: list[str], device, i
         write_predictions(out_dir / f"predictions-{name}.csv", split, pred, classes)
         results["splits"][name] = metrics if metrics is not None else {"n": int(len(split.rows)), "labels": "none: predictions only"}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
+    plot_confusions(results["splits"], classes, out_dir, f"best checkpoint (epoch {results['best_epoch']})")
     return results
 
 
@@ -362,8 +367,9 @@ def _mean(logs: list[StepLog], key: str) -> float:
     return float(np.mean([getattr(lg, key) for lg in logs])) if logs else 0.0
 
 
-def _truncate_metrics(path: Path, next_epoch: int) -> None:
+def _truncate_metrics(path: Path, done: int) -> None:
+    """Drop log lines of epochs after the checkpoint being resumed (a crash can leave one)."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] < next_epoch]
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= done]
     path.write_text("".join(ln + "\n" for ln in keep))

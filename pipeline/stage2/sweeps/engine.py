@@ -39,7 +39,7 @@ class Execution:
 
     def __post_init__(self) -> None:
         if self.workers is not None and self.workers < 1:
-            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+            raise ConfigError(f"--jobs must be at least 1, got {self.workers}")
 
 
 @dataclass

@@ -45,7 +45,7 @@ def read_run(run_dir: Path, status: str, error: str, wall_s: float | None) -> di
     if status != "ok":
         return row
     res = json.loads((run_dir / "results.json").read_text())
-    row["best_epoch"] = res["best_epoch"] + 1  # 1-based, as `sppscl train` prints it
+    row["best_epoch"] = res["best_epoch"]
     for split in SPLITS:
         m = res["splits"].get(split, {})
         for metric in METRICS:

@@ -74,7 +74,7 @@ def run_job(job: RunJob, cache: FeatureCache | None = None) -> dict:
 
 
 class InlineExecutor:
-    """The executor interface run in this process (``--workers 1``): no process start-up, the caller's cache reused."""
+    """The executor interface run in this process (``--jobs 1``): no process start-up, the caller's cache reused."""
 
     def __init__(self, cache: FeatureCache):
         self.cache = cache

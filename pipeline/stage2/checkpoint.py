@@ -1,0 +1,166 @@
+"""Checkpoints that load without unpickling: tensors in safetensors, everything else as JSON.
+
+A checkpoint ``NAME`` is two files in a run directory:
+
+- ``NAME.safetensors``: every tensor (the heads' weights; in ``last`` also the optimiser state and torch's RNG
+  state). Its header carries the checkpoint's metadata as JSON too, so this one file is complete and is replaced
+  atomically: a crash never leaves weights and metadata from different epochs.
+- ``NAME.json``: the same metadata for people and tools: format, epoch (1-based), the resolved config, the model
+  dims, classes, the cache's provenance, the best epoch so far, and (``last``) the optimiser's hyperparameters,
+  the scheduler and the RNG states. Tensors appear in it as ``{"__tensor__": key}`` references into the weights.
+
+JSON has no tuples and only string keys, which Python's RNG state and an optimiser's state need; they are
+written as ``{"__tuple__": [...]}`` and ``{"__items__": [[key, value], ...]}``.
+
+Checkpoints written before this format (``best.pt``/``last.pt``, a torch pickle) are read with torch's
+restricted unpickler (``weights_only=True``: tensors, containers and primitives only, no code runs), or refused
+with the conversion command when they hold anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+FORMAT = "sppscl-checkpoint"
+# 1: a torch pickle (best.pt), 0-based epochs; 2: safetensors + JSON, 1-based epochs
+VERSION = 2
+WEIGHTS_SUFFIX = ".safetensors"
+META_KEY = "sppscl"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or written; the message names the file and what to do."""
+
+
+# ------------------------------------------------------------------------------------ JSON <-> tensors
+
+
+def _encode(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        # safetensors refuses views that share storage; a contiguous copy of each tensor stands alone
+        tensors[key] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: _encode(v, f"{key}/{k}", tensors) for k, v in obj.items()}
+        return {"__items__": [[k, _encode(v, f"{key}/{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, f"{key}/{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, f"{key}/{i}", tensors) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise CheckpointError(f"cannot store a {type(obj).__name__} at {key!r} in a checkpoint")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        if "__items__" in obj:
+            return {k: _decode(v, tensors) for k, v in obj["__items__"]}
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    return obj
+
+
+# ------------------------------------------------------------------------------------ paths
+
+
+def checkpoint_files(path: str | Path) -> tuple[Path, Path]:
+    """(weights, metadata) of a checkpoint given as NAME.safetensors, NAME.json or NAME."""
+    p = Path(path)
+    if p.suffix in (WEIGHTS_SUFFIX, ".json"):
+        p = p.with_suffix("")
+    return p.with_name(p.name + WEIGHTS_SUFFIX), p.with_name(p.name + ".json")
+
+
+# ------------------------------------------------------------------------------------ save and load
+
+
+def save_checkpoint(state: dict, path: str | Path) -> Path:
+    """Write ``state`` (nested dicts/lists/tuples of tensors and JSON values) as NAME.safetensors + NAME.json."""
+    weights, meta_path = checkpoint_files(path)
+    tensors: dict[str, torch.Tensor] = {}
+    meta = {k: _encode(v, k, tensors) for k, v in state.items()}
+    text = json.dumps(meta, indent=1)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    # the weights file holds the metadata too and is the one replaced atomically; the JSON is its readable copy
+    for target, write in ((weights, lambda t: save_file(tensors, t, metadata={META_KEY: text})), (meta_path, lambda t: t.write_text(text))):
+        tmp = target.with_name(target.name + ".tmp")
+        write(tmp)
+        os.replace(tmp, target)
+    return weights
+
+
+def load_checkpoint_file(path: str | Path) -> dict:
+    """The checkpoint at ``path`` as a dict (tensors on the CPU). Never unpickles anything but torch's restricted
+    set (tensors, containers, primitives) for a legacy ``.pt``; anything else is refused with what to do."""
+    p = Path(path)
+    if p.suffix == ".pt":
+        return _load_legacy(p)
+    weights, meta_path = checkpoint_files(p)
+    if not weights.exists():
+        legacy = weights.with_suffix(".pt")
+        hint = f" (an older checkpoint {legacy} is there: pass it instead)" if legacy.exists() else ""
+        raise CheckpointError(f"{weights}: no such checkpoint{hint}")
+    try:
+        with safe_open(weights, framework="pt", device="cpu") as fh:
+            text = (fh.metadata() or {}).get(META_KEY)
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
+    if text is None:
+        raise CheckpointError(f"{weights}: a safetensors file without sppscl metadata, not an sppscl checkpoint")
+    try:
+        ckpt = _decode(json.loads(text), tensors)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{weights}: damaged checkpoint metadata ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{weights}: not an sppscl checkpoint")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(f"{weights}: checkpoint version {ckpt.get('version')!r}, this sppscl reads version {VERSION}")
+    return ckpt
+
+
+def _load_legacy(path: Path) -> dict:
+    """A version-1 ``.pt`` checkpoint, unpickled only by torch's allow-list; epochs renumbered 1-based."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the restricted unpickler's refusal, or a file that is no pickle at all
+        raise CheckpointError(
+            f"{path}: refused to load: not a checkpoint of tensors, containers and numbers ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else 'unreadable'}). sppscl's .pt checkpoints hold nothing else, so "
+            "this file was written by something else or altered; unpickling it could run code, so it was not loaded"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an sppscl checkpoint")
+    ckpt = dict(ckpt)
+    # version 1 counted epochs from 0
+    ckpt["epoch"] = int(ckpt["epoch"]) + 1
+    ckpt["best"] = {**ckpt["best"], "epoch": int(ckpt["best"]["epoch"]) + 1}
+    ckpt["version"] = VERSION
+    ckpt["converted_from"] = str(path)
+    return ckpt
+
+
+def convert_checkpoint(path: str | Path, out: str | Path | None = None) -> Path:
+    """A legacy ``.pt`` checkpoint rewritten as NAME.safetensors + NAME.json (beside it unless ``out``)."""
+    src = Path(path)
+    if src.suffix != ".pt":
+        raise CheckpointError(f"{src}: only legacy .pt checkpoints need converting")
+    ckpt = _load_legacy(src)
+    ckpt.pop("converted_from")
+    return save_checkpoint(ckpt, out if out is not None else src.with_suffix(""))
