@@ -6,6 +6,7 @@ Errors the user can fix (bad data, missing weights, mismatched caches) print one
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -17,8 +18,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .config import CONFIG_DIR, Config, ConfigError, apply_overrides, load_config
+from .config import CONFIG_DIR, STAGE_SECTIONS, Config, ConfigError, apply_overrides, load_config
 from .presets import app as presets_app
+
+# one default for sweep and reproduce: every mean they print is over the same three seeds unless told otherwise
+DEFAULT_SEEDS = "1,2,3"
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (the GPU when there is one)."
 
 app = typer.Typer(
     add_completion=False,
@@ -29,6 +34,8 @@ app = typer.Typer(
 data_app = typer.Typer(no_args_is_help=True, help="Inspect and check datasets before extraction.")
 app.add_typer(data_app, name="data")
 app.add_typer(presets_app, name="presets")
+checkpoint_app = typer.Typer(no_args_is_help=True, help="Checkpoints: convert the .pt files of older sppscl versions.")
+app.add_typer(checkpoint_app, name="checkpoint")
 console = Console(stderr=False)
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -49,8 +56,9 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-def _config(config: Optional[str], sets: list[str], **section_overrides) -> Config:
-    cfg = load_config(config or "demo", sets)
+def _config(config: Optional[str], sets: list[str], command: str = "extract", **section_overrides) -> Config:
+    """A stage-one configuration: --set keys resolve among the dataset, encoders and extract sections only."""
+    cfg = load_config(config or "demo", sets, STAGE_SECTIONS["extract"], command)
     extra = {k: v for k, v in section_overrides.items() if v is not None}
     return apply_overrides(cfg, extra) if extra else cfg
 
@@ -76,15 +84,15 @@ def data_verify(
     config: str = typer.Option(..., "--config", "-c", help="Preset name (hfm, mvsa-single, ...) or a YAML file."),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     no_images: bool = typer.Option(False, "--no-images", help="Skip decoding images (checks files exist only if not set)."),
-    workers: int = typer.Option(2, help="Threads decoding images."),
-    set_: list[str] = typer.Option([], "--set", help="Override a preset key, as for extract, e.g. --set dataset.hfm_keyword_filter=false."),
+    workers: int = typer.Option(2, help="Image-decoding workers (threads here, processes in extract: the same job)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a dataset/encoders/extract key, as for extract, e.g. --set dataset.hfm_keyword_filter=false."),
 ) -> None:
     """Check a dataset without extracting: decodable images, non-empty texts, ids unique across all splits, known labels."""
     from .stage1.adapters import load_samples
     from .stage1.verify import verify_samples
 
     try:
-        cfg = _config(config, set_)
+        cfg = _config(config, set_, "data verify")
         report = load_samples(cfg, data_dir)
         for note in report.notes:
             console.print(f"[yellow]note:[/] {note}")
@@ -103,7 +111,7 @@ def extract(
     config: str = typer.Option(..., "--config", "-c", help="Preset name or YAML file (data location, encoders)."),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     out: Optional[Path] = typer.Option(None, help="Cache file to write (default: cache/<dataset>.h5)."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N or auto (GPU when there is one)."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP + " (preset: extract.device)"),
     batch_size: Optional[int] = typer.Option(None, help="Samples per encoder batch (preset: extract.batch_size)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N samples of each split (quick trials)."),
     on_error: str = typer.Option("stop", help="Bad sample: 'stop' (error naming file and id) or 'skip' (recorded in the cache, counted)."),
@@ -111,7 +119,9 @@ def extract(
     workers: Optional[int] = typer.Option(None, help="Image-decoding worker processes (preset: extract.num_workers)."),
     image_encoder: Optional[str] = typer.Option(None, help="Image encoder name or path (resnet50, efficientnet-lite0, tiny-cnn, any torchvision CNN, a .pth)."),
     text_encoder: Optional[str] = typer.Option(None, help="Text encoder name or path (bert-base-uncased, minilm-l6, tiny-bert, any HF name or local dir)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a preset key, e.g. --set encoders.max_length=128."),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override a dataset/encoders/extract key, e.g. --set max_length=128 (bare keys resolve among these; train keys are an error)."
+    ),
     allow_download: bool = typer.Option(False, "--allow-download", help=ALLOW_DOWNLOAD_HELP),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
@@ -123,7 +133,7 @@ def extract(
         cfg = _config(config, set_, **{"encoders.image": image_encoder, "encoders.text": text_encoder})
         out = out or Path("cache") / f"{cfg.dataset.name}.h5"
         with allow_downloads(allow_download):
-            s = run_extract(cfg, out, data_dir, device, batch_size, limit, on_error, force, workers, progress=not quiet, console=console)
+            s = run_extract(cfg, out, data_dir, device, batch_size, limit, on_error, force, workers, progress=not quiet, console=err_console)
     except _user_errors() as e:
         _fail(e)
     _print_extract_summary(s)
@@ -157,8 +167,8 @@ def _print_extract_summary(s) -> None:
 # ----------------------------------------------------------------------------------- stage two
 
 
-def _train_config(cache: Path, config: Optional[str], sets: list[str], seed: Optional[int]) -> Config:
-    """The preset given, else the one named after the cache's dataset, else defaults; then --set overrides."""
+def _train_config(cache: Path, config: Optional[str], sets: list[str], seed: Optional[int], device: Optional[str] = None, command: str = "train") -> Config:
+    """The preset given, else the one named after the cache's dataset, else defaults; then --set overrides (train keys only)."""
     from .cache import FeatureCache
 
     if config is None:
@@ -167,7 +177,10 @@ def _train_config(cache: Path, config: Optional[str], sets: list[str], seed: Opt
     cfg = load_config(config) if config else Config()
     if seed is not None:
         sets = [*sets, f"seed={seed}"]
-    return apply_overrides(cfg, sets)
+    if device is not None:
+        sets = [*sets, f"device={device}"]
+    return apply_overrides(cfg, sets, STAGE_SECTIONS["train"], command)
+
 
 
 @app.command()
@@ -176,6 +189,7 @@ def train(
     config: Optional[str] = typer.Option(None, "--config", "-c", help="Preset or YAML (default: the preset named after the cache's dataset)."),
     set_: list[str] = typer.Option([], "--set", help="Override a hyperparameter, e.g. --set lr=5e-5 --set fusion=sample. Unknown keys are an error."),
     seed: Optional[int] = typer.Option(None, help="Random seed (preset: train.seed)."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP + " (preset: train.device)"),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<cache name>-<time>)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     quiet: bool = typer.Option(False, help="No live view."),
@@ -186,9 +200,9 @@ def train(
     try:
         if resume and out is None:
             raise ConfigError("--resume needs --out naming the run directory to continue")
-        cfg = _train_config(cache, config, set_, seed)
+        cfg = _train_config(cache, config, set_, seed, device)
         out = out or Path("runs") / f"{cache.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        results = run_train(cache, cfg, out, resume=resume, progress=not quiet, console=console)
+        results = run_train(cache, cfg, out, resume=resume, progress=not quiet, console=err_console)
     except _user_errors() as e:
         _fail(e)
     console.print(f"run directory: {out}")
@@ -196,7 +210,7 @@ def train(
 
 
 def print_results(results: dict, title: str = "best checkpoint") -> None:
-    console.print(split_table(results["splits"], f"{title} (epoch {results['best_epoch'] + 1}, selected on dev accuracy)"))
+    console.print(split_table(results["splits"], f"{title} (epoch {results['best_epoch']}, selected on dev accuracy)"))
 
 
 def split_table(splits: dict[str, dict], title: str | None = None) -> Table:
@@ -212,13 +226,51 @@ def split_table(splits: dict[str, dict], title: str | None = None) -> Table:
     return t
 
 
+def _emit_json(obj: dict) -> None:
+    """Machine-readable results: one JSON document on stdout, nothing else there."""
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def save_results(out: Path, results: dict, what: str) -> Path:
+    """``out``/results.json and a confusion-<split>.png per labelled split; returns the JSON's path."""
+    from .stage2.plots import plot_confusions
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    path.write_text(json.dumps(results, indent=2))
+    plot_confusions(results["splits"], results["classes"], out, what)
+    return path
+
+
+def _print_metrics(metrics: dict, title: str) -> None:
+    t = Table(title=title)
+    for c in ("accuracy", "weighted F1", "macro F1"):
+        t.add_column(c, justify="right")
+    t.add_row(f"{metrics['accuracy']:.4f}", f"{metrics['weighted_f1']:.4f}", f"{metrics['macro_f1']:.4f}")
+    console.print(t)
+    pc = Table(title="per class")
+    for c in ("class", "precision", "recall", "F1", "support"):
+        pc.add_column(c)
+    for name, v in metrics["per_class"].items():
+        pc.add_row(name, f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", str(v["support"]))
+    console.print(pc)
+    console.print(f"confusion matrix (rows true, columns predicted): {metrics['confusion_matrix']}")
+
+
+OUT_JSON_HELP = "Print the results as one JSON document on stdout (and nothing else there)."
+
+
 @app.command()
 def evaluate(
-    checkpoint: Path = typer.Option(..., help="A checkpoint (RUN/best.pt or RUN/last.pt)."),
+    checkpoint: Path = typer.Option(..., help="A checkpoint (RUN/best.safetensors or RUN/last.safetensors; a legacy RUN/best.pt loads too)."),
     cache: Path = typer.Option(..., help="A cache built with the checkpoint's encoders."),
     split: str = typer.Option("test", help="Split to evaluate."),
-    predictions: Optional[Path] = typer.Option(None, help="Write per-sample predictions (CSV) here."),
-    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    out: Optional[Path] = typer.Option(
+        None, help="Folder for results.json (every metric, per class, confusion matrix), predictions-<split>.csv and confusion-<split>.png."
+    ),
+    json_: bool = typer.Option(False, "--json", help=OUT_JSON_HELP),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Evaluate a checkpoint on one split of a matching cache (metrics if labelled, predictions always)."""
     from .cache import FeatureCache
@@ -237,24 +289,23 @@ def evaluate(
         metrics, pred = evaluate_split(model, data, cfg.train.eval_batch_size, dev, ckpt["classes"])
     except _user_errors() as e:
         _fail(e)
-    if predictions:
-        write_predictions(predictions, data, pred, ckpt["classes"])
-        console.print(f"predictions: {predictions}")
-    if metrics is None:
+    results = {
+        "checkpoint": str(checkpoint),
+        "cache": str(cache),
+        "epoch": ckpt["epoch"],
+        "classes": list(ckpt["classes"]),
+        "splits": {split: metrics if metrics is not None else {"n": int(len(data.rows)), "labels": "none: predictions only"}},
+    }
+    if out is not None:
+        write_predictions(out / f"predictions-{split}.csv", data, pred, ckpt["classes"])
+        path = save_results(out, results, f"{checkpoint} on {split}")
+        err_console.print(f"results: {path}; predictions: {out / f'predictions-{split}.csv'}", highlight=False)
+    if json_:
+        _emit_json(results)
+    elif metrics is None:
         console.print(f"split {split} has no labels: {len(data.rows)} predictions, no metrics")
-        return
-    t = Table(title=f"{checkpoint} on {cache}:{split} (n={metrics['n']})")
-    for c in ("accuracy", "weighted F1", "macro F1"):
-        t.add_column(c, justify="right")
-    t.add_row(f"{metrics['accuracy']:.4f}", f"{metrics['weighted_f1']:.4f}", f"{metrics['macro_f1']:.4f}")
-    console.print(t)
-    pc = Table(title="per class")
-    for c in ("class", "precision", "recall", "F1", "support"):
-        pc.add_column(c)
-    for name, v in metrics["per_class"].items():
-        pc.add_row(name, f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", str(v["support"]))
-    console.print(pc)
-    console.print(f"confusion matrix (rows true, columns predicted): {metrics['confusion_matrix']}")
+    else:
+        _print_metrics(metrics, f"{checkpoint} on {cache}:{split} (n={metrics['n']})")
 
 
 @app.command()
@@ -262,22 +313,31 @@ def probe(
     cache: Path = typer.Option(..., help="Feature cache."),
     modalities: str = typer.Option("both", help="both, image or text."),
     seed: int = typer.Option(0, help="Random seed of the solver."),
+    out: Optional[Path] = typer.Option(None, help="Folder for results.json (every metric, per class, confusion matrix) and confusion-<split>.png."),
+    json_: bool = typer.Option(False, "--json", help=OUT_JSON_HELP),
 ) -> None:
-    """Baseline: logistic regression on pooled image features + last-layer [CLS], C chosen on dev."""
+    """Baseline: logistic regression on pooled image features + last-layer [CLS], C chosen on dev (scikit-learn, CPU)."""
     from .stage2.probe import run_probe
 
     try:
         res = run_probe(cache, seed=seed, modalities=modalities)
     except _user_errors() as e:
         _fail(e)
-    console.print(split_table(res["splits"], f"logistic-regression probe on {res['features']}, C={res['C']} (chosen on dev accuracy)"))
+    results = {"cache": str(cache), **res}
+    if out is not None:
+        path = save_results(out, results, f"probe C={res['C']}")
+        err_console.print(f"results: {path}", highlight=False)
+    if json_:
+        _emit_json(results)
+    else:
+        console.print(split_table(res["splits"], f"logistic-regression probe on {res['features']}, C={res['C']} (chosen on dev accuracy)"))
 
 
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where the demo's runs go (replaced on each demo run)."),
     cache: Path = typer.Option(Path("cache/demo.h5"), help="The demo's feature cache."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs per model [preset demo: train.epochs]."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs per model (default: the demo preset's train.epochs)."),
 ) -> None:
     """The whole pipeline on an embedded default: synthetic data, offline encoders, SPP-SCL vs text-only vs image-only."""
     from .demo import run_demo
@@ -300,8 +360,9 @@ def sweep(
     random_: Optional[int] = typer.Option(None, "--random", help="Instead of a grid: N configurations drawn by an Optuna study over --space."),
     space: list[str] = typer.Option([], "--space", help="A search dimension for --random: key=low:high, key=low:high:log or key=a,b,c."),
     sampler: str = typer.Option("tpe", help="Optuna sampler for --random: random or tpe."),
-    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds, each configuration runs once per seed (default: the preset's train.seed)."),
-    workers: Optional[int] = typer.Option(None, help="Parallel runs (default: min(runs, cores); each gets cores/workers threads; 1 runs in this process)."),
+    seeds: str = typer.Option(DEFAULT_SEEDS, help="Comma-separated seeds, each configuration runs once per seed (the same default as reproduce)."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Parallel runs (default: min(runs, cores); each gets cores/jobs threads; 1 runs in this process)."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP + " Every run uses it (preset: train.device)."),
     out: Optional[Path] = typer.Option(None, help="Sweep directory (default: sweeps/<cache name>-<hash of the sweep's definition>)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
@@ -310,11 +371,11 @@ def sweep(
     from .stage2.sweeps import sweep as run_sweep
 
     try:
-        cfg = _train_config(cache, config, set_, None)
+        cfg = _train_config(cache, config, set_, None, device, "sweep")
         out = out or default_sweep_dir(cache, config, set_, grid, space, random_, sampler)
         console.print(f"sweep directory: {out}")
         result = run_sweep(
-            cache, cfg, out, grid, space, random_, sampler, parse_seeds(seeds) if seeds else None, Execution(workers), progress=not quiet, console=console
+            cache, cfg, out, grid, space, random_, sampler, parse_seeds(seeds), Execution(jobs), progress=not quiet, console=err_console
         )
     except _user_errors() as e:
         _fail(e)
@@ -329,8 +390,9 @@ def reproduce(
     cache: Path = typer.Option(..., help="Feature cache; its dataset picks the paper's column (mvsa-single, mvsa-multiple, hfm)."),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="Preset or YAML (default: the preset named after the cache's dataset)."),
     set_: list[str] = typer.Option([], "--set", help="Override a base hyperparameter for every run, e.g. --set epochs=50."),
-    seeds: str = typer.Option("1,2,3", help="Comma-separated seeds; every number printed is a mean over them."),
-    workers: Optional[int] = typer.Option(None, help="Parallel runs (default: min(runs, cores))."),
+    seeds: str = typer.Option(DEFAULT_SEEDS, help="Comma-separated seeds; every number printed is a mean over them (the same default as sweep)."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Parallel runs (default: min(runs, cores); each gets cores/jobs threads; 1 runs in this process)."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP + " Every run uses it (preset: train.device)."),
     out: Optional[Path] = typer.Option(None, help="Directory shared by all tables of one cache (default: sweeps/<cache name>-paper)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
@@ -340,11 +402,11 @@ def reproduce(
     from .stage2.sweeps import Execution, default_sweep_dir, parse_seeds
 
     try:
-        cfg = _train_config(cache, config, set_, None)
+        cfg = _train_config(cache, config, set_, None, device, "reproduce")
         # another base configuration gets its own directory, so runs of different bases never mix
         out = out or (Path("sweeps") / f"{cache.stem}-paper" if not (config or set_) else default_sweep_dir(cache, "paper", config, set_))
         console.print(f"reproduce directory: {out}")
-        rep = run_reproduce(table, cache, cfg, out, parse_seeds(seeds), Execution(workers), progress=not quiet, console=console)
+        rep = run_reproduce(table, cache, cfg, out, parse_seeds(seeds), Execution(jobs), progress=not quiet, console=err_console)
     except _user_errors() as e:
         _fail(e)
     print_reproduction(rep, console)
@@ -357,14 +419,14 @@ def reproduce(
 
 @app.command()
 def predict(
-    checkpoint: Path = typer.Option(..., help="A checkpoint (RUN/best.pt)."),
+    checkpoint: Path = typer.Option(..., help="A checkpoint (RUN/best.safetensors; a legacy RUN/best.pt loads too)."),
     image: Optional[Path] = typer.Option(None, help="One pair: its image file (with --text)."),
     text: Optional[str] = typer.Option(None, help="One pair: its text (with --image)."),
     input_: Optional[Path] = typer.Option(
         None, "--input", help="Many pairs: .jsonl or .csv rows with text, image (relative to the file's folder) and optional id."
     ),
     out: Optional[Path] = typer.Option(None, help="Write one row per input here (.jsonl or .csv) (default: print a table)."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     on_error: str = typer.Option("stop", help="Bad row: 'stop' (error naming line and id) or 'skip' (reported in the output with its error)."),
     batch_size: Optional[int] = typer.Option(
         None, help="Pairs per encoder batch (default: the checkpoint's extract.batch_size); the heads always run in its eval_batch_size."
@@ -390,7 +452,7 @@ def predict(
         note = predictor.fusion_note(single)
         if note:
             console.print(f"[yellow]note:[/] {note}", highlight=False)
-        preds = predictor.predict(pairs, on_error, batch_size, str(input_ or ""), progress=not (quiet or single), console=console)
+        preds = predictor.predict(pairs, on_error, batch_size, str(input_ or ""), progress=not (quiet or single), console=err_console)
         if out is not None:
             write_output(out, preds, predictor.classes)
     except (*_user_errors(), PredictError) as e:
@@ -399,9 +461,9 @@ def predict(
 
     classes = predictor.classes
     if single and preds[0].error is None:
-        console.print(f"label: [bold]{preds[0].label}[/]")
+        console.print(f"pred: [bold]{preds[0].label}[/]")
     t = Table(title=f"predictions of {checkpoint}")
-    for col in ("id", "label", *classes, "error"):
+    for col in ("id", "pred", *classes, "error"):
         t.add_column(col, justify="right" if col in classes else "left")
     if single or out is None:
         for p in preds:
@@ -418,12 +480,12 @@ def predict(
 
 @app.command()
 def analyze(
-    checkpoint: Path = typer.Option(..., help="A checkpoint (RUN/best.pt)."),
+    checkpoint: Path = typer.Option(..., help="A checkpoint (RUN/best.safetensors; a legacy RUN/best.pt loads too)."),
     cache: Path = typer.Option(..., help="A cache built with the checkpoint's encoders."),
     split: str = typer.Option("dev", help="A labelled split of the cache."),
     out: Optional[Path] = typer.Option(None, help="Folder for analysis.json and the PNGs (default: RUN/analysis-<split>)."),
     compare: Optional[Path] = typer.Option(None, help="A second checkpoint (e.g. an ablation) as the reference, instead of the untrained heads."),
-    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """The paper's diagnostics: IID/TTD/ITD same-label distances, t-SNE of the fused features, step-2 firing rate."""
     from .stage2.analyze import analyze as run_analyze
@@ -440,6 +502,21 @@ def analyze(
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     for kind, path in result.files.items():
         console.print(f"{kind}: {path}")
+
+
+@checkpoint_app.command("convert")
+def checkpoint_convert(
+    checkpoint: Path = typer.Argument(..., help="A .pt checkpoint written by an older sppscl (RUN/best.pt or RUN/last.pt)."),
+    out: Optional[Path] = typer.Option(None, help="Checkpoint name to write, without suffix (default: beside it, RUN/best)."),
+) -> None:
+    """Rewrite an older .pt checkpoint as NAME.safetensors + NAME.json (read with torch's restricted unpickler only)."""
+    from .stage2.checkpoint import CheckpointError, convert_checkpoint
+
+    try:
+        path = convert_checkpoint(checkpoint, out)
+    except (*_user_errors(), CheckpointError) as e:
+        _fail(e)
+    console.print(f"written: {path} and {path.with_suffix('.json')}")
 
 
 def main(argv: list[str] | None = None) -> int:

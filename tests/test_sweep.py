@@ -124,7 +124,7 @@ def test_failed_run_is_reported_and_retried_while_others_finish(base, tmp_path, 
     preset = tmp_path / "p.yaml"
     preset.write_text(yaml.safe_dump({"train": dict(cfg.train.__dict__)}))
     out = tmp_path / "s"
-    argv = ["sweep", "--cache", str(path), "--config", str(preset), "--grid", "ha_layers=9,2", "--seeds", "0", "--workers", "1", "--out", str(out), "--quiet"]
+    argv = ["sweep", "--cache", str(path), "--config", str(preset), "--grid", "ha_layers=9,2", "--seeds", "0", "--jobs", "1", "--out", str(out), "--quiet"]
     assert main(argv) == 1
     printed = capsys.readouterr().out
     assert "1 runs failed" in printed and "ha_layers-9-seed0" in printed
@@ -198,7 +198,7 @@ def test_reproduce_table7_on_tiny_cache(base, tmp_path, capsys):
     preset = tmp_path / "p.yaml"
     preset.write_text(yaml.safe_dump({"train": dict(cfg.train.__dict__)}))
     out = tmp_path / "paper"
-    argv = ["reproduce", "table7", "--cache", str(path), "--config", str(preset), "--seeds", "1", "--workers", "1", "--out", str(out), "--quiet"]
+    argv = ["reproduce", "table7", "--cache", str(path), "--config", str(preset), "--seeds", "1", "--jobs", "1", "--out", str(out), "--quiet"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     header = next(line for line in printed.splitlines() if "Method" in line)
