@@ -1,14 +1,20 @@
 """The ``sppscl`` command: a thin layer over stage one and stage two.
 
 Every command takes an explicit argument list through ``main(argv)``, so tests run the real paths.
-Errors the user can fix (bad data, missing weights, mismatched caches) print one clear message and exit 2.
+Errors are handled in one place, ``main``: an error the user can act on (bad data, options, ``--set`` values,
+output locations, a full disk) prints one line naming the file/row/id/key and what to do, never a traceback;
+``--debug`` or ``SPPSCL_DEBUG=1`` adds the traceback. Exit codes: 0 done; 1 the run failed (full disk,
+problems found by ``data verify``, failed sweep runs, an internal error); 2 the command cannot run as
+given (bad input, option or output location); 130 interrupted (rerun the same command to resume).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +25,7 @@ from rich.table import Table
 
 from . import __version__
 from .config import CONFIG_DIR, STAGE_SECTIONS, Config, ConfigError, apply_overrides, load_config
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, SppsclError, disk_full, is_disk_full
 from .presets import app as presets_app
 
 # one default for sweep and reproduce: every mean they print is over the same three seeds unless told otherwise
@@ -29,6 +36,8 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="SPP-SCL image-text sentiment analysis: extract frozen features once (stage one), train the heads from the cache (stage two).",
+    epilog="Exit codes: 0 done, 1 the run failed (full disk, problems found, failed runs), 2 bad input, option or output location, "
+    "130 interrupted. --debug (or SPPSCL_DEBUG=1) shows the traceback of an error.",
     pretty_exceptions_enable=False,
 )
 data_app = typer.Typer(no_args_is_help=True, help="Inspect and check datasets before extraction.")
@@ -40,20 +49,8 @@ console = Console(stderr=False)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
-def _user_errors():
-    """Exceptions that are the user's to fix: shown as one message, not a traceback."""
-    from .cache import CacheError
-    from .stage1.adapters import DataError
-    from .stage1.encoders import EncoderUnavailable
-    from .stage1.extract import ExtractionError
-    from .stage2.train import RunError
-
-    return (ConfigError, CacheError, DataError, EncoderUnavailable, ExtractionError, RunError, FileNotFoundError)
-
-
-def _fail(e: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False)
-    raise typer.Exit(code=2)
+# set by --debug (or SPPSCL_DEBUG=1): errors then show their traceback too
+_debug = False
 
 
 def _config(config: Optional[str], sets: list[str], command: str = "extract", **section_overrides) -> Config:
@@ -64,7 +61,12 @@ def _config(config: Optional[str], sets: list[str], command: str = "extract", **
 
 
 @app.callback(invoke_without_command=True)
-def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error (also SPPSCL_DEBUG=1)."),
+) -> None:
+    global _debug
+    _debug = _debug or debug
     if version:
         console.print(f"sppscl {__version__}")
         raise typer.Exit()
@@ -84,23 +86,23 @@ def data_verify(
     config: str = typer.Option(..., "--config", "-c", help="Preset name (hfm, mvsa-single, ...) or a YAML file."),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     no_images: bool = typer.Option(False, "--no-images", help="Skip decoding images (checks files exist only if not set)."),
-    workers: int = typer.Option(2, help="Image-decoding workers (threads here, processes in extract: the same job)."),
+    workers: int = typer.Option(2, min=1, help="Image-decoding workers (threads here, processes in extract: the same job)."),
     set_: list[str] = typer.Option([], "--set", help="Override a dataset/encoders/extract key, as for extract, e.g. --set dataset.hfm_keyword_filter=false."),
 ) -> None:
     """Check a dataset without extracting: decodable images, non-empty texts, ids unique across all splits, known labels."""
     from .stage1.adapters import load_samples
     from .stage1.verify import verify_samples
 
-    try:
-        cfg = _config(config, set_, "data verify")
-        report = load_samples(cfg, data_dir)
-        for note in report.notes:
-            console.print(f"[yellow]note:[/] {note}")
-        for reason, ids in report.dropped.items():
-            console.print(f"[yellow]dropped by the adapter:[/] {len(ids)} rows ({reason})")
-        result = verify_samples(report.samples, len(cfg.dataset.classes), check_images=not no_images, workers=workers, progress=True)
-    except _user_errors() as e:
-        _fail(e)
+    cfg = _config(config, set_, "data verify")
+    report = load_samples(cfg, data_dir)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    for reason, ids in report.dropped.items():
+        console.print(f"[yellow]dropped by the adapter:[/] {len(ids)} rows ({reason})")
+    result = verify_samples(
+        report.samples, len(cfg.dataset.classes), check_images=not no_images, workers=workers, progress=True,
+        load_report=report, data_dir=cfg.data_dir(data_dir),
+    )
     result.render(console)
     if not result.ok:
         raise typer.Exit(code=1)
@@ -112,11 +114,11 @@ def extract(
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     out: Optional[Path] = typer.Option(None, help="Cache file to write (default: cache/<dataset>.h5)."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP + " (preset: extract.device)"),
-    batch_size: Optional[int] = typer.Option(None, help="Samples per encoder batch (preset: extract.batch_size)."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N samples of each split (quick trials)."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Samples per encoder batch (preset: extract.batch_size)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Only the first N samples of each split (quick trials)."),
     on_error: str = typer.Option("stop", help="Bad sample: 'stop' (error naming file and id) or 'skip' (recorded in the cache, counted)."),
     force: bool = typer.Option(False, help="Rebuild even if a complete or different cache exists at --out."),
-    workers: Optional[int] = typer.Option(None, help="Image-decoding worker processes (preset: extract.num_workers)."),
+    workers: Optional[int] = typer.Option(None, min=0, help="Image-decoding worker processes (preset: extract.num_workers)."),
     image_encoder: Optional[str] = typer.Option(None, help="Image encoder name or path (resnet50, efficientnet-lite0, tiny-cnn, any torchvision CNN, a .pth)."),
     text_encoder: Optional[str] = typer.Option(None, help="Text encoder name or path (bert-base-uncased, minilm-l6, tiny-bert, any HF name or local dir)."),
     set_: list[str] = typer.Option(
@@ -129,13 +131,10 @@ def extract(
     from .stage1.encoders import allow_downloads
     from .stage1.extract import extract as run_extract
 
-    try:
-        cfg = _config(config, set_, **{"encoders.image": image_encoder, "encoders.text": text_encoder})
-        out = out or Path("cache") / f"{cfg.dataset.name}.h5"
-        with allow_downloads(allow_download):
-            s = run_extract(cfg, out, data_dir, device, batch_size, limit, on_error, force, workers, progress=not quiet, console=err_console)
-    except _user_errors() as e:
-        _fail(e)
+    cfg = _config(config, set_, **{"encoders.image": image_encoder, "encoders.text": text_encoder})
+    out = out or Path("cache") / f"{cfg.dataset.name}.h5"
+    with allow_downloads(allow_download):
+        s = run_extract(cfg, out, data_dir, device, batch_size, limit, on_error, force, workers, progress=not quiet, console=err_console)
     _print_extract_summary(s)
 
 
@@ -188,7 +187,7 @@ def train(
     cache: Path = typer.Option(..., help="Feature cache written by `sppscl extract`."),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="Preset or YAML (default: the preset named after the cache's dataset)."),
     set_: list[str] = typer.Option([], "--set", help="Override a hyperparameter, e.g. --set lr=5e-5 --set fusion=sample. Unknown keys are an error."),
-    seed: Optional[int] = typer.Option(None, help="Random seed (preset: train.seed)."),
+    seed: Optional[int] = typer.Option(None, min=0, help="Random seed (preset: train.seed)."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP + " (preset: train.device)"),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<cache name>-<time>)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
@@ -197,14 +196,11 @@ def train(
     """Stage two: train the SPP-SCL heads from the cache, select on dev, evaluate the best checkpoint."""
     from .stage2.train import train as run_train
 
-    try:
-        if resume and out is None:
-            raise ConfigError("--resume needs --out naming the run directory to continue")
-        cfg = _train_config(cache, config, set_, seed, device)
-        out = out or Path("runs") / f"{cache.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        results = run_train(cache, cfg, out, resume=resume, progress=not quiet, console=err_console)
-    except _user_errors() as e:
-        _fail(e)
+    if resume and out is None:
+        raise ConfigError("--resume needs --out naming the run directory to continue")
+    cfg = _train_config(cache, config, set_, seed, device)
+    out = out or Path("runs") / f"{cache.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    results = run_train(cache, cfg, out, resume=resume, progress=not quiet, console=err_console)
     console.print(f"run directory: {out}")
     print_results(results)
 
@@ -277,18 +273,15 @@ def evaluate(
     from .devices import resolve_device
     from .stage2.train import RunError, compatible, evaluate_split, load_checkpoint, model_from_checkpoint, write_predictions
 
-    try:
-        ckpt = load_checkpoint(checkpoint)
-        fc = FeatureCache(cache)
-        diffs = compatible(fc.provenance, ckpt["cache_provenance"])
-        if diffs:
-            raise RunError(f"{cache} was not extracted like the checkpoint's cache; refusing. What differs:\n  " + "\n  ".join(diffs))
-        dev = resolve_device(device)
-        model, cfg = model_from_checkpoint(ckpt, dev)
-        data = fc.load(split)
-        metrics, pred = evaluate_split(model, data, cfg.train.eval_batch_size, dev, ckpt["classes"])
-    except _user_errors() as e:
-        _fail(e)
+    ckpt = load_checkpoint(checkpoint)
+    fc = FeatureCache(cache)
+    diffs = compatible(fc.provenance, ckpt["cache_provenance"])
+    if diffs:
+        raise RunError(f"{cache} was not extracted like the checkpoint's cache; refusing. What differs:\n  " + "\n  ".join(diffs))
+    dev = resolve_device(device)
+    model, cfg = model_from_checkpoint(ckpt, dev)
+    data = fc.load(split)
+    metrics, pred = evaluate_split(model, data, cfg.train.eval_batch_size, dev, ckpt["classes"])
     results = {
         "checkpoint": str(checkpoint),
         "cache": str(cache),
@@ -312,17 +305,14 @@ def evaluate(
 def probe(
     cache: Path = typer.Option(..., help="Feature cache."),
     modalities: str = typer.Option("both", help="both, image or text."),
-    seed: int = typer.Option(0, help="Random seed of the solver."),
+    seed: int = typer.Option(0, min=0, help="Random seed of the solver."),
     out: Optional[Path] = typer.Option(None, help="Folder for results.json (every metric, per class, confusion matrix) and confusion-<split>.png."),
     json_: bool = typer.Option(False, "--json", help=OUT_JSON_HELP),
 ) -> None:
     """Baseline: logistic regression on pooled image features + last-layer [CLS], C chosen on dev (scikit-learn, CPU)."""
     from .stage2.probe import run_probe
 
-    try:
-        res = run_probe(cache, seed=seed, modalities=modalities)
-    except _user_errors() as e:
-        _fail(e)
+    res = run_probe(cache, seed=seed, modalities=modalities)
     results = {"cache": str(cache), **res}
     if out is not None:
         path = save_results(out, results, f"probe C={res['C']}")
@@ -337,15 +327,12 @@ def probe(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where the demo's runs go (replaced on each demo run)."),
     cache: Path = typer.Option(Path("cache/demo.h5"), help="The demo's feature cache."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs per model (default: the demo preset's train.epochs)."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Epochs per model (default: the demo preset's train.epochs)."),
 ) -> None:
     """The whole pipeline on an embedded default: synthetic data, offline encoders, SPP-SCL vs text-only vs image-only."""
     from .demo import run_demo
 
-    try:
-        run_demo(out, cache, epochs, console)
-    except _user_errors() as e:
-        _fail(e)
+    run_demo(out, cache, epochs, console)
 
 
 # ----------------------------------------------------------------------------------- sweeps and paper tables (issue 4)
@@ -357,11 +344,11 @@ def sweep(
     config: Optional[str] = typer.Option(None, "--config", "-c", help="Preset or YAML (default: the preset named after the cache's dataset)."),
     set_: list[str] = typer.Option([], "--set", help="Override a base hyperparameter for every run, e.g. --set epochs=50."),
     grid: list[str] = typer.Option([], "--grid", help="A swept key and its values, e.g. --grid lr=1e-4,5e-5 (repeat for more keys: every combination runs)."),
-    random_: Optional[int] = typer.Option(None, "--random", help="Instead of a grid: N configurations drawn by an Optuna study over --space."),
+    random_: Optional[int] = typer.Option(None, "--random", min=1, help="Instead of a grid: N configurations drawn by an Optuna study over --space."),
     space: list[str] = typer.Option([], "--space", help="A search dimension for --random: key=low:high, key=low:high:log or key=a,b,c."),
     sampler: str = typer.Option("tpe", help="Optuna sampler for --random: random or tpe."),
     seeds: str = typer.Option(DEFAULT_SEEDS, help="Comma-separated seeds, each configuration runs once per seed (the same default as reproduce)."),
-    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Parallel runs (default: min(runs, cores); each gets cores/jobs threads; 1 runs in this process)."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Parallel runs (default: min(runs, cores); each gets cores/jobs threads; 1 runs in this process)."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP + " Every run uses it (preset: train.device)."),
     out: Optional[Path] = typer.Option(None, help="Sweep directory (default: sweeps/<cache name>-<hash of the sweep's definition>)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
@@ -370,15 +357,12 @@ def sweep(
     from .stage2.sweeps import Execution, default_sweep_dir, parse_seeds, print_summary
     from .stage2.sweeps import sweep as run_sweep
 
-    try:
-        cfg = _train_config(cache, config, set_, None, device, "sweep")
-        out = out or default_sweep_dir(cache, config, set_, grid, space, random_, sampler)
-        console.print(f"sweep directory: {out}")
-        result = run_sweep(
-            cache, cfg, out, grid, space, random_, sampler, parse_seeds(seeds), Execution(jobs), progress=not quiet, console=err_console
-        )
-    except _user_errors() as e:
-        _fail(e)
+    cfg = _train_config(cache, config, set_, None, device, "sweep")
+    out = out or default_sweep_dir(cache, config, set_, grid, space, random_, sampler)
+    console.print(f"sweep directory: {out}")
+    result = run_sweep(
+        cache, cfg, out, grid, space, random_, sampler, parse_seeds(seeds), Execution(jobs), progress=not quiet, console=err_console
+    )
     print_summary(result, console)
     if result.failed:
         raise typer.Exit(code=1)
@@ -391,7 +375,7 @@ def reproduce(
     config: Optional[str] = typer.Option(None, "--config", "-c", help="Preset or YAML (default: the preset named after the cache's dataset)."),
     set_: list[str] = typer.Option([], "--set", help="Override a base hyperparameter for every run, e.g. --set epochs=50."),
     seeds: str = typer.Option(DEFAULT_SEEDS, help="Comma-separated seeds; every number printed is a mean over them (the same default as sweep)."),
-    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Parallel runs (default: min(runs, cores); each gets cores/jobs threads; 1 runs in this process)."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Parallel runs (default: min(runs, cores); each gets cores/jobs threads; 1 runs in this process)."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP + " Every run uses it (preset: train.device)."),
     out: Optional[Path] = typer.Option(None, help="Directory shared by all tables of one cache (default: sweeps/<cache name>-paper)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
@@ -401,14 +385,11 @@ def reproduce(
     from .stage2.reproduce import reproduce as run_reproduce
     from .stage2.sweeps import Execution, default_sweep_dir, parse_seeds
 
-    try:
-        cfg = _train_config(cache, config, set_, None, device, "reproduce")
-        # another base configuration gets its own directory, so runs of different bases never mix
-        out = out or (Path("sweeps") / f"{cache.stem}-paper" if not (config or set_) else default_sweep_dir(cache, "paper", config, set_))
-        console.print(f"reproduce directory: {out}")
-        rep = run_reproduce(table, cache, cfg, out, parse_seeds(seeds), Execution(jobs), progress=not quiet, console=err_console)
-    except _user_errors() as e:
-        _fail(e)
+    cfg = _train_config(cache, config, set_, None, device, "reproduce")
+    # another base configuration gets its own directory, so runs of different bases never mix
+    out = out or (Path("sweeps") / f"{cache.stem}-paper" if not (config or set_) else default_sweep_dir(cache, "paper", config, set_))
+    console.print(f"reproduce directory: {out}")
+    rep = run_reproduce(table, cache, cfg, out, parse_seeds(seeds), Execution(jobs), progress=not quiet, console=err_console)
     print_reproduction(rep, console)
     if rep.sweep.failed:
         raise typer.Exit(code=1)
@@ -429,34 +410,31 @@ def predict(
     device: str = typer.Option("auto", help=DEVICE_HELP),
     on_error: str = typer.Option("stop", help="Bad row: 'stop' (error naming line and id) or 'skip' (reported in the output with its error)."),
     batch_size: Optional[int] = typer.Option(
-        None, help="Pairs per encoder batch (default: the checkpoint's extract.batch_size); the heads always run in its eval_batch_size."
+        None, min=1, help="Pairs per encoder batch (default: the checkpoint's extract.batch_size); the heads always run in its eval_batch_size."
     ),
     allow_download: bool = typer.Option(False, "--allow-download", help=ALLOW_DOWNLOAD_HELP),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Predict new image-text pairs with the encoders that built the checkpoint's cache, then its heads."""
     from .stage1.encoders import allow_downloads
-    from .stage2.predict import ON_ERROR, OUTPUT_SUFFIXES, Pair, PredictError, Predictor, read_pairs, write_output
+    from .stage2.predict import ON_ERROR, OUTPUT_SUFFIXES, Pair, Predictor, read_pairs, write_output
 
-    try:
-        single = image is not None or text is not None
-        if single == (input_ is not None) or (single and (image is None or text is None)):
-            raise ConfigError("give either --image and --text (one pair) or --input (a file of pairs)")
-        if on_error not in ON_ERROR:
-            raise ConfigError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
-        if out is not None and out.suffix.lower() not in OUTPUT_SUFFIXES:
-            raise ConfigError(f"--out {out}: must end in .jsonl or .csv")
-        pairs = [Pair(image.name, text, image)] if single else read_pairs(input_)
-        with allow_downloads(allow_download):
-            predictor = Predictor(checkpoint, device)
-        note = predictor.fusion_note(single)
-        if note:
-            console.print(f"[yellow]note:[/] {note}", highlight=False)
-        preds = predictor.predict(pairs, on_error, batch_size, str(input_ or ""), progress=not (quiet or single), console=err_console)
-        if out is not None:
-            write_output(out, preds, predictor.classes)
-    except (*_user_errors(), PredictError) as e:
-        _fail(e)
+    single = image is not None or text is not None
+    if single == (input_ is not None) or (single and (image is None or text is None)):
+        raise ConfigError("give either --image and --text (one pair) or --input (a file of pairs)")
+    if on_error not in ON_ERROR:
+        raise ConfigError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+    if out is not None and out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ConfigError(f"--out {out}: must end in .jsonl or .csv")
+    pairs = [Pair(image.name, text, image)] if single else read_pairs(input_)
+    with allow_downloads(allow_download):
+        predictor = Predictor(checkpoint, device)
+    note = predictor.fusion_note(single)
+    if note:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    preds = predictor.predict(pairs, on_error, batch_size, str(input_ or ""), progress=not (quiet or single), console=err_console)
+    if out is not None:
+        write_output(out, preds, predictor.classes)
     from rich.markup import escape
 
     classes = predictor.classes
@@ -491,10 +469,7 @@ def analyze(
     from .stage2.analyze import analyze as run_analyze
     from .stage2.analyze import render_analysis
 
-    try:
-        result = run_analyze(checkpoint, cache, split, out, compare, device)
-    except _user_errors() as e:
-        _fail(e)
+    result = run_analyze(checkpoint, cache, split, out, compare, device)
     from rich.markup import escape
 
     render_analysis(result.report, console)
@@ -510,33 +485,70 @@ def checkpoint_convert(
     out: Optional[Path] = typer.Option(None, help="Checkpoint name to write, without suffix (default: beside it, RUN/best)."),
 ) -> None:
     """Rewrite an older .pt checkpoint as NAME.safetensors + NAME.json (read with torch's restricted unpickler only)."""
-    from .stage2.checkpoint import CheckpointError, convert_checkpoint
+    from .stage2.checkpoint import convert_checkpoint
 
-    try:
-        path = convert_checkpoint(checkpoint, out)
-    except (*_user_errors(), CheckpointError) as e:
-        _fail(e)
+    path = convert_checkpoint(checkpoint, out)
     console.print(f"written: {path} and {path.with_suffix('.json')}")
 
 
+INTERRUPTED = "interrupted; what was written is kept: rerun the same command to resume (train: add --resume)"
+
+
+def error_exit(e: BaseException) -> tuple[int, str]:
+    """(exit code, one-line message) for an error that reached the top of a command."""
+    if isinstance(e, SppsclError):
+        return e.exit_code, str(e)
+    if isinstance(e, (KeyboardInterrupt, typer.Abort)):
+        return EXIT_INTERRUPTED, INTERRUPTED
+    if isinstance(e, OSError):
+        if is_disk_full(e):
+            where = Path(e.filename) if e.filename else Path.cwd()
+            return EXIT_FAILED, str(disk_full(where, None, "rerun the same command to resume"))
+        if e.filename is not None:
+            # a file a library opened for the command (input or output) without naming it in a project error
+            return EXIT_USAGE, f"{e.filename}: {e.strerror}. Check the path and its permissions."
+        return EXIT_FAILED, f"{e}. Check the files the command reads and writes."
+    if isinstance(e, MemoryError):
+        return EXIT_FAILED, "out of memory. Lower --batch-size, or set SPPSCL_MEMORY_BUDGET to stream caches from disk."
+    return EXIT_FAILED, f"internal error ({type(e).__name__}: {e}). This is a bug: rerun with --debug and report the traceback."
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI on an explicit argument list; returns the exit code (for tests and ``python -m sppscl``)."""
+    """Run the CLI on an explicit argument list; returns the exit code (for tests and ``python -m sppscl``).
+
+    The one place where errors become messages and exit codes (see the module docstring).
+    """
+    global _debug
+    _debug = os.environ.get("SPPSCL_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
     try:
         # in non-standalone mode click returns an Exit's code instead of raising it
         code = app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
     except typer.Exit as e:
         return e.exit_code
-    except SystemExit as e:  # click's own usage errors
-        return int(e.code or 0)
-    except Exception as e:  # click usage errors arrive as ClickException in non-standalone mode
-        import click
-
-        if isinstance(e, click.ClickException):
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else EXIT_FAILED if e.code else 0
+    except typer.TyperException as e:  # usage errors: unknown option, bad type or range, missing value
+        if hasattr(e, "show"):
             e.show()
-            return e.exit_code
-        raise
+        else:
+            err_console.print(f"[bold red]error:[/] {escape(e.format_message())}", highlight=False)
+        return e.exit_code
+    except BaseException as e:  # noqa: BLE001 - the one place every other error becomes a message
+        if _debug:
+            traceback.print_exc()
+        code, message = error_exit(e)
+        err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
+        return code
+    if code == EXIT_INTERRUPTED:
+        # typer turns Ctrl-C into this code itself, silently
+        err_console.print(f"[bold red]error:[/] {INTERRUPTED}", highlight=False)
     return code if isinstance(code, int) else 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The ``sppscl`` console script."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

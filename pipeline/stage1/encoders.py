@@ -31,6 +31,8 @@ from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from ..errors import SppsclError
+
 __all__ = [
     "EncoderUnavailable",
     "IMAGE_ENCODERS",
@@ -82,7 +84,7 @@ _OFFLINE_HINT = (
 )
 
 
-class EncoderUnavailable(RuntimeError):
+class EncoderUnavailable(SppsclError, RuntimeError):
     """An encoder's weights are not available offline; the message says exactly how to provide them."""
 
 
