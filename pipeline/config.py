@@ -10,13 +10,16 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .errors import SppsclError
 
 
 def _preset_dir() -> Path:
@@ -34,7 +37,7 @@ PRESET_DIR = _preset_dir()
 CONFIG_DIR = PRESET_DIR
 
 
-class ConfigError(ValueError):
+class ConfigError(SppsclError, ValueError):
     """A preset or an override is malformed; the message names the key and what is wrong."""
 
 
@@ -129,6 +132,30 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 }
 
 
+# (low, high, in words) for every numeric key with a limit; a value outside is an error, never replaced.
+_POS = (1, math.inf, "a positive whole number")
+RANGES: dict[tuple[str, str], tuple[float, float, str]] = {
+    ("dataset", "synthetic_size"): (3, math.inf, "at least 3 (one sample per class)"),
+    ("encoders", "max_length"): (2, 100_000, "at least 2 ([CLS] and [SEP])"),
+    ("encoders", "layers"): _POS,
+    ("extract", "batch_size"): _POS,
+    ("extract", "num_workers"): (0, 1024, "0 (decode in this process) or a count of processes"),
+    ("train", "lr"): (sys.float_info.min, math.inf, "positive"),
+    ("train", "tau"): (sys.float_info.min, math.inf, "positive"),
+    ("train", "lambda_ce"): (0, math.inf, "zero or positive"),
+    ("train", "weight_decay"): (0, math.inf, "zero or positive"),
+    ("train", "gamma"): (sys.float_info.min, 1, "in (0, 1]"),
+    ("train", "alpha"): (0, math.inf, "zero or positive"),
+    ("train", "batch_size"): (2, math.inf, "at least 2 (the contrastive losses need pairs)"),
+    ("train", "eval_batch_size"): _POS,
+    ("train", "epochs"): _POS,
+    ("train", "dim"): _POS,
+    ("train", "step_size"): _POS,
+    ("train", "seed"): (0, 2**32 - 1, "between 0 and 2**32-1"),
+    ("train", "threads"): (0, 4096, "0 (torch's default) or a positive count"),
+}
+
+
 @dataclass
 class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -168,14 +195,17 @@ class Config:
             value = getattr(getattr(self, section), key)
             if value not in allowed:
                 raise ConfigError(f"{section}.{key}={value!r} is not one of {', '.join(allowed)}")
+        for section in SECTIONS:
+            for key, value in dataclasses.asdict(getattr(self, section)).items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"{section}.{key}={value}: must be a finite number")
+        for (section, key), (low, high, what) in RANGES.items():
+            value = getattr(getattr(self, section), key)
+            if not low <= value <= high:
+                raise ConfigError(f"{section}.{key}={value}: must be {what}")
         t = self.train
         if not 1 <= t.ha_layers <= self.encoders.layers:
             raise ConfigError(f"train.ha_layers={t.ha_layers} must be between 1 and encoders.layers={self.encoders.layers}")
-        for key in ("lr", "tau", "batch_size", "eval_batch_size", "epochs", "dim", "step_size"):
-            if getattr(t, key) <= 0:
-                raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
-        if t.threads < 0:
-            raise ConfigError(f"train.threads must be 0 (torch's default) or a positive count, got {t.threads}")
         if not 0 <= t.dropout < 1:
             raise ConfigError(f"train.dropout must be in [0, 1), got {t.dropout}")
         if not t.use_intra and not t.use_inter and t.lambda_ce <= 0:

@@ -47,7 +47,12 @@ def test_overrides_are_typed():
         ("ha_layers=5", "ha_layers=5"),
         ("nosection.x=1", "unknown section"),
         ("lr", "key=value"),
-        ("threads=-1", "train.threads must be 0"),
+        ("threads=-1", "train.threads=-1: must be 0"),
+            ("lr=nan", "train.lr=nan: must be a finite number"),
+            ("alpha=inf", "train.alpha=inf: must be a finite number"),
+            ("batch_size=0", "train.batch_size=0: must be at least 2"),
+            ("gamma=1.5", "train.gamma=1.5: must be in"),
+            ("seed=-3", "train.seed=-3: must be between"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
