@@ -31,12 +31,14 @@ from typing import Any, Iterator
 import h5py
 import numpy as np
 
+from .errors import SppsclError
+
 SCHEMA_VERSION = 1
 PENDING, WRITTEN, SKIPPED = 0, 1, 2
 _STR = h5py.string_dtype(encoding="utf-8")
 
 
-class CacheError(RuntimeError):
+class CacheError(SppsclError, RuntimeError):
     """A cache cannot be used as asked: missing, incomplete, or from a different configuration."""
 
 
@@ -63,15 +65,16 @@ class FeatureShapes:
     dtype: str = "float16"
 
 
-def diff_provenance(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Dotted paths where two provenance records differ, with both values: for refusal messages."""
+def diff_provenance(a: Any, b: Any, prefix: str = "", names: tuple[str, str] = ("cache", "request")) -> list[str]:
+    """Dotted paths where two records differ, with both values, each labelled by its side's name in ``names``
+    (``a`` first): for refusal messages that say which side has which value."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for key in sorted(set(a) | set(b)):
-            out += diff_provenance(a.get(key, "<absent>"), b.get(key, "<absent>"), f"{prefix}{key}.")
+            out += diff_provenance(a.get(key, "<absent>"), b.get(key, "<absent>"), f"{prefix}{key}.", names)
         return out
     if a != b:
-        return [f"{prefix.rstrip('.')}: cache has {a!r}, request has {b!r}"]
+        return [f"{prefix.rstrip('.')}: {names[0]} has {a!r}, {names[1]} has {b!r}"]
     return []
 
 
@@ -104,6 +107,17 @@ def create_cache(
         _write_skipped(f, skipped)
         f.flush()
     os.replace(tmp, path)
+
+
+def cache_bytes(plans: list[SplitPlan], shapes: FeatureShapes) -> int:
+    """Bytes ``create_cache`` lays out for ``plans`` (the feature arrays, plus ids, texts and a margin for metadata)."""
+    item = np.dtype(shapes.dtype).itemsize
+    total = 1 << 20
+    for plan in plans:
+        n, tokens = len(plan.ids), int(plan.n_tokens.sum())
+        total += n * int(np.prod(shapes.image)) * item + tokens * shapes.layers * shapes.hidden * item
+        total += n * (1 + 2 + 8 + 16) + sum(len(t.encode("utf-8")) + len(i.encode("utf-8")) for t, i in zip(plan.texts, plan.ids))
+    return total
 
 
 def _allocate(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:

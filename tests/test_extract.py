@@ -109,7 +109,7 @@ def test_different_request_is_refused_with_what_differs(tiny_cache):
     path, cfg = tiny_cache
     other = tiny_config(cfg.data_dir(), size=80)
     other.encoders.max_length = 16
-    with pytest.raises(CacheError, match=r"encoders.text.tokenizer.max_length: cache has 32, request has 16"):
+    with pytest.raises(CacheError, match=r"encoders.text.tokenizer.max_length: the cache on disk has 32, this command has 16"):
         extract(other, path, progress=False)
 
 
@@ -178,7 +178,7 @@ def test_kill_9_then_rerun_equals_clean(tmp_path):
     [
         ({"id": "b", "text": "  ", "label": 0}, "empty text"),
         ({"id": "a", "text": "again", "label": 0}, "duplicate id"),
-        ({"id": "b", "text": "fine", "label": 9}, "unknown label 9"),
+        ({"id": "b", "text": "fine", "label": 9}, "unknown label: label 9"),
         ({"id": "b", "text": "fine", "label": 0, "make_image": False}, "missing image"),
     ],
 )
@@ -215,7 +215,7 @@ def test_skip_records_and_counts_every_bad_sample(tmp_path):
     out = tmp_path / "c.h5"
     s = extract(cfg, out, on_error="skip", progress=False)
     reasons = {(sid, r.split(":")[0].split(" (")[0]) for _, sid, r in s.skipped}
-    assert reasons == {("b", "empty text"), ("a", "duplicate id"), ("c", "unknown label 5"), ("d", "missing image"), ("e", "undecodable image")}
+    assert reasons == {("b", "empty text"), ("a", "duplicate id"), ("c", "unknown label"), ("d", "missing image"), ("e", "undecodable image")}
     assert s.rows == {"train": 1}
     cache = FeatureCache(out)
     assert len(cache.skipped) == 5

@@ -181,7 +181,7 @@ def test_encoders_that_differ_from_the_checkpoints_are_refused(runs, tmp_path, c
     ckpt = load_checkpoint(runs[2] / "batch" / "best.safetensors")
     ckpt["cache_provenance"]["encoders"]["image"]["weight_sha256"] = "0" * 64
     tampered = save_checkpoint(ckpt, tmp_path / "tampered")
-    with pytest.raises(PredictError, match=r"image\.weight_sha256: checkpoint's cache has '0000"):
+    with pytest.raises(PredictError, match=r"image\.weight_sha256: the checkpoint's cache has '0000"):
         Predictor(tampered, "cpu")
     assert _cli(tampered, "--image", "x.jpg", "--text", "hi") == 2
     assert "refusing to predict" in capsys.readouterr().err

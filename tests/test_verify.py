@@ -14,10 +14,14 @@ from rich.console import Console
 from sppscl.stage1.records import Sample
 from sppscl.stage1.verify import (
     DUPLICATE_ID,
+    EMPTY_SPLIT,
     EMPTY_TEXT,
     MISSING_IMAGE,
+    OUTSIDE_IMAGE,
+    OVERSIZED_IMAGE,
     PROBLEM_KINDS,
     UNDECODABLE_IMAGE,
+    UNENCODABLE_TEXT,
     UNKNOWN_LABEL,
     check_sample_image,
     verify_samples,
@@ -78,6 +82,9 @@ def problem_samples(images) -> list[Sample]:
         sample("seven", images["good"], label=7),
         sample("minus", images["good"], label=-1),
         sample("edge", images["good"], label=2),
+        # an id that leads out of the image folder is reported and its file never opened
+        Sample("../../evil", "text", images["folder"] / "imgs" / "../../evil.jpg", 0, "train", images["folder"] / "imgs"),
+        sample("surrogate", images["good"], text="bad \ud800 text"),
     ]
 
 
@@ -92,13 +99,18 @@ def test_every_problem_kind_with_its_ids(problem_samples, images, workers):
         EMPTY_TEXT: ["blank"],
         DUPLICATE_ID: ["dup", "dup2"],
         UNKNOWN_LABEL: ["seven", "minus"],
+        OVERSIZED_IMAGE: [],
+        OUTSIDE_IMAGE: ["../../evil"],
+        UNENCODABLE_TEXT: ["surrogate"],
+        EMPTY_SPLIT: [],
     }
     assert report.problems[MISSING_IMAGE] == [("miss", str(images["missing"]))]
     assert dict(report.problems[DUPLICATE_ID]) == {"dup": "2 rows, in train, test", "dup2": "2 rows, in dev, dev"}
     assert "label 7 not in 0..2" in dict(report.problems[UNKNOWN_LABEL])["seven"]
     assert not report.ok
-    assert report.n_samples == 13
-    assert report.per_split == {"train": 8, "test": 2, "dev": 3}
+    assert report.n_samples == 15
+    assert report.per_split == {"train": 10, "test": 2, "dev": 3}
+    assert str(images["folder"].parent / "evil.jpg") in dict(report.problems[OUTSIDE_IMAGE])["../../evil"]
 
 
 def test_clean_samples_are_ok(images):

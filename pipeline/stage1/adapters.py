@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sppscl.config import Config
+from sppscl.errors import SppsclError
 from sppscl.stage1.records import LoadReport, Sample
 
 # Dropping posts with these words turns HFM's 29,040 raw train rows into the standard 19,816 (SPEC §1).
@@ -38,7 +39,7 @@ ID_KEYS_MMSD2 = ("id", "image_id")
 INT_RE = re.compile(r"-?\d+")
 
 
-class DataError(ValueError):
+class DataError(SppsclError, ValueError):
     """A dataset file is missing or structurally broken; the message names the file and the row or id."""
 
 
@@ -75,6 +76,13 @@ def load_samples(cfg: Config, data_dir: Path | None = None) -> LoadReport:
 def _abs(p: Path) -> Path:
     # abspath, not resolve(): keep the user's symlinks in reported paths
     return Path(os.path.abspath(p))
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` stays inside ``folder`` once ``..`` and absolute components are applied (lexically:
+    symlinks the dataset's owner made are honoured, an id such as ``../../x`` is not)."""
+    p, f = os.path.normpath(os.path.abspath(path)), os.path.normpath(os.path.abspath(folder))
+    return p == f or p.startswith(f.rstrip(os.sep) + os.sep)
 
 
 def _split_files(cfg: Config, base: Path) -> dict[str, Path]:
@@ -162,7 +170,7 @@ def _json_split_samples(
             raise DataError(f"{where}: missing or non-string 'text'")
         label_key = next((k for k in label_keys if k in row), None)
         label = _parse_label(row[label_key], where) if label_key else None
-        samples.append(Sample(sid, row["text"], image_dir / f"{sid}.jpg", label, split))
+        samples.append(Sample(sid, row["text"], image_dir / f"{sid}.jpg", label, split, image_dir))
     _check_labels_all_or_none(samples, split, path)
     return samples
 
@@ -172,6 +180,7 @@ def _load_json_splits(
 ) -> LoadReport:
     report = LoadReport()
     for split, path in files.items():
+        report.split_files[split] = path
         samples = _json_split_samples(path, split, image_dir, id_keys, label_keys)
         _note_unlabeled(report, split, samples, path)
         report.samples.extend(samples)
@@ -214,6 +223,7 @@ def _load_hfm_raw(cfg: Config, root: Path) -> LoadReport:
     report = LoadReport()
     image_dir = _abs(root / cfg.dataset.image_dir)
     for split, path in _split_files(cfg, root).items():
+        report.split_files[split] = path
         kept = 0
         total = 0
         with path.open(encoding="utf-8", errors="replace") as f:
@@ -239,7 +249,7 @@ def _load_hfm_raw(cfg: Config, root: Path) -> LoadReport:
                     report.drop(f"hfm keyword filter: {keyword}", sid)
                     continue
                 kept += 1
-                report.samples.append(Sample(sid, row[1], image_dir / f"{sid}.jpg", label, split))
+                report.samples.append(Sample(sid, row[1], image_dir / f"{sid}.jpg", label, split, image_dir))
         if cfg.dataset.hfm_keyword_filter:
             report.notes.append(f"HFM keyword filter dropped {total - kept} of {total} rows in {split}")
     return report
@@ -387,15 +397,19 @@ def _load_mvsa_raw(cfg: Config, root: Path) -> LoadReport:
     data = root / "data"
     missing_text = []
     for split, ids in _mvsa_splits(cfg, root, labels, report).items():
+        report.split_files.setdefault(split, label_file)
         for sid in ids:
             txt = data / f"{sid}.txt"
-            if txt.is_file():
+            if not inside(txt, data):
+                # never read a file an id points outside data/; verify and extract report the id
+                text = ""
+            elif txt.is_file():
                 # real MVSA text files mix encodings; a replaced byte is better than a lost tweet
                 text = txt.read_bytes().decode("utf-8", errors="replace").strip()
             else:
                 missing_text.append(sid)
                 text = ""
-            report.samples.append(Sample(sid, text, data / f"{sid}.jpg", labels[sid], split))
+            report.samples.append(Sample(sid, text, data / f"{sid}.jpg", labels[sid], split, data))
     if missing_text:
         shown = ", ".join(missing_text[:10])
         report.notes.append(f"{len(missing_text)} ids have no data/<id>.txt (empty text): {shown}")
@@ -466,6 +480,7 @@ def _load_manifest(cfg: Config, root: Path) -> LoadReport:
     by_split: dict[str, list[Sample]] = {}
     split_file: dict[str, Path] = {}
     for mapped, path in files.items():
+        report.split_files[mapped] = path
         for lineno, row in _manifest_rows(path):
             where = f"{path}: line {lineno}"
             for key in MANIFEST_REQUIRED:
@@ -488,6 +503,9 @@ def _load_manifest(cfg: Config, root: Path) -> LoadReport:
             label = _manifest_label(row.get("label"), cfg.dataset.classes, where)
             by_split.setdefault(split, []).append(Sample(sid, row["text"], image, label, split))
             split_file[split] = path
+    if single and by_split and list(files) != list(by_split):
+        # a split column distributed the rows: the splits are the ones it names
+        report.split_files = dict(split_file)
     for split, samples in by_split.items():
         _check_labels_all_or_none(samples, split, split_file[split])
         _note_unlabeled(report, split, samples, split_file[split])

@@ -17,7 +17,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .. import __version__
@@ -34,20 +33,22 @@ from ..cache import (
     read_provenance,
     read_skipped,
     WRITTEN,
+    cache_bytes,
 )
-from ..config import Config
+from ..config import Config, ConfigError
 from ..devices import resolve_device
+from ..errors import OutputError, SppsclError, check_writable_dir, disk_full, free_bytes, is_disk_full, output_error
 from ..progress import make_progress
 from .adapters import load_samples
 from .encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
 from .layouts import resolve_dataset
 from .records import NO_LABEL, Sample
-from .verify import check_sample_image
+from .verify import ImageProblem, check_sample_image, empty_splits, open_image, sample_problem
 
 ON_ERROR = ("stop", "skip")
 
 
-class ExtractionError(RuntimeError):
+class ExtractionError(SppsclError, RuntimeError):
     """Bad input stopped the extraction; the message names the file and the sample id."""
 
 
@@ -85,13 +86,11 @@ def plan_samples(
     seen: dict[str, str] = {}
     by_split: dict[str, list[Sample]] = {}
     for s in samples:
-        reason = None
-        if s.id in seen:
+        # the checks `data verify` applies (one shared function), then duplicates in file order
+        problem = sample_problem(s, num_classes)
+        reason = f"{problem[0]}: {problem[1]}" if problem else None
+        if reason is None and s.id in seen:
             reason = f"duplicate id (also in split {seen[s.id]})"
-        elif not s.text or not s.text.strip():
-            reason = "empty text"
-        elif s.label is not None and not 0 <= s.label < num_classes:
-            reason = f"unknown label {s.label} (classes 0..{num_classes - 1})"
         if reason is not None:
             if on_error == "stop":
                 raise ExtractionError(
@@ -157,16 +156,12 @@ class _ImageRows(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        path = self.paths[i]
         try:
-            with Image.open(path) as img:
-                img.load()
-                x = self.transform(img)
-            return i, x, ""
-        except FileNotFoundError:
-            reason = f"missing image: {path}"
-        except Exception as e:  # PIL raises many types for corrupt files; all mean the same here
-            reason = f"undecodable image: {path} ({type(e).__name__}: {e})"
+            return i, self.transform(open_image(self.paths[i])), ""
+        except ImageProblem as e:
+            reason = str(e)
+        except Exception as e:  # preprocessing a decoded but degenerate image (e.g. 0 pixels wide)
+            reason = f"undecodable image: {self.paths[i]} ({type(e).__name__}: {e})"
         return i, torch.zeros(self.shape), reason
 
 
@@ -199,13 +194,26 @@ def extract(
     console=None,
 ) -> ExtractSummary:
     if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        raise ConfigError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+    for flag, value, low in (("--batch-size", batch_size, 1), ("--limit", limit, 1), ("--workers", num_workers, 0)):
+        if value is not None and value < low:
+            raise ConfigError(f"{flag} must be at least {low}, got {value}")
     out = Path(out)
+    # an unusable output location is found before the dataset is read and the encoders are loaded
+    if out.is_dir():
+        raise OutputError(f"--out {out} is a folder; give the cache file to write, e.g. {out / (cfg.dataset.name + '.h5')}")
+    check_writable_dir(out.parent, "the cache")
     # the concrete layout (format: auto) is what the cache's provenance records
     cfg, ddir, layout = resolve_dataset(cfg, data_dir)
     report = load_samples(cfg, ddir)
     if layout:
         report.notes.insert(0, layout)
+    empty = empty_splits(report)
+    if empty:
+        raise ExtractionError(
+            "; ".join(f"split {split!r}: {detail}" for split, detail in empty)
+            + ". Every split needs rows: fix the file, or remove the split from dataset.splits."
+        )
     samples = report.samples
     if limit is not None:
         per_split: Counter = Counter()
@@ -216,31 +224,36 @@ def extract(
                 per_split[s.split] += 1
         samples = kept
     by_split, skipped = plan_samples(samples, len(cfg.dataset.classes), on_error)
-    if not by_split:
-        raise ExtractionError(f"{ddir}: no usable samples (skipped {len(skipped)})")
+    all_skipped = sorted({split for split, _, _ in skipped} - set(by_split))
+    if all_skipped:
+        raise ExtractionError(
+            f"{ddir}: every row of split(s) {', '.join(all_skipped)} was skipped ({len(skipped)} rows skipped in all, e.g. "
+            f"id {skipped[0][1]!r}: {skipped[0][2]}); run `sppscl data verify` to list them, then fix the data."
+        )
 
     dev = resolve_device(device or cfg.extract.device)
     dtype = cfg.extract.dtype
     image_enc = load_image_encoder(cfg.encoders.image, device=str(dev))
     text_enc = load_text_encoder(cfg.encoders.text, max_length=cfg.encoders.max_length, layers=cfg.encoders.layers, device=str(dev))
     provenance = build_provenance(cfg, ddir, by_split, image_enc, text_enc, dtype, limit)
-    bs = batch_size or cfg.extract.batch_size
+    bs = cfg.extract.batch_size if batch_size is None else batch_size
     summary = ExtractSummary(
         out, {k: len(v) for k, v in by_split.items()}, list(skipped), {k: len(v) for k, v in report.dropped.items()}, notes=list(report.notes)
     )
 
+    if out.exists() and force:
+        # --force rebuilds without reading the old file: it may be the unreadable one --force was advised for
+        out.unlink()
     if out.exists():
         old, complete = read_provenance(out)
-        diffs = diff_provenance(old, provenance)
-        if diffs and not force:
+        diffs = diff_provenance(old, provenance, names=("the cache on disk", "this command"))
+        if diffs:
             raise CacheError(
                 f"{out} was built from a different request; refusing to touch it. What differs:\n  "
                 + "\n  ".join(diffs)
                 + "\nUse another --out, or --force to rebuild it."
             )
-        if force:
-            out.unlink()
-        elif complete:
+        if complete:
             summary.status = "up-to-date"
             summary.skipped = read_skipped(out)
             summary.file_bytes = out.stat().st_size
@@ -268,9 +281,19 @@ def extract(
         shapes = FeatureShapes(
             (image_enc.out_channels, *image_enc.map_size), text_enc.layers, text_enc.hidden_size, dtype
         )
-        create_cache(out, plans, shapes, provenance, skipped)
-        with h5py.File(out, "r+") as f:
-            f.attrs["extract_batch_size"] = bs
+        needed = cache_bytes(plans, shapes)
+        free = free_bytes(out.parent)
+        if free is not None and free < needed:
+            raise disk_full(out, needed, "rerun the same command")
+        try:
+            create_cache(out, plans, shapes, provenance, skipped)
+            with h5py.File(out, "r+") as f:
+                f.attrs["extract_batch_size"] = bs
+        except OSError as e:
+            # nothing was extracted yet: leave no half-made file behind, so the next run starts clean
+            for p in (out, out.with_name(out.name + ".partial")):
+                p.unlink(missing_ok=True)
+            raise (disk_full(out, needed, "rerun the same command") if is_disk_full(e) else output_error(out, e, "the cache")) from None
 
     filler = CacheFiller(out)
     workers = cfg.extract.num_workers if num_workers is None else num_workers
@@ -311,7 +334,10 @@ def extract(
                                 "the same command to continue, or rerun with --on-error skip."
                             )
                     img_feats, tok_feats = encode_batch(image_enc, text_enc, images, [texts_ids[split][i] for i in idx], dev, np_dtype)
-                    filler.write(split, np.array(idx), img_feats, tok_feats, ok)
+                    try:
+                        filler.write(split, np.array(idx), img_feats, tok_feats, ok)
+                    except OSError as e:
+                        raise _fill_failed(out, e) from None
                     summary.samples_encoded += len(idx)
                     prog.advance(task, len(idx))
     finally:
@@ -319,9 +345,23 @@ def extract(
     summary.seconds = time.perf_counter() - start
     image_skips, summary.rows = _image_skips(out, by_split)
     summary.skipped = list(skipped) + image_skips
-    finalize_cache(out, summary.skipped)
+    try:
+        finalize_cache(out, summary.skipped)
+    except OSError as e:
+        raise _fill_failed(out, e) from None
     summary.file_bytes = out.stat().st_size
     return summary
+
+
+def _fill_failed(out: Path, e: OSError) -> SppsclError:
+    """A write into the laid-out cache failed: rows already marked written are on disk, so the run resumes."""
+    resume = "rerun the same command: rows already written are kept and extraction resumes"
+    if is_disk_full(e):
+        st = out.stat()
+        # the file is laid out in full; on filesystems that allocate lazily the unallocated part is what is missing
+        return disk_full(out, max(0, st.st_size - st.st_blocks * 512), resume)
+    err = output_error(out, e, "the cache")
+    return type(err)(f"{err} Then {resume}.")
 
 
 def encode_batch(image_enc, text_enc, images, token_ids, dev, np_dtype):

@@ -16,6 +16,9 @@ class Sample:
     image: Path  # absolute path to the image file
     label: int | None  # class index, or None for an unlabeled split
     split: str
+    # the folder an image path derived from the id must stay inside (None: the path was given explicitly,
+    # as in a manifest); an id such as "../../x" must not make extraction read outside the dataset
+    image_root: Path | None = None
 
 
 @dataclass
@@ -27,6 +30,8 @@ class LoadReport:
     dropped: dict[str, list[str]] = field(default_factory=dict)
     # human-readable notes ("HFM keyword filter dropped 9224 of 29040 train rows")
     notes: list[str] = field(default_factory=list)
+    # every split the dataset defines -> the file it came from, including splits with no rows (reported)
+    split_files: dict[str, Path] = field(default_factory=dict)
 
     def drop(self, reason: str, sample_id: str) -> None:
         self.dropped.setdefault(reason, []).append(sample_id)

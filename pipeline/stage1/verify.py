@@ -1,15 +1,19 @@
 """``data verify``: every problem in a loaded dataset at once, by kind and id, before hours of extraction.
 
-Checks: the image exists and decodes (as extraction will open it: PIL open, load, convert to RGB),
-the text is non-empty, ids are unique across all splits, and labels are ``None`` or a class index.
+The checks are the ones extraction applies, through the same functions (``sample_problem`` for a row,
+``open_image`` for its image, ``empty_splits`` for the splits), so verify reports exactly what extract
+would refuse: a missing, undecodable or oversized image; an image path that an id leads outside the
+image folder; an empty or unencodable text or id; a duplicate id; a label that is not a class index;
+a split with no rows.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 from PIL import Image
@@ -17,30 +21,88 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from sppscl.stage1.records import Sample
+from sppscl.stage1.adapters import inside
+from sppscl.stage1.encoders import to_rgb
+from sppscl.stage1.records import LoadReport, Sample
 
 MISSING_IMAGE = "missing image"
 UNDECODABLE_IMAGE = "undecodable image"
+OVERSIZED_IMAGE = "oversized image"
+OUTSIDE_IMAGE = "image outside the dataset"
 EMPTY_TEXT = "empty text"
+UNENCODABLE_TEXT = "unencodable text or id"
 DUPLICATE_ID = "duplicate id"
 UNKNOWN_LABEL = "unknown label"
-PROBLEM_KINDS = (MISSING_IMAGE, UNDECODABLE_IMAGE, EMPTY_TEXT, DUPLICATE_ID, UNKNOWN_LABEL)
+EMPTY_SPLIT = "empty split"
+PROBLEM_KINDS = (
+    MISSING_IMAGE, UNDECODABLE_IMAGE, OVERSIZED_IMAGE, OUTSIDE_IMAGE, EMPTY_TEXT, UNENCODABLE_TEXT, DUPLICATE_ID, UNKNOWN_LABEL, EMPTY_SPLIT
+)
+IMAGE_KINDS = (MISSING_IMAGE, UNDECODABLE_IMAGE, OVERSIZED_IMAGE)
 SHOW_IDS = 20
+
+# Images above this many pixels are refused, not decoded: a small file can claim a huge size (a
+# "decompression bomb") and decoding it would take gigabytes. 64 MP is 8000 x 8000, four times the largest
+# photos in the supported datasets; decoding one takes 192 MB. SPPSCL_MAX_IMAGE_PIXELS overrides it.
+MAX_IMAGE_PIXELS = 64_000_000
+# open_image applies the limit itself, naming the file; PIL's anonymous warning would only repeat it
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+class ImageProblem(Exception):
+    """An image extraction cannot use; ``kind`` is one of IMAGE_KINDS, ``detail`` names the file and why."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"{kind}: {detail}")
+        self.kind, self.detail = kind, detail
+
+
+def max_image_pixels() -> int:
+    env = os.environ.get("SPPSCL_MAX_IMAGE_PIXELS", "").strip()
+    if env:
+        try:
+            return int(float(env))
+        except ValueError:
+            raise ImageProblem(OVERSIZED_IMAGE, f"SPPSCL_MAX_IMAGE_PIXELS={env!r} is not a number of pixels") from None
+    return MAX_IMAGE_PIXELS
+
+
+def open_image(path: Path) -> Image.Image:
+    """The image at ``path`` decoded and converted to RGB (``to_rgb``), as extraction and prediction use it.
+
+    Raises :class:`ImageProblem` for a missing file, one PIL cannot decode, and one above the pixel limit
+    (checked from the header, before any pixel is decoded).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageProblem(MISSING_IMAGE, str(path))
+    limit = max_image_pixels()
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > limit:
+                raise ImageProblem(
+                    OVERSIZED_IMAGE,
+                    f"{path}: {w}x{h} = {w * h / 1e6:.1f} megapixels, above the limit of {limit / 1e6:.1f} "
+                    "(refused, not decoded: a possible decompression bomb). Downscale the image, or raise SPPSCL_MAX_IMAGE_PIXELS.",
+                )
+            im.load()
+            return to_rgb(im)
+    except ImageProblem:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageProblem(OVERSIZED_IMAGE, f"{path}: {e}") from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error...: all mean "cannot decode"
+        raise ImageProblem(UNDECODABLE_IMAGE, f"{path}: {type(e).__name__}: {e}") from None
 
 
 def _image_problem(path: Path, decode: bool = True) -> tuple[str, str] | None:
     """(problem kind, detail) for an image extraction could not use, else ``None``."""
-    path = Path(path)
-    if not path.is_file():
-        return MISSING_IMAGE, str(path)
     if not decode:
-        return None
+        return None if Path(path).is_file() else (MISSING_IMAGE, str(path))
     try:
-        with Image.open(path) as im:
-            im.load()
-            im.convert("RGB")
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        return UNDECODABLE_IMAGE, f"{path}: {type(e).__name__}: {e}"
+        open_image(path)
+    except ImageProblem as e:
+        return e.kind, e.detail
     return None
 
 
@@ -48,6 +110,40 @@ def check_sample_image(path: Path) -> str | None:
     """``None`` if the image at ``path`` opens, loads and converts to RGB, else the reason (kind: detail)."""
     problem = _image_problem(path)
     return None if problem is None else f"{problem[0]}: {problem[1]}"
+
+
+def _unencodable(value: str) -> int | None:
+    """Position of the first character UTF-8 cannot encode (a lone surrogate from JSON's \\ud800), else None."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def sample_problem(s: Sample, num_classes: int) -> tuple[str, str] | None:
+    """(kind, detail) of the first problem of a row that needs no image decoding, else ``None``.
+
+    Shared by ``verify_samples`` and extraction's planning, so the two never disagree. Duplicate ids and
+    image decoding are checked separately (they need every row, or the file's bytes).
+    """
+    for what, value in (("id", s.id), ("text", s.text)):
+        at = _unencodable(value)
+        if at is not None:
+            return UNENCODABLE_TEXT, f"{what} has a character UTF-8 cannot store at position {at} ({value[at]!r}: a lone surrogate)"
+    if s.image_root is not None and not inside(s.image, s.image_root):
+        return OUTSIDE_IMAGE, f"the image path the id leads to, {os.path.normpath(s.image)}, is outside the image folder {s.image_root}; refused"
+    if not s.text or not s.text.strip():
+        return EMPTY_TEXT, f"split {s.split}"
+    if s.label is not None and not 0 <= s.label < num_classes:
+        return UNKNOWN_LABEL, f"label {s.label} not in 0..{num_classes - 1} (split {s.split})"
+    return None
+
+
+def empty_splits(report: LoadReport, samples: list[Sample] | None = None) -> list[tuple[str, str]]:
+    """(split, detail) for every split the dataset defines that has no rows in ``samples`` (default: all)."""
+    counts = Counter(s.split for s in (report.samples if samples is None else samples))
+    return [(split, f"{path} has no rows") for split, path in report.split_files.items() if counts[split] == 0]
 
 
 @dataclass
@@ -59,6 +155,8 @@ class VerifyReport:
     problems: dict[str, list[tuple[str, str]]] = field(default_factory=lambda: {k: [] for k in PROBLEM_KINDS})
     # False: image files were checked for existence only, not decoded
     images_decoded: bool = True
+    # folder -> number of images read from it, and whether it is inside the dataset folder
+    image_folders: dict[str, tuple[int, bool]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -72,6 +170,11 @@ class VerifyReport:
             splits.add_row(name, str(n))
         splits.add_row("all", str(self.n_samples), style="bold")
         console.print(splits)
+
+        outside = {f: n for f, (n, ok) in self.image_folders.items() if not ok}
+        console.print(f"images are read from {len(self.image_folders)} folder(s)" + (f", {len(outside)} outside the dataset folder:" if outside else ""))
+        for folder, n in list(outside.items())[:SHOW_IDS]:
+            console.print(f"  {folder} ({n} images)", markup=False, highlight=False)
 
         kinds = Table(title="problems")
         kinds.add_column("kind")
@@ -100,32 +203,34 @@ def verify_samples(
     check_images: bool = True,
     workers: int = 2,
     progress: bool = False,
+    load_report: LoadReport | None = None,
+    data_dir: Path | None = None,
 ) -> VerifyReport:
     """Check every sample (see module docstring); images are decoded in a thread pool of ``workers``.
 
     With ``check_images=False`` image files are only checked to exist, which takes seconds, not minutes.
+    ``load_report`` (the adapter's) adds the splits that have no rows; ``data_dir`` marks image folders outside it.
     """
     report = VerifyReport(
         n_samples=len(samples), per_split=dict(Counter(s.split for s in samples)), images_decoded=check_images
     )
+    row_problems = [sample_problem(s, num_classes) for s in samples]
+    # an image outside the dataset, or of a row whose id cannot even be stored, is never opened
+    unsafe = {s.image for s, p in zip(samples, row_problems) if p is not None and p[0] in (OUTSIDE_IMAGE, UNENCODABLE_TEXT)}
     # each file is checked once even when ids share an image
-    paths = list(dict.fromkeys(s.image for s in samples))
+    paths = [p for p in dict.fromkeys(s.image for s in samples) if p not in unsafe]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = pool.map(partial(_image_problem, decode=check_images), paths)
+        results = pool.map(lambda p: _image_problem(p, decode=check_images), paths)
         if progress:
             results = track(results, total=len(paths), description="checking images")
         by_path = dict(zip(paths, results))
     for s in samples:
-        problem = by_path[s.image]
+        problem = by_path.get(s.image)
         if problem is not None:
             report.problems[problem[0]].append((s.id, problem[1]))
-
-    for s in samples:
-        if not s.text.strip():
-            report.problems[EMPTY_TEXT].append((s.id, f"split {s.split}"))
-        if s.label is not None and not 0 <= s.label < num_classes:
-            detail = f"label {s.label} not in 0..{num_classes - 1} (split {s.split})"
-            report.problems[UNKNOWN_LABEL].append((s.id, detail))
+    for s, problem in zip(samples, row_problems):
+        if problem is not None:
+            report.problems[problem[0]].append((s.id, problem[1]))
 
     where: dict[str, list[str]] = {}
     for s in samples:
@@ -133,4 +238,8 @@ def verify_samples(
     for sid, splits in where.items():
         if len(splits) > 1:
             report.problems[DUPLICATE_ID].append((sid, f"{len(splits)} rows, in {', '.join(splits)}"))
+    if load_report is not None:
+        report.problems[EMPTY_SPLIT] = empty_splits(load_report, samples)
+    folders = Counter(str(Path(s.image).parent) for s in samples)
+    report.image_folders = {f: (n, data_dir is None or inside(Path(f), data_dir)) for f, n in folders.items()}
     return report

@@ -26,7 +26,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from ..errors import SppsclError, atomic_write
 
 FORMAT = "sppscl-checkpoint"
 # 1: a torch pickle (best.pt), 0-based epochs; 2: safetensors + JSON, 1-based epochs
@@ -35,7 +37,7 @@ WEIGHTS_SUFFIX = ".safetensors"
 META_KEY = "sppscl"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SppsclError, ValueError):
     """A checkpoint cannot be read or written; the message names the file and what to do."""
 
 
@@ -94,12 +96,11 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     meta = {k: _encode(v, k, tensors) for k, v in state.items()}
     text = json.dumps(meta, indent=1)
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    # the weights file holds the metadata too and is the one replaced atomically; the JSON is its readable copy
-    for target, write in ((weights, lambda t: save_file(tensors, t, metadata={META_KEY: text})), (meta_path, lambda t: t.write_text(text))):
-        tmp = target.with_name(target.name + ".tmp")
-        write(tmp)
-        os.replace(tmp, target)
+    # the weights file holds the metadata too and is the one replaced atomically; the JSON is its readable copy.
+    # Serialised in memory first, so a full disk is an error naming the file and the bytes it needs, never half a file.
+    resume = "rerun the same command (train: with --resume; the run continues from its last complete epoch)"
+    atomic_write(weights, save(tensors, metadata={META_KEY: text}), "the checkpoint", resume)
+    atomic_write(meta_path, text, "the checkpoint", resume)
     return weights
 
 

@@ -23,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..cache import SplitData, diff_provenance
 from ..progress import make_progress
 from ..stage1.encoders import load_image_encoder, load_text_encoder
 from ..devices import resolve_device
+from ..errors import SppsclError
 from ..stage1.extract import encode_batch, fixed_batches
-from ..stage1.verify import check_sample_image
+from ..stage1.verify import ImageProblem, open_image
 from .train import load_checkpoint, model_from_checkpoint, predict_split
 
 ON_ERROR = ("stop", "skip")
@@ -39,7 +39,7 @@ OUTPUT_SUFFIXES = (".jsonl", ".csv")
 CHUNK_ROWS = 256
 
 
-class PredictError(RuntimeError):
+class PredictError(SppsclError, RuntimeError):
     """Prediction cannot run as asked, or an input row is bad; the message names the file, line and id."""
 
 
@@ -174,12 +174,12 @@ def _nonempty(pairs: list[Pair], path: Path) -> list[Pair]:
 
 def check_encoders(stored: dict, loaded: dict, checkpoint: Path) -> None:
     """Refuse encoders whose provenance differs from the one the checkpoint's cache recorded."""
-    diffs = diff_provenance(stored, loaded)
+    diffs = diff_provenance(stored, loaded, names=("the checkpoint's cache", "the loaded encoder"))
     if diffs:
         raise PredictError(
             f"the encoders available here differ from those that built the cache {checkpoint} was trained on; "
             "refusing to predict (the heads would see features they were not trained on). What differs:\n  "
-            + "\n  ".join(d.replace("cache has", "checkpoint's cache has").replace("request has", "loaded encoder has") for d in diffs)
+            + "\n  ".join(diffs)
         )
 
 
@@ -274,12 +274,10 @@ class Predictor:
 
     def _load_image(self, path: Path) -> tuple[torch.Tensor | None, str | None]:
         """The preprocessed image as extraction makes it, or the reason it cannot be used."""
-        reason = check_sample_image(path)
-        if reason is not None:
-            return None, reason
-        with Image.open(path) as img:
-            img.load()
-            return self.transform(img), None
+        try:
+            return self.transform(open_image(path)), None
+        except ImageProblem as e:
+            return None, str(e)
 
     def encode(self, pairs: list[Pair], batch_size: int | None = None) -> SplitData:
         """The features extraction would cache for ``pairs`` (all usable), as an in-memory split."""

@@ -10,6 +10,7 @@ After training the best checkpoint is evaluated on every labelled split; unlabel
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 import time
@@ -20,8 +21,9 @@ import numpy as np
 import torch
 
 from ..cache import FeatureCache, SplitData, diff_provenance
-from ..config import Config
+from ..config import STAGE_SECTIONS, Config, ConfigError, apply_overrides, resolve_key
 from ..devices import resolve_device
+from ..errors import SppsclError, atomic_write, check_writable_dir
 from ..progress import make_progress
 from .checkpoint import FORMAT, VERSION, CheckpointError, checkpoint_files, load_checkpoint_file, save_checkpoint
 from .data import Batch, SplitBatches
@@ -32,7 +34,7 @@ from .losses import LossTerms, one_step_loss, step1_loss, step2_loss
 from .metrics import classification_report, selection_key
 from .plots import plot_confusions, plot_curves
 
-class RunError(RuntimeError):
+class RunError(SppsclError, RuntimeError):
     """A run cannot start or continue as asked (existing directory, mismatched cache, bad checkpoint)."""
 
 
@@ -61,7 +63,7 @@ def compatible(cache_prov: dict, ckpt_prov: dict) -> list[str]:
     The encoders, their preprocessing, the stored dtype and the class list must match; the dataset may differ
     (a checkpoint can be evaluated on a new dataset extracted with the same encoders)."""
     keys = lambda p: {"encoders": p["encoders"], "dtype": p["dtype"], "classes": p["dataset"]["classes"]}  # noqa: E731
-    return diff_provenance(keys(ckpt_prov), keys(cache_prov))
+    return diff_provenance(keys(cache_prov), keys(ckpt_prov), names=("this cache", "the checkpoint's cache"))
 
 
 # ------------------------------------------------------------------------------------ one batch
@@ -159,17 +161,22 @@ def evaluate_split(model, split: SplitData, batch_size: int, device, classes: li
 # Column names shared with `sppscl predict`'s CSV: ``label`` is always the true class, ``pred`` the predicted one,
 # both by name; ``p_<class>`` the predicted probabilities.
 def write_predictions(path: Path, split: SplitData, pred: dict, classes: list[str]) -> None:
-    """One row per usable sample: id, true label (empty when the split has none), predicted label, probabilities."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["id", "label", "pred", *[f"p_{c}" for c in classes]])
-        for j, r in enumerate(pred["rows"]):
-            lab = int(split.labels[r])
-            w.writerow([split.ids[r], "" if lab < 0 else classes[lab], classes[int(pred["pred"][j])], *[f"{x:.6f}" for x in pred["probs"][j]]])
+    """One row per usable sample: id, true label (empty when the split has none), predicted label, probabilities.
+
+    Written all or nothing; an unwritable path is one error naming it."""
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["id", "label", "pred", *[f"p_{c}" for c in classes]])
+    for j, r in enumerate(pred["rows"]):
+        lab = int(split.labels[r])
+        w.writerow([split.ids[r], "" if lab < 0 else classes[lab], classes[int(pred["pred"][j])], *[f"{x:.6f}" for x in pred["probs"][j]]])
+    atomic_write(path, buf.getvalue(), "the predictions file")
 
 
 # ------------------------------------------------------------------------------------ checkpoints
+
+# how a run that stopped on an error continues (full disk: after freeing space)
+RESUME = "rerun the same command with --resume (the run continues from its last complete epoch)"
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -199,7 +206,13 @@ def train(
     progress: bool = True,
     console=None,
     in_memory: bool | None = None,
+    resume_overrides: list[str] | None = None,
 ) -> dict:
+    """Train into ``out_dir`` (or continue the run there with ``resume``); returns the results of the best epoch.
+
+    A resumed run takes its configuration from its checkpoint; ``resume_overrides`` (the command line's
+    ``--set``) may only change what keeps it one run (see ``RESUMABLE_KEYS``); anything else is refused.
+    """
     cfg.validate()
     tc = cfg.train
     out_dir = Path(out_dir)
@@ -214,23 +227,35 @@ def train(
 
     last_path, best_path = out_dir / "last", out_dir / "best"
     metrics_path = out_dir / "metrics.jsonl"
-    if resume:
-        if not checkpoint_files(last_path)[0].exists():
-            if (out_dir / "last.pt").exists():
-                raise RunError(
-                    f"{out_dir} was started by an older sppscl (last.pt); its checkpoints still load for evaluate, predict "
-                    "and analyze, but it cannot be resumed: start a new run"
-                )
-            raise RunError(f"{out_dir}: nothing to resume (no last.safetensors); start the run without --resume")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunError(f"--out {out_dir} is a file; give a folder for the run")
+    check_writable_dir(out_dir, "the run")
+    has_last = checkpoint_files(last_path)[0].exists()
+    if resume and not has_last and not _started(out_dir):
+        if (out_dir / "last.pt").exists():
+            raise RunError(
+                f"{out_dir} was started by an older sppscl (last.pt); its checkpoints still load for evaluate, predict "
+                "and analyze, but it cannot be resumed: start a new run"
+            )
+        raise RunError(f"{out_dir}: nothing to resume (no last.safetensors); start the run without --resume")
+    if resume and has_last:
         ckpt = load_checkpoint(last_path)
-        diffs = diff_provenance(ckpt["cache_provenance"], cache.provenance)
+        diffs = diff_provenance(cache.provenance, ckpt["cache_provenance"], names=("this cache", "the run's cache"))
         if diffs:
             raise RunError(f"{cache.path} is not the cache this run was started on:\n  " + "\n  ".join(diffs))
         # a resumed run takes its configuration from the checkpoint, not the command line
-        cfg = Config.from_dict(ckpt["config"])
+        cfg, notes = resume_config(Config.from_dict(ckpt["config"]), resume_overrides or [], ckpt["epoch"], out_dir)
         tc = cfg.train
-    elif out_dir.exists() and any(out_dir.iterdir()):
-        raise RunError(f"{out_dir} already holds a run; choose another --out, or pass --resume to continue it")
+        if notes:
+            atomic_write(out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2), "the run's configuration", RESUME)
+        for note in notes:
+            if console is not None:
+                console.print(f"[yellow]note:[/] {note}", highlight=False)
+    else:
+        if out_dir.exists() and any(out_dir.iterdir()) and not _started(out_dir):
+            raise RunError(f"{out_dir} already holds a run; choose another --out, or pass --resume to continue it")
+        # --resume on a run that stopped before its first checkpoint (e.g. a full disk) starts it again
+        resume = False
 
     dims = cache_dims(cache)
     if tc.ha_layers > dims["cached_layers"]:
@@ -259,8 +284,7 @@ def train(
         best = {**ckpt["best"], "key": tuple(ckpt["best"]["key"])}
         _truncate_metrics(metrics_path, done)
     else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        atomic_write(out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2), "the run's configuration", RESUME)
 
     train_split = cache.load("train", in_memory=in_memory)
     dev_split = cache.load("dev", in_memory=in_memory)
@@ -323,9 +347,10 @@ def train(
                 # best needs no optimiser or RNG state: it is evaluated and shared, never resumed
                 save_checkpoint({k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "rng")}, best_path)
             save_checkpoint(state, last_path)
-            # the log line follows its checkpoint, so a resumed run never finds a line for an epoch it must redo
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            # the log line follows its checkpoint, so a resumed run never finds a line for an epoch it must redo;
+            # the small file is rewritten whole, so a failed write never leaves half a line behind
+            old = metrics_path.read_text() if metrics_path.exists() else ""
+            atomic_write(metrics_path, old + json.dumps(record) + "\n", "the metrics log", RESUME)
             logger.log_epoch(record)
             prog.update(ep_task, advance=1, description=f"epoch {epoch}/{tc.epochs}")
             prog.note(
@@ -357,7 +382,7 @@ def finish_run(out_dir: Path, cache: FeatureCache, classes: list[str], device, i
         metrics, pred = evaluate_split(model, split, cfg.train.eval_batch_size, device, classes)
         write_predictions(out_dir / f"predictions-{name}.csv", split, pred, classes)
         results["splits"][name] = metrics if metrics is not None else {"n": int(len(split.rows)), "labels": "none: predictions only"}
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write(out_dir / "results.json", json.dumps(results, indent=2), "the results", RESUME)
     plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
     plot_confusions(results["splits"], classes, out_dir, f"best checkpoint (epoch {results['best_epoch']})")
     return results
@@ -371,5 +396,49 @@ def _truncate_metrics(path: Path, done: int) -> None:
     """Drop log lines of epochs after the checkpoint being resumed (a crash can leave one)."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= done]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            if json.loads(ln)["epoch"] <= done:
+                keep.append(ln)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash in an older version: its epoch is redone anyway
+    atomic_write(path, "".join(ln + "\n" for ln in keep), "the metrics log", RESUME)
+
+
+def _started(out_dir: Path) -> bool:
+    """A run directory with a configuration but no checkpoint: it stopped before its first epoch ended."""
+    names = ("last.safetensors", "best.safetensors", "last.pt", "best.pt")
+    return (out_dir / "config.json").exists() and not any((out_dir / n).exists() for n in names)
+
+
+# --set keys a resumed run may change: they keep it one run (the same steps, only more of them, or where it runs)
+RESUMABLE_KEYS = ("epochs", "threads", "device")
+
+
+def resume_config(stored: Config, overrides: list[str], done_epochs: int, out_dir: Path) -> tuple[Config, list[str]]:
+    """The configuration a resumed run continues with: the stored one, plus the overrides that are sound.
+
+    ``epochs`` may grow (training continues to the new count; the learning-rate schedule is a function of the
+    epoch, so the run equals one started with that count); ``threads`` and ``device`` change where it runs.
+    Any other changed key would make the run a mix of two configurations, and is refused.
+    """
+    cfg = apply_overrides(stored, overrides, STAGE_SECTIONS["train"], "train --resume")
+    notes, refused = [], []
+    for item in overrides:
+        section, name = resolve_key(item.split("=", 1)[0].strip(), STAGE_SECTIONS["train"])
+        old, new = getattr(getattr(stored, section), name), getattr(getattr(cfg, section), name)
+        if old == new:
+            continue
+        if section == "train" and name in RESUMABLE_KEYS:
+            notes.append(f"resuming with {section}.{name}={new} (the run was started with {old}), as --set asks")
+        else:
+            refused.append(f"{section}.{name} ({old} -> {new})")
+    if refused:
+        raise ConfigError(
+            f"--resume continues the run in {out_dir} with its own configuration; --set cannot change {', '.join(refused)} "
+            f"there. Only {', '.join(RESUMABLE_KEYS)} can change on --resume; start a new run with another --out for the rest."
+        )
+    if cfg.train.epochs < done_epochs:
+        raise ConfigError(f"--set epochs={cfg.train.epochs}: the run in {out_dir} has already trained {done_epochs} epochs")
+    return cfg, notes

@@ -62,11 +62,11 @@ def _expected_config_dict(cfg: Config) -> dict:
 def _check_finished_run(run_dir: Path, cfg: Config) -> None:
     # through Config so that keys added to the config since the run was trained compare as their defaults
     stored = _expected_config_dict(Config.from_dict(json.loads((run_dir / "config.json").read_text())))
-    diffs = diff_provenance(stored, _expected_config_dict(cfg))
+    diffs = diff_provenance(stored, _expected_config_dict(cfg), names=("the run", "this sweep"))
     if diffs:
         raise SweepError(
             f"{run_dir} was trained with another configuration than this sweep asks for:\n  "
-            + "\n  ".join(d.replace("cache has", "run has") for d in diffs)
+            + "\n  ".join(diffs)
             + "\nuse another --out, or delete that run directory to retrain it"
         )
 
@@ -75,7 +75,7 @@ def _check_cache(runs_dir: Path, cache: FeatureCache) -> None:
     """Runs in one directory must come from one cache: refuse to mix, record it on first use."""
     record = runs_dir / "cache.json"
     if record.exists():
-        diffs = diff_provenance(json.loads(record.read_text())["provenance"], cache.provenance)
+        diffs = diff_provenance(json.loads(record.read_text())["provenance"], cache.provenance, names=("their cache", "this cache"))
         if diffs:
             raise SweepError(f"{runs_dir} holds runs trained on another cache than {cache.path}:\n  " + "\n  ".join(diffs) + "\nuse another --out")
         return

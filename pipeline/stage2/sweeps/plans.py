@@ -61,7 +61,7 @@ class StudyPlan:
         elif stored != meta:
             raise SweepError(
                 f"{out / 'study.db'} holds a study with another space or other seeds:\n  "
-                + "\n  ".join(diff_provenance(stored, meta))
+                + "\n  ".join(diff_provenance(stored, meta, names=("the stored study", "this command")))
                 + "\nuse the same --space and --seeds to continue it, or another --out"
             )
         trials = self.study.get_trials(deepcopy=False)
