@@ -84,6 +84,8 @@ def test_checkpoints_are_safetensors_plus_json(run):
         meta = json.loads((out / f"{name}.json").read_text())
         assert meta["format"] == "sppscl-checkpoint" and meta["cache_provenance"] == FeatureCache(path).provenance
         assert meta["config"]["train"]["epochs"] == 2 and meta["epoch"] == (2 if name == "last" else meta["best"]["epoch"])
+        # shared like any file the run writes (not owner-only)
+        assert (out / f"{name}.safetensors").stat().st_mode & 0o777 == (out / "results.json").stat().st_mode & 0o777
     # the safetensors file alone is a complete checkpoint: no pickle anywhere
     assert (out / "best.safetensors").read_bytes()[:8] != b"\x80\x02\x8a\x0a"  # torch.save's pickle magic
     ckpt = load_checkpoint(out / "best.json")
@@ -195,16 +197,27 @@ def test_mlflow_tracker_gets_params_and_every_epoch(tiny_cache, tmp_path, monkey
     fake.start_run = lambda run_name=None: calls.append(("start", run_name))
     fake.log_params = lambda p: calls.append(("params", p))
     fake.log_metrics = lambda m, step=None: calls.append(("metrics", step, m))
-    fake.end_run = lambda: calls.append(("end",))
+    fake.end_run = lambda status: calls.append(("end", status))
     monkeypatch.setitem(sys.modules, "mlflow", fake)
     path, cfg = tiny_cache
     train(path, apply_overrides(cfg, ["epochs=2", "logger=mlflow"]), tmp_path / "r", progress=False)
-    assert calls[0] == ("start", "r") and calls[-1] == ("end",)
+    assert calls[0] == ("start", "r") and calls[-1] == ("end", "FINISHED")
     params = calls[1][1]
     assert params["train.epochs"] == 2 and params["train.logger"] == "mlflow" and json.loads(params["dataset.classes"]) == cfg.dataset.classes
     per_epoch = [c for c in calls if c[0] == "metrics" and c[1] is not None]
     assert [c[1] for c in per_epoch] == [1, 2]
     assert {"loss/total", "loss/inter", "train/step2_fired", "train/lr", "dev/accuracy", "dev/weighted_f1"} <= set(per_epoch[0][2])
+    # a run that crashes leaves its MLflow run marked failed, not open (an open run would swallow the next one)
+    import sppscl.stage2.train as train_mod
+
+    def crash(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(train_mod, "evaluate_split", crash)
+    calls.clear()
+    with pytest.raises(RuntimeError, match="boom"):
+        train(path, apply_overrides(cfg, ["epochs=2", "logger=mlflow"]), tmp_path / "crash", progress=False)
+    assert calls[-1] == ("end", "FAILED")
 
 
 # ------------------------------------------------------------------------------------ outputs and help

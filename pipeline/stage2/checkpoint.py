@@ -20,7 +20,6 @@ with the conversion command when they hold anything else.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 

@@ -50,8 +50,8 @@ class _Closing:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(failed=exc_type is not None)
 
 
 class TensorBoardLogger(_Closing):
@@ -76,7 +76,7 @@ class TensorBoardLogger(_Closing):
         # the HParams tab: one row per run, its config and the best dev numbers it was selected on
         self.writer.add_hparams(self.params, {f"hparam/best_{k}": v for k, v in best.items()}, run_name=".")
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -98,8 +98,8 @@ class MLflowLogger(_Closing):
     def finish(self, best: dict) -> None:
         self.mlflow.log_metrics({f"best/{k}": v for k, v in best.items()})
 
-    def close(self) -> None:
-        self.mlflow.end_run()
+    def close(self, failed: bool = False) -> None:
+        self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
 
 
 class NoLogger(_Closing):
@@ -109,7 +109,7 @@ class NoLogger(_Closing):
     def finish(self, best: dict) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         pass
 
 
