@@ -23,17 +23,18 @@ from .errors import SppsclError
 
 
 def _preset_dir() -> Path:
-    """The presets: ``sppscl/presets`` in an installed wheel, ``configs/`` beside the package in a source checkout.
+    """The presets: ``sppscl/configs`` in an installed wheel, ``configs/`` beside the package in a source checkout.
 
-    ``configs/`` is the one copy in the source tree; pyproject maps it into the wheel as ``sppscl/presets``.
+    ``configs/`` is the one copy in the source tree; pyproject maps it into the wheel as ``sppscl/configs`` (not
+    ``sppscl/presets``: that name is the ``presets`` command's module).
     """
     here = Path(__file__).resolve().parent
-    installed = here / "presets"
+    installed = here / "configs"
     return installed if installed.is_dir() else here.parent / "configs"
 
 
 PRESET_DIR = _preset_dir()
-# the name older code and tests use
+# the name cli.py and other modules import
 CONFIG_DIR = PRESET_DIR
 
 

@@ -449,3 +449,22 @@ def test_minilm_l6_from_its_package(no_network):
     input_ids, mask = pad(encoder.tokenize(["what a great day"]), encoder.pad_id)
     with torch.inference_mode():
         assert encoder(input_ids, mask).shape == (1, input_ids.shape[1], 4, 384)
+
+
+@pytest.mark.parametrize("flag", [[], ["--allow-download"]])
+def test_predict_flag_allows_downloads_while_it_loads_the_encoders(flag, monkeypatch, tmp_path):
+    """predict loads the encoders inside the --allow-download block (the Predictor is replaced by a probe)."""
+    from sppscl.cli import main
+    from sppscl.stage2 import predict
+
+    seen = []
+
+    class Probe:
+        def __init__(self, checkpoint, device):
+            seen.append(downloads_allowed())
+            raise predict.PredictError("stop here")
+
+    monkeypatch.delenv(ALLOW_DOWNLOAD_ENV, raising=False)
+    monkeypatch.setattr(predict, "Predictor", Probe)
+    assert main(["predict", "--checkpoint", str(tmp_path / "x.pt"), "--image", "a.jpg", "--text", "t", *flag]) == 2
+    assert seen == [bool(flag)] and not downloads_allowed()

@@ -68,7 +68,7 @@ def test_wheel_carries_every_module_the_presets_and_py_typed(installed):
         assert modules <= names, sorted(modules - names)
         for preset in sorted((REPO / "configs").glob("*.yaml")):
             # byte for byte the files users see in configs/
-            assert z.read(f"sppscl/presets/{preset.name}") == preset.read_bytes()
+            assert z.read(f"sppscl/configs/{preset.name}") == preset.read_bytes()
         metadata = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     requires = {}
     for line in metadata.splitlines():
