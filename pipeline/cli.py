@@ -231,14 +231,20 @@ def _emit_json(obj: dict) -> None:
 
 
 def save_results(out: Path, results: dict, what: str) -> Path:
-    """``out``/results.json and a confusion-<split>.png per labelled split; returns the JSON's path."""
+    """``out`` ending in .json: the results there, alone. Otherwise ``out`` is a folder: results.json and a
+    confusion-<split>.png per labelled split. Returns the JSON's path."""
+    from .errors import atomic_write
     from .stage2.plots import plot_confusions
 
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    path.write_text(json.dumps(results, indent=2))
-    plot_confusions(results["splits"], results["classes"], out, what)
+    path = out if _json_file(out) else out / "results.json"
+    atomic_write(path, json.dumps(results, indent=2), "the results")
+    if not _json_file(out):
+        plot_confusions(results["splits"], results["classes"], out, what)
     return path
+
+
+def _json_file(out: Path) -> bool:
+    return out.suffix.lower() == ".json"
 
 
 def _print_metrics(metrics: dict, title: str) -> None:
@@ -265,7 +271,9 @@ def evaluate(
     cache: Path = typer.Option(..., help="A cache built with the checkpoint's encoders."),
     split: str = typer.Option("test", help="Split to evaluate."),
     out: Optional[Path] = typer.Option(
-        None, help="Folder for results.json (every metric, per class, confusion matrix), predictions-<split>.csv and confusion-<split>.png."
+        None,
+        help="Folder for results.json (every metric, per class, confusion matrix), predictions-<split>.csv and confusion-<split>.png; "
+        "a name ending in .json gets the results alone.",
     ),
     json_: bool = typer.Option(False, "--json", help=OUT_JSON_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
@@ -292,9 +300,11 @@ def evaluate(
         "splits": {split: metrics if metrics is not None else {"n": int(len(data.rows)), "labels": "none: predictions only"}},
     }
     if out is not None:
-        write_predictions(out / f"predictions-{split}.csv", data, pred, ckpt["classes"])
         path = save_results(out, results, f"{checkpoint} on {split}")
-        err_console.print(f"results: {path}; predictions: {out / f'predictions-{split}.csv'}", highlight=False)
+        err_console.print(f"results: {path}", highlight=False)
+        if not _json_file(out):
+            write_predictions(out / f"predictions-{split}.csv", data, pred, ckpt["classes"])
+            err_console.print(f"predictions: {out / f'predictions-{split}.csv'}", highlight=False)
     if json_:
         _emit_json(results)
     elif metrics is None:
@@ -308,7 +318,9 @@ def probe(
     cache: Path = typer.Option(..., help="Feature cache."),
     modalities: str = typer.Option("both", help="both, image or text."),
     seed: int = typer.Option(0, min=0, help="Random seed of the solver."),
-    out: Optional[Path] = typer.Option(None, help="Folder for results.json (every metric, per class, confusion matrix) and confusion-<split>.png."),
+    out: Optional[Path] = typer.Option(
+        None, help="Folder for results.json (every metric, per class, confusion matrix) and confusion-<split>.png; a name ending in .json gets the results alone."
+    ),
     json_: bool = typer.Option(False, "--json", help=OUT_JSON_HELP),
 ) -> None:
     """Baseline: logistic regression on pooled image features + last-layer [CLS], C chosen on dev (scikit-learn, CPU)."""

@@ -232,6 +232,9 @@ def test_probe_saves_and_prints_json(tiny_cache, tmp_path, capsys):
     dev = saved["splits"]["dev"]
     assert {"accuracy", "weighted_f1", "macro_f1", "per_class", "confusion_matrix"} <= set(dev)
     assert (tmp_path / "p" / "confusion-dev.png").exists()
+    # a name ending in .json is the results file itself
+    assert main(["probe", "--cache", str(path), "--out", str(tmp_path / "probe.json")]) == 0
+    assert json.loads((tmp_path / "probe.json").read_text()) == saved
 
 
 def test_progress_goes_to_stderr_and_results_to_stdout(tiny_cache, tmp_path, capsys):

@@ -188,6 +188,9 @@ def test_evaluate_matches_results_and_refuses_other_encoders(tiny_cache, tmp_pat
     acc = np.mean([r["label"] == r["pred"] for r in rows])
     assert acc == pytest.approx(res["splits"]["dev"]["accuracy"])
 
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "r" / "best.safetensors"), "--cache", str(path), "--split", "dev", "--out", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text()) == saved
+    capsys.readouterr()
     # --json: stdout is one JSON document and nothing else
     assert main(["evaluate", "--checkpoint", str(tmp_path / "r" / "best.safetensors"), "--cache", str(path), "--split", "dev", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == saved
