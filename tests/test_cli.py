@@ -140,8 +140,11 @@ def test_old_pt_checkpoints_load_safely_and_convert(run, tiny_cache, tmp_path, c
     assert main(["checkpoint", "convert", str(legacy)]) == 0
     converted = load_checkpoint(tmp_path / "old" / "best.safetensors")
     assert converted["epoch"] == ckpt["epoch"] and all(torch.equal(converted["model"][k], v) for k, v in ckpt["model"].items())
-    # a run started by an older sppscl cannot be resumed, and says so
+    # a run started by an older sppscl cannot be resumed, converted or not, and says so
     torch.save(old, tmp_path / "old" / "last.pt")
+    with pytest.raises(RunError, match="older sppscl"):
+        train(path, tiny_cache[1], tmp_path / "old", resume=True, progress=False)
+    assert main(["checkpoint", "convert", str(tmp_path / "old" / "last.pt")]) == 0
     with pytest.raises(RunError, match="older sppscl"):
         train(path, tiny_cache[1], tmp_path / "old", resume=True, progress=False)
 

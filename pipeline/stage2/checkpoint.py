@@ -161,6 +161,5 @@ def convert_checkpoint(path: str | Path, out: str | Path | None = None) -> Path:
     src = Path(path)
     if src.suffix != ".pt":
         raise CheckpointError(f"{src}: only legacy .pt checkpoints need converting")
-    ckpt = _load_legacy(src)
-    ckpt.pop("converted_from")
-    return save_checkpoint(ckpt, out if out is not None else src.with_suffix(""))
+    # ``converted_from`` stays: such a checkpoint evaluates and predicts, but its run (0-based logs) is not resumed
+    return save_checkpoint(_load_legacy(src), out if out is not None else src.with_suffix(""))

@@ -240,6 +240,11 @@ def train(
         raise RunError(f"{out_dir}: nothing to resume (no last.safetensors); start the run without --resume")
     if resume and has_last:
         ckpt = load_checkpoint(last_path)
+        if "converted_from" in ckpt:
+            raise RunError(
+                f"{out_dir} was started by an older sppscl ({ckpt['converted_from']}); its checkpoints load for evaluate, "
+                "predict and analyze, but the run cannot be resumed: start a new run"
+            )
         diffs = diff_provenance(cache.provenance, ckpt["cache_provenance"], names=("this cache", "the run's cache"))
         if diffs:
             raise RunError(f"{cache.path} is not the cache this run was started on:\n  " + "\n  ".join(diffs))
