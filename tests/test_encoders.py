@@ -468,3 +468,22 @@ def test_predict_flag_allows_downloads_while_it_loads_the_encoders(flag, monkeyp
     monkeypatch.setattr(predict, "Predictor", Probe)
     assert main(["predict", "--checkpoint", str(tmp_path / "x.pt"), "--image", "a.jpg", "--text", "t", *flag]) == 2
     assert seen == [bool(flag)] and not downloads_allowed()
+
+
+def test_real_transformers_stay_off_the_network_without_permission(monkeypatch):
+    """The same rule through transformers itself (nothing mocked but the socket): with the hub allowed by the
+    environment (no HF_HUB_OFFLINE) and downloads not allowed by us, not one connection is attempted."""
+    attempts = []
+
+    def record(*args, **kwargs):
+        attempts.append(args[:2])
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "getaddrinfo", record)
+    monkeypatch.setattr(socket.socket, "connect", record)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.delenv(ALLOW_DOWNLOAD_ENV, raising=False)
+    with pytest.raises(EncoderUnavailable, match="downloads are not allowed"):
+        load_text_encoder("sppscl-tests/no-such-model")
+    assert attempts == []

@@ -568,14 +568,33 @@ def _hf_unavailable(source: str, reason: str, hub: bool = True) -> EncoderUnavai
     )
 
 
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Hugging Face's offline mode for the block: every request through huggingface_hub's session is refused.
+
+    ``local_files_only`` alone is not enough: huggingface_hub 2.x fetches a registry from the hub to build its
+    user-agent header on the way. Its ``HF_HUB_OFFLINE`` switch is read once, at import, into
+    ``huggingface_hub.constants``, so it is set there.
+    """
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
 def _load_hf(source: str, allow_online: bool) -> tuple[nn.Module, Any]:
     """AutoTokenizer/AutoModel from the local cache or directory only; the hub only for a hub name
     (``allow_online``), when downloads are allowed (:func:`downloads_allowed`) and the hub is reachable."""
     from transformers import AutoModel, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        model = AutoModel.from_pretrained(source, local_files_only=True)
+        with _hub_offline():
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+            model = AutoModel.from_pretrained(source, local_files_only=True)
     except OSError as local_error:
         if not allow_online:
             raise _hf_unavailable(source, f"cannot be loaded ({local_error})", hub=False) from local_error
