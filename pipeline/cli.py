@@ -25,7 +25,7 @@ from rich.table import Table
 
 from . import __version__
 from .config import CONFIG_DIR, STAGE_SECTIONS, Config, ConfigError, apply_overrides, load_config
-from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, SppsclError, disk_full, is_disk_full
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, SppsclError, atomic_write, check_writable_dir, disk_full, is_disk_full
 from .presets import app as presets_app
 
 # one default for sweep and reproduce: every mean they print is over the same three seeds unless told otherwise
@@ -233,7 +233,6 @@ def _emit_json(obj: dict) -> None:
 def save_results(out: Path, results: dict, what: str) -> Path:
     """``out`` ending in .json: the results there, alone. Otherwise ``out`` is a folder: results.json and a
     confusion-<split>.png per labelled split. Returns the JSON's path."""
-    from .errors import atomic_write
     from .stage2.plots import plot_confusions
 
     path = out if _json_file(out) else out / "results.json"
@@ -283,6 +282,8 @@ def evaluate(
     from .devices import resolve_device
     from .stage2.train import RunError, compatible, evaluate_split, load_checkpoint, model_from_checkpoint, write_predictions
 
+    if out is not None:
+        check_writable_dir(out.parent if _json_file(out) else out, "the results")
     ckpt = load_checkpoint(checkpoint)
     fc = FeatureCache(cache)
     diffs = compatible(fc.provenance, ckpt["cache_provenance"])
@@ -326,6 +327,8 @@ def probe(
     """Baseline: logistic regression on pooled image features + last-layer [CLS], C chosen on dev (scikit-learn, CPU)."""
     from .stage2.probe import run_probe
 
+    if out is not None:
+        check_writable_dir(out.parent if _json_file(out) else out, "the results")
     res = run_probe(cache, seed=seed, modalities=modalities)
     results = {"cache": str(cache), **res}
     if out is not None:
@@ -440,6 +443,9 @@ def predict(
         raise ConfigError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
     if out is not None and out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ConfigError(f"--out {out}: must end in .jsonl or .csv")
+    if out is not None:
+        # before the encoders load and every pair is predicted
+        check_writable_dir(out.parent, "the predictions")
     pairs = [Pair(image.name, text, image)] if single else read_pairs(input_)
     with allow_downloads(allow_download):
         predictor = Predictor(checkpoint, device)

@@ -78,9 +78,9 @@ def is_disk_full(e: BaseException) -> bool:
     return os_errno(e) in _FULL
 
 
-def disk_full(path: Path, needed: int | None, resume: str) -> DiskFullError:
+def disk_full(path: Path, needed: int | None, resume: str, free: int | None = None) -> DiskFullError:
     """The error for a full disk at ``path``: free space now, the bytes the write needed, and how to resume."""
-    free = free_bytes(path)
+    free = free_bytes(path) if free is None else free
     have = "unknown" if free is None else human_bytes(free)
     need = f"; this write needs about {human_bytes(needed)}" if needed else ""
     return DiskFullError(f"{path}: no space left on the device ({have} free{need}). Free some space, then {resume}.")
@@ -113,7 +113,8 @@ def atomic_write(path: Path, data: bytes | str, what: str, resume: str = "rerun 
     ``path`` is untouched, and the error names ``path``; a full disk says how many bytes were needed.
     """
     path = Path(path)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
+    # a lone surrogate (from JSON's \\ud800) is written escaped rather than failing the whole file
+    raw = data.encode("utf-8", errors="backslashreplace") if isinstance(data, str) else data
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

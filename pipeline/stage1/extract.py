@@ -284,7 +284,7 @@ def extract(
         needed = cache_bytes(plans, shapes)
         free = free_bytes(out.parent)
         if free is not None and free < needed:
-            raise disk_full(out, needed, "rerun the same command")
+            raise disk_full(out, needed, "rerun the same command", free)
         try:
             create_cache(out, plans, shapes, provenance, skipped)
             with h5py.File(out, "r+") as f:

@@ -10,7 +10,6 @@ a split with no rows.
 from __future__ import annotations
 
 import os
-import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,8 +43,9 @@ SHOW_IDS = 20
 # "decompression bomb") and decoding it would take gigabytes. 64 MP is 8000 x 8000, four times the largest
 # photos in the supported datasets; decoding one takes 192 MB. SPPSCL_MAX_IMAGE_PIXELS overrides it.
 MAX_IMAGE_PIXELS = 64_000_000
-# open_image applies the limit itself, naming the file; PIL's anonymous warning would only repeat it
-warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+# open_image applies this limit itself, from the header, naming the file and the limit; PIL's own check would
+# instead warn anonymously (above 89 MP) or raise with its own numbers (above 179 MP)
+Image.MAX_IMAGE_PIXELS = None
 
 
 class ImageProblem(Exception):
@@ -89,8 +89,6 @@ def open_image(path: Path) -> Image.Image:
             return to_rgb(im)
     except ImageProblem:
         raise
-    except Image.DecompressionBombError as e:
-        raise ImageProblem(OVERSIZED_IMAGE, f"{path}: {e}") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error...: all mean "cannot decode"
         raise ImageProblem(UNDECODABLE_IMAGE, f"{path}: {type(e).__name__}: {e}") from None
 
@@ -112,7 +110,7 @@ def check_sample_image(path: Path) -> str | None:
     return None if problem is None else f"{problem[0]}: {problem[1]}"
 
 
-def _unencodable(value: str) -> int | None:
+def unencodable_at(value: str) -> int | None:
     """Position of the first character UTF-8 cannot encode (a lone surrogate from JSON's \\ud800), else None."""
     try:
         value.encode("utf-8")
@@ -128,7 +126,7 @@ def sample_problem(s: Sample, num_classes: int) -> tuple[str, str] | None:
     image decoding are checked separately (they need every row, or the file's bytes).
     """
     for what, value in (("id", s.id), ("text", s.text)):
-        at = _unencodable(value)
+        at = unencodable_at(value)
         if at is not None:
             return UNENCODABLE_TEXT, f"{what} has a character UTF-8 cannot store at position {at} ({value[at]!r}: a lone surrogate)"
     if s.image_root is not None and not inside(s.image, s.image_root):
@@ -174,7 +172,7 @@ class VerifyReport:
         outside = {f: n for f, (n, ok) in self.image_folders.items() if not ok}
         console.print(f"images are read from {len(self.image_folders)} folder(s)" + (f", {len(outside)} outside the dataset folder:" if outside else ""))
         for folder, n in list(outside.items())[:SHOW_IDS]:
-            console.print(f"  {folder} ({n} images)", markup=False, highlight=False)
+            console.print(f"  {folder} ({n} images)", markup=False, highlight=False, soft_wrap=True)
 
         kinds = Table(title="problems")
         kinds.add_column("kind")
@@ -191,7 +189,8 @@ class VerifyReport:
                 continue
             console.print(f"[bold red]{kind}[/] ({len(items)}):")
             for sid, detail in items[:SHOW_IDS]:
-                console.print(f"  {sid}: {detail}", markup=False, highlight=False)
+                # not wrapped: paths stay whole, to copy and to search for
+                console.print(f"  {sid}: {detail}", markup=False, highlight=False, soft_wrap=True)
             if len(items) > SHOW_IDS:
                 console.print(f"  ... and {len(items) - SHOW_IDS} more")
         console.print("[green]OK: no problems found[/]" if self.ok else "[red]problems found[/]")

@@ -28,9 +28,9 @@ from ..cache import SplitData, diff_provenance
 from ..progress import make_progress
 from ..stage1.encoders import load_image_encoder, load_text_encoder
 from ..devices import resolve_device
-from ..errors import SppsclError
+from ..errors import SppsclError, atomic_write
 from ..stage1.extract import encode_batch, fixed_batches
-from ..stage1.verify import ImageProblem, open_image
+from ..stage1.verify import ImageProblem, open_image, unencodable_at
 from .train import load_checkpoint, model_from_checkpoint, predict_split
 
 ON_ERROR = ("stop", "skip")
@@ -78,6 +78,10 @@ def _where(source: str, pair: Pair) -> str:
 
 def _cheap_problem(pair: Pair) -> str | None:
     """What makes a parsed row unusable without decoding its image."""
+    for what, value in (("id", pair.id), ("text", pair.text)):
+        at = unencodable_at(value)
+        if at is not None:
+            return f"{what} has a character UTF-8 cannot store at position {at} ({value[at]!r}: a lone surrogate)"
     if not pair.text.strip():
         return "empty text"
     if not pair.image.is_file():
@@ -333,21 +337,21 @@ def write_output(path: Path, preds: list[Prediction], classes: list[str]) -> Non
     suffix = path.suffix.lower()
     if suffix not in OUTPUT_SUFFIXES:
         raise PredictError(f"--out {path}: must end in .jsonl or .csv")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # built in memory and written all or nothing: an unwritable or full location leaves no half file
+    buf = io.StringIO(newline="")
     if suffix == ".jsonl":
-        with open(path, "w", encoding="utf-8") as fh:
-            for p in preds:
-                if p.error is not None:
-                    row = {"id": p.id, "line": p.line, "error": p.error}
-                else:
-                    row = {"id": p.id, "pred": p.label, "probabilities": {c: float(x) for c, x in zip(classes, p.probs)}}
-                fh.write(json.dumps(row) + "\n")
-        return
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
+        for p in preds:
+            if p.error is not None:
+                row = {"id": p.id, "line": p.line, "error": p.error}
+            else:
+                row = {"id": p.id, "pred": p.label, "probabilities": {c: float(x) for c, x in zip(classes, p.probs)}}
+            buf.write(json.dumps(row) + "\n")
+    else:
+        w = csv.writer(buf)
         w.writerow(["id", "pred", *[f"p_{c}" for c in classes], "error"])
         for p in preds:
             if p.error is not None:
                 w.writerow([p.id, "", *[""] * len(classes), f"line {p.line}: {p.error}" if p.line else p.error])
             else:
                 w.writerow([p.id, p.label, *[f"{float(x):.6f}" for x in p.probs], ""])
+    atomic_write(path, buf.getvalue(), "the predictions")

@@ -12,6 +12,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from ..cache import FeatureCache, SplitData
+from ..config import ConfigError
+from .train import RunError
 from .metrics import classification_report
 
 C_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 1.0)
@@ -31,10 +33,26 @@ def pooled_features(split: SplitData, modalities: str = "both", chunk: int = 512
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
+MODALITIES = ("both", "image", "text")
+
+
 def run_probe(cache_path, seed: int = 0, modalities: str = "both", c_grid=C_GRID) -> dict:
+    if modalities not in MODALITIES:
+        raise ConfigError(f"--modalities must be one of {', '.join(MODALITIES)}, got {modalities!r}")
     cache = FeatureCache(cache_path)
     classes = cache.classes
     splits = {name: cache.load(name) for name in cache.splits}
+    for needed in ("train", "dev"):
+        if needed not in splits:
+            raise RunError(f"{cache.path}: the probe needs a '{needed}' split; the cache has {', '.join(splits)}")
+        present = np.unique(splits[needed].labels[splits[needed].rows])
+        if not splits[needed].has_labels:
+            raise RunError(f"{cache.path}: split {needed!r} has no labels (or no usable rows); the probe fits on train and selects C on dev")
+        if needed == "train" and len(present) < 2:
+            raise RunError(
+                f"{cache.path}: split 'train' has a single class ({classes[int(present[0])]}); "
+                "a classifier needs at least two. Extract a train split with more than one class."
+            )
     feats = {name: pooled_features(s, modalities) for name, s in splits.items()}
     y = {name: s.labels[s.rows] for name, s in splits.items()}
     scaler = StandardScaler().fit(feats["train"])

@@ -33,7 +33,13 @@ def _sweep_key(key: str, where: str) -> str:
 
 
 def _typed(name: str, text: str, where: str) -> Any:
-    return coerce_value(text, getattr(TrainConfig(), name), where)
+    value = coerce_value(text, getattr(TrainConfig(), name), where)
+    # a value no run could use (nan, 0 epochs, an unknown fusion) is refused here, not once per failed run
+    try:
+        apply_overrides(Config(), {f"train.{name}": value})
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return value
 
 
 def _split_item(item: str, flag: str) -> tuple[str, str]:

@@ -1,0 +1,793 @@
+"""Issue 11's matrix: bad inputs and faults across every command, run in-process through ``sppscl.cli.main``.
+
+Each row builds its bad input, runs one command and asserts: the exit code (2 bad input/option/location,
+1 a failed run or problems found by ``data verify``), that the message names the offending file/row/id/key,
+that no traceback reaches the user, and that no file that existed before the command changed.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import tiny_config
+from sppscl.cli import main
+
+LABELS = ("positive", "neutral", "negative")
+
+
+# ------------------------------------------------------------------------------------ building bad inputs
+
+
+def jpeg(seed: int = 0, size=(40, 30)) -> bytes:
+    px = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(px).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb's shape)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    # IHDR data starts at byte 16: width, height (big-endian); its CRC covers type + data
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def image_bytes(mode: str, fmt: str) -> bytes:
+    im = Image.new("RGB", (24, 20), (200, 60, 30)).convert(mode) if mode not in ("I;16", "I", "F") else Image.new(mode, (24, 20), 300)
+    if mode == "P":
+        im.info["transparency"] = 0
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def rows(n: int = 4, split: str = "train") -> list[dict]:
+    return [{"id": f"{split}{i}", "text": f"a {split} post number {i}", "image": f"images/{split}{i}.jpg", "label": i % 3} for i in range(n)]
+
+
+@dataclass
+class Dataset:
+    """A manifest (or CLMLF) dataset under ``root/data`` with a preset YAML for --config."""
+
+    root: Path
+    splits: dict[str, list[dict]] = field(default_factory=lambda: {s: rows(4 if s == "train" else 3, s) for s in ("train", "dev", "test")})
+    fmt: str = "manifest"
+    raw: dict[str, bytes] = field(default_factory=dict)  # split file name -> bytes written as is
+    images: dict[str, bytes] = field(default_factory=dict)  # relative path -> bytes (default: a JPEG per row)
+    missing: set[str] = field(default_factory=set)  # relative image paths not to create
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def write(self) -> Path:
+        (self.data / "images").mkdir(parents=True, exist_ok=True)
+        names = {}
+        for split, rs in self.splits.items():
+            name = f"{split}.{'json' if self.fmt == 'clmlf' else 'jsonl'}"
+            names[split] = name
+            if name in self.raw:
+                (self.data / name).write_bytes(self.raw[name])
+            elif self.fmt == "clmlf":
+                items = [{"id": r["id"], "text": r["text"], "emotion_label": r["label"]} for r in rs]
+                (self.data / name).write_text(json.dumps(items))
+            else:
+                (self.data / name).write_text("".join(json.dumps(r) + "\n" for r in rs))
+            for i, r in enumerate(rs):
+                rel = r["image"] if self.fmt == "manifest" else f"images/{r['id']}.jpg"
+                if rel not in self.images and rel not in self.missing and "/.." not in rel:
+                    (self.data / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (self.data / rel).write_bytes(jpeg(i))
+        for rel, content in self.images.items():
+            (self.data / rel).parent.mkdir(parents=True, exist_ok=True)
+            (self.data / rel).write_bytes(content)
+        preset = self.root / "preset.yaml"
+        preset.write_text(
+            yaml.safe_dump(
+                {
+                    "dataset": {"name": "bad", "format": self.fmt, "data_dir": str(self.data), "splits": names, "image_dir": "images"},
+                    "encoders": {"image": "tiny-cnn", "text": "tiny-bert", "max_length": 32},
+                    "extract": {"batch_size": 4, "num_workers": 0, "device": "cpu"},
+                }
+            )
+        )
+        return preset
+
+
+# ------------------------------------------------------------------------------------ the rows
+
+
+@dataclass
+class Expect:
+    argv: list[str]
+    code: int
+    names: list[str]  # each must appear in the output (the offending file / row / id / key)
+    # files under these folders must be byte-identical after the command (default: the case's own folder)
+    protect: list[Path] = field(default_factory=list)
+    after: Callable[[], None] | None = None  # further checks (e.g. a rerun resumes)
+
+
+@dataclass
+class Env:
+    tmp: Path
+    cache: Path  # the session's tiny cache
+    run: Path  # the session's tiny run (best/last checkpoints)
+    monkeypatch: pytest.MonkeyPatch
+
+    def dataset(self, **kw) -> Dataset:
+        return Dataset(self.tmp / "ds", **kw)
+
+
+CASES: dict[str, Callable[[Env], Expect]] = {}
+
+
+def case(fn):
+    CASES[fn.__name__] = fn
+    return fn
+
+
+def verify_and_extract(name: str, mutate: Callable[[Dataset], None], names: list[str], extract_code: int = 2, verify_code: int = 1):
+    """Two rows from one bad dataset: ``data verify`` reports it (exit 1) and ``extract`` refuses it (exit 2)."""
+
+    def build(env: Env, command: str) -> Expect:
+        ds = env.dataset()
+        mutate(ds)
+        preset = ds.write()
+        if command == "verify":
+            return Expect(["data", "verify", "--config", str(preset), "--workers", "1"], verify_code, names, [ds.data])
+        return Expect(["extract", "--config", str(preset), "--out", str(env.tmp / "out.h5"), "--quiet"], extract_code, names, [ds.data])
+
+    CASES[f"verify_{name}"] = lambda env: build(env, "verify")
+    CASES[f"extract_{name}"] = lambda env: build(env, "extract")
+
+
+def _set(split: str, i: int, **kw):
+    def mutate(ds: Dataset) -> None:
+        ds.splits[split][i].update(kw)
+
+    return mutate
+
+
+def _image(rel: str, content: bytes):
+    def mutate(ds: Dataset) -> None:
+        ds.images[rel] = content
+
+    return mutate
+
+
+# images
+verify_and_extract("corrupt_image", _image("images/train1.jpg", b"not an image at all" * 20), ["train1", "train1.jpg", "undecodable"])
+verify_and_extract("truncated_image", _image("images/dev2.jpg", jpeg(5)[:300]), ["dev2", "dev2.jpg"])
+verify_and_extract("empty_image_file", _image("images/test0.jpg", b""), ["test0", "test0.jpg"])
+verify_and_extract("missing_image", lambda ds: ds.missing.add("images/train2.jpg"), ["train2", "train2.jpg", "missing image"])
+verify_and_extract(
+    "oversized_image", _image("images/train3.jpg", png_claiming(20000, 20000)), ["train3", "train3.jpg", "400.0 megapixels", "limit of 64.0"]
+)
+# texts
+verify_and_extract("empty_text", _set("train", 0, text=""), ["train0", "empty text"])
+verify_and_extract("whitespace_text", _set("dev", 1, text=" \t\n "), ["dev1", "empty text"])
+verify_and_extract("unencodable_text", _set("train", 1, text="lone \ud800 surrogate"), ["train1", "surrogate"])
+# ids and labels
+verify_and_extract("duplicate_id", _set("test", 2, id="train0"), ["train0", "duplicate id"])
+verify_and_extract("unknown_label", _set("train", 3, label=7), ["train3", "label 7"])
+verify_and_extract("negative_label", _set("dev", 0, label=-2), ["dev0", "label -2"])
+verify_and_extract("empty_split", lambda ds: ds.splits.__setitem__("dev", []), ["dev", "dev.jsonl", "no rows"])
+
+
+def _clmlf_escape(ds: Dataset) -> None:
+    """CLMLF derives image paths from ids: an id that climbs out of the image folder must not be read."""
+    ds.fmt = "clmlf"
+    ds.splits["train"][1]["id"] = "../../outside/evil"
+    outside = ds.root / "outside"
+    outside.mkdir(parents=True, exist_ok=True)
+    (outside / "evil.jpg").write_bytes(jpeg(9))
+
+
+verify_and_extract("path_escaping_id", _clmlf_escape, ["../../outside/evil", "outside the image folder", "outside/evil.jpg"])
+
+
+def _mislabelled(ds: Dataset) -> None:
+    # a PNG and a GIF under .jpg names: PIL reads the content, not the name, so these are fine
+    ds.images["images/train0.jpg"] = image_bytes("RGB", "PNG")
+    ds.images["images/train1.jpg"] = image_bytes("P", "GIF")
+
+
+verify_and_extract("mislabelled_image_format_is_fine", _mislabelled, [], extract_code=0, verify_code=0)
+
+
+def _every_mode(ds: Dataset) -> None:
+    modes = [("1", "PNG"), ("L", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("RGBA", "PNG"), ("I;16", "PNG"), ("I", "TIFF"), ("F", "TIFF"), ("CMYK", "JPEG"), ("YCbCr", "JPEG"), ("RGB", "BMP"), ("RGBA", "WEBP")]
+    ds.splits["train"] = [{"id": f"m{i}", "text": f"mode {m}", "image": f"images/m{i}.img", "label": i % 3} for i, (m, _) in enumerate(modes)]
+    for i, (m, fmt) in enumerate(modes):
+        ds.images[f"images/m{i}.img"] = image_bytes(m, fmt)
+
+
+verify_and_extract("every_image_mode_is_fine", _every_mode, [], extract_code=0, verify_code=0)
+verify_and_extract("overlong_text_is_truncated_not_refused", _set("train", 0, text="word " * 20000), [], extract_code=0, verify_code=0)
+
+
+# structure of the files: these stop in the adapter, the same way for verify and extract (exit 2)
+def structure(name: str, mutate: Callable[[Dataset], None], names: list[str]):
+    verify_and_extract(name, mutate, names, extract_code=2, verify_code=2)
+
+
+def _raw(name: str, content: bytes, fmt: str = "manifest"):
+    def mutate(ds: Dataset) -> None:
+        ds.fmt = fmt
+        ds.raw[name] = content
+
+    return mutate
+
+
+structure("non_utf8_manifest", _raw("train.jsonl", b'{"id": "a", "text": "caf\xe9", "image": "images/a.jpg"}\n'), ["train.jsonl", "line 1", "UTF-8"])
+structure("malformed_jsonl", _raw("dev.jsonl", b'{"id": "d0", "text": "x", "image": "images/dev0.jpg", "label": 0}\n{"id": \n'), ["dev.jsonl", "line 2", "JSON"])
+structure("jsonl_row_is_a_list", _raw("train.jsonl", b'["t0", "text", "images/train0.jpg", 0]\n'), ["train.jsonl", "line 1", "object"])
+structure("clmlf_not_a_list", _raw("train.json", b'{"id": 1}', fmt="clmlf"), ["train.json", "JSON list"])
+structure("clmlf_malformed_json", _raw("test.json", b'[{"id": 1, "text": "x"', fmt="clmlf"), ["test.json", "not valid JSON"])
+structure("clmlf_id_wrong_type", _raw("train.json", b'[{"id": {"a": 1}, "text": "x", "emotion_label": 0}]', fmt="clmlf"), ["train.json", "row 0", "id"])
+structure("clmlf_text_wrong_type", _raw("train.json", b'[{"id": 3, "text": 5, "emotion_label": 0}]', fmt="clmlf"), ["train.json", "id 3", "text"])
+structure("non_integer_label", _set("train", 2, label="maybe"), ["train.jsonl", "line 3", "train2", "'maybe'"])
+structure("fractional_label", _set("train", 1, label=1.5), ["train.jsonl", "train1", "1.5"])
+structure("label_missing_on_some_rows", lambda ds: ds.splits["dev"][1].pop("label"), ["dev.jsonl", "dev1"])
+structure("missing_text_key", lambda ds: ds.splits["test"][0].pop("text"), ["test.jsonl", "line 1", "'text'"])
+
+
+@case
+def verify_csv_manifest_without_image_column(env: Env) -> Expect:
+    ds = env.dataset()
+    preset = ds.write()
+    (ds.data / "train.csv").write_text("id,text,label\nt0,hello,0\n")
+    cfg = yaml.safe_load(preset.read_text())
+    cfg["dataset"]["splits"]["train"] = "train.csv"
+    preset.write_text(yaml.safe_dump(cfg))
+    return Expect(["data", "verify", "--config", str(preset)], 2, ["train.csv", "line 1", "image"], [ds.data])
+
+
+@case
+def verify_missing_split_file(env: Env) -> Expect:
+    ds = env.dataset()
+    preset = ds.write()
+    (ds.data / "test.jsonl").unlink()
+    return Expect(["data", "verify", "--config", str(preset)], 2, ["test", "test.jsonl", "does not exist"], [ds.data])
+
+
+@case
+def verify_missing_data_dir(env: Env) -> Expect:
+    ds, preset = _good(env)
+    return Expect(["data", "verify", "--config", str(preset), "--data-dir", str(env.tmp / "nowhere")], 2, ["nowhere", "does not exist"])
+
+
+@case
+def verify_unknown_preset(env: Env) -> Expect:
+    return Expect(["data", "verify", "--config", "no-such-preset"], 2, ["no-such-preset"])
+
+
+@case
+def verify_malformed_preset_yaml(env: Env) -> Expect:
+    bad = env.tmp / "bad.yaml"
+    bad.write_text("dataset: [unclosed\n")
+    return Expect(["data", "verify", "--config", str(bad)], 2, ["bad.yaml", "YAML"])
+
+
+@case
+def verify_preset_with_wrong_type(env: Env) -> Expect:
+    bad = env.tmp / "bad.yaml"
+    bad.write_text("extract:\n  batch_size: many\n")
+    return Expect(["data", "verify", "--config", str(bad)], 2, ["bad.yaml", "extract.batch_size", "many"])
+
+
+# ------------------------------------------------------------------------------------ extract options and outputs
+
+
+def _good(env: Env) -> tuple[Dataset, Path]:
+    ds = env.dataset()
+    return ds, ds.write()
+
+
+@case
+def extract_batch_size_zero(env: Env) -> Expect:
+    ds, preset = _good(env)
+    return Expect(["extract", "--config", str(preset), "--batch-size", "0", "--out", str(env.tmp / "c.h5")], 2, ["--batch-size", "greater than or equal to 1"], [ds.data])
+
+
+@case
+def extract_negative_limit(env: Env) -> Expect:
+    ds, preset = _good(env)
+    return Expect(["extract", "--config", str(preset), "--limit", "-1", "--out", str(env.tmp / "c.h5")], 2, ["--limit"], [ds.data])
+
+
+@case
+def extract_batch_size_not_an_integer(env: Env) -> Expect:
+    ds, preset = _good(env)
+    return Expect(["extract", "--config", str(preset), "--batch-size", "lots", "--out", str(env.tmp / "c.h5")], 2, ["--batch-size", "valid integer"], [ds.data])
+
+
+@case
+def extract_bad_on_error(env: Env) -> Expect:
+    ds, preset = _good(env)
+    return Expect(["extract", "--config", str(preset), "--on-error", "ignore", "--out", str(env.tmp / "c.h5")], 2, ["--on-error", "ignore"], [ds.data])
+
+
+@case
+def extract_set_max_length_nonsense(env: Env) -> Expect:
+    ds, preset = _good(env)
+    return Expect(["extract", "--config", str(preset), "--set", "encoders.max_length=1", "--out", str(env.tmp / "c.h5")], 2, ["encoders.max_length=1"], [ds.data])
+
+
+@case
+def extract_out_is_a_folder(env: Env) -> Expect:
+    ds, preset = _good(env)
+    (env.tmp / "folder").mkdir()
+    return Expect(["extract", "--config", str(preset), "--out", str(env.tmp / "folder"), "--quiet"], 2, ["folder", "is a folder"], [ds.data])
+
+
+@case
+def extract_out_under_a_file(env: Env) -> Expect:
+    ds, preset = _good(env)
+    (env.tmp / "afile").write_text("x")
+    return Expect(["extract", "--config", str(preset), "--out", str(env.tmp / "afile" / "c.h5"), "--quiet"], 2, ["afile", "not a folder"], [ds.data])
+
+
+@case
+def extract_out_read_only(env: Env) -> Expect:
+    ds, preset = _good(env)
+    ro = env.tmp / "ro"
+    ro.mkdir()
+    # tests may run as root, who can write anywhere: the location reports itself unwritable instead
+    _unwritable(env, ro)
+    return Expect(["extract", "--config", str(preset), "--out", str(ro / "c.h5"), "--quiet"], 2, [str(ro), "not writable"], [ds.data])
+
+
+@case
+def extract_full_disk_before_start(env: Env) -> Expect:
+    ds, preset = _good(env)
+    env.monkeypatch.setattr("sppscl.stage1.extract.free_bytes", lambda p: 1000)
+    out = env.tmp / "c.h5"
+
+    def after():
+        # nothing was left behind, so the next run starts clean
+        assert not out.exists() and not out.with_name("c.h5.partial").exists()
+
+    return Expect(["extract", "--config", str(preset), "--out", str(out), "--quiet"], 1, ["c.h5", "no space left", "1.0 KB free", "needs about"], [ds.data], after)
+
+
+@case
+def extract_full_disk_while_writing(env: Env) -> Expect:
+    """ENOSPC injected at the positioned write after two batches: exit 1 naming the cache; the rerun resumes."""
+    ds, preset = _good(env)
+    out = env.tmp / "c.h5"
+    import os
+
+    real, calls = os.pwrite, {"n": 0}
+
+    def pwrite(fd, data, pos):
+        calls["n"] += 1
+        if calls["n"] > 12:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, pos)
+
+    env.monkeypatch.setattr("sppscl.cache.os.pwrite", pwrite)
+
+    def after():
+        env.monkeypatch.setattr("sppscl.cache.os.pwrite", real)
+        assert main(["extract", "--config", str(preset), "--out", str(out), "--quiet"]) == 0
+        clean = env.tmp / "clean.h5"
+        assert main(["extract", "--config", str(preset), "--out", str(clean), "--quiet"]) == 0
+        assert _arrays(out) == _arrays(clean)
+
+    return Expect(["extract", "--config", str(preset), "--out", str(out), "--quiet"], 1, ["c.h5", "no space left", "resumes"], [ds.data], after)
+
+
+@case
+def extract_existing_cache_of_another_request(env: Env) -> Expect:
+    ds, preset = _good(env)
+    out = env.tmp / "c.h5"
+    assert main(["extract", "--config", str(preset), "--out", str(out), "--quiet"]) == 0
+    return Expect(
+        ["extract", "--config", str(preset), "--set", "encoders.max_length=16", "--out", str(out), "--quiet"],
+        2,
+        ["max_length: the cache on disk has 32, this command has 16", "--force"],
+        [ds.data, out],
+    )
+
+
+@case
+def extract_force_replaces_an_unreadable_cache(env: Env) -> Expect:
+    """The advice an unreadable cache gives (--force) works."""
+    ds, preset = _good(env)
+    out = env.tmp / "c.h5"
+    out.write_bytes(b"garbage, not HDF5")
+    assert main(["extract", "--config", str(preset), "--out", str(out), "--quiet"]) == 2
+    return Expect(["extract", "--config", str(preset), "--out", str(out), "--force", "--quiet"], 0, [], [ds.data])
+
+
+# ------------------------------------------------------------------------------------ caches and checkpoints
+
+
+def _train(env: Env, *extra: str, cache: Path | None = None, out: Path | None = None) -> list[str]:
+    return ["train", "--cache", str(cache or env.cache), "--out", str(out or env.tmp / "run"), "--set", "threads=1", "--quiet", *extra]
+
+
+@case
+def train_missing_cache(env: Env) -> Expect:
+    return Expect(_train(env, cache=env.tmp / "none.h5"), 2, ["none.h5", "no such cache"])
+
+
+@case
+def train_truncated_cache(env: Env) -> Expect:
+    bad = env.tmp / "cut.h5"
+    bad.write_bytes(env.cache.read_bytes()[:4096])
+    return Expect(_train(env, "--config", "demo", cache=bad), 2, ["cut.h5", "not a readable sppscl cache"], [env.tmp, env.cache.parent])
+
+
+@case
+def train_foreign_hdf5(env: Env) -> Expect:
+    import h5py
+
+    bad = env.tmp / "foreign.h5"
+    with h5py.File(bad, "w") as f:
+        f["x"] = np.arange(3)
+    return Expect(_train(env, "--config", "demo", cache=bad), 2, ["foreign.h5", "not a readable sppscl cache"], [env.tmp])
+
+
+@case
+def train_incomplete_cache(env: Env) -> Expect:
+    import h5py
+
+    bad = env.tmp / "half.h5"
+    bad.write_bytes(env.cache.read_bytes())
+    with h5py.File(bad, "r+") as f:
+        f.attrs["complete"] = False
+    return Expect(_train(env, "--config", "demo", cache=bad), 2, ["half.h5", "did not finish", "sppscl extract"], [env.tmp])
+
+
+@pytest.mark.parametrize("bad, key", [("lr=nan", "train.lr=nan"), ("lr=inf", "train.lr=inf"), ("alpha=-inf", "train.alpha=-inf"), ("epochs=ten", "epochs"),
+                                      ("batch_size=0", "train.batch_size=0"), ("dropout=1.5", "dropout"), ("learning_rate=1", "learning_rate"),
+                                      ("encoders.max_length=8", "encoders.max_length"), ("lr", "'lr'")])
+def test_train_set_values(bad, key, tiny_cache, tmp_path, capsys):
+    """--set values that parse but cannot be used, wrong types, unknown keys, keys of another stage: exit 2 naming the key."""
+    code = main(["train", "--cache", str(tiny_cache[0]), "--out", str(tmp_path / "r"), "--set", bad, "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 2 and key in err and "Traceback" not in err + out, err
+    assert not (tmp_path / "r").exists()
+
+
+@case
+def train_negative_seed(env: Env) -> Expect:
+    return Expect(_train(env, "--seed", "-1"), 2, ["--seed", "greater than or equal to 0"])
+
+
+@case
+def train_unknown_device(env: Env) -> Expect:
+    return Expect(_train(env, "--device", "tpu:0"), 2, ["tpu:0"])
+
+
+@case
+def train_cuda_without_cuda(env: Env) -> Expect:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    return Expect(_train(env, "--device", "cuda"), 2, ["cuda", "not available"])
+
+
+@case
+def train_out_is_a_file(env: Env) -> Expect:
+    (env.tmp / "run").write_text("x")
+    return Expect(_train(env), 2, ["run", "is a file"], [env.tmp])
+
+
+@case
+def train_out_read_only(env: Env) -> Expect:
+    ro = env.tmp / "ro"
+    ro.mkdir()
+    _unwritable(env, ro)
+    return Expect(_train(env, out=ro / "run"), 2, [str(ro), "not writable"], [env.tmp])
+
+
+@case
+def train_into_an_existing_run(env: Env) -> Expect:
+    return Expect(_train(env, out=env.run), 2, [str(env.run), "already holds a run", "--resume"], [env.run])
+
+
+@case
+def train_resume_with_a_changed_learning_rate(env: Env) -> Expect:
+    return Expect(_train(env, "--resume", "--set", "lr=0.5", out=env.run), 2, ["train.lr", "--resume", "epochs"], [env.run])
+
+
+@case
+def train_resume_nothing_to_resume(env: Env) -> Expect:
+    (env.tmp / "empty").mkdir()
+    return Expect(_train(env, "--resume", out=env.tmp / "empty"), 2, ["empty", "nothing to resume"])
+
+
+@case
+def train_full_disk_while_checkpointing(env: Env) -> Expect:
+    """ENOSPC at the second epoch's checkpoint: exit 1 naming the file and the bytes it needs; --resume then
+    finishes with the weights an uninterrupted run has."""
+    import builtins
+
+    out = env.tmp / "run"
+    calls = {"n": 0}
+
+    def full_open(path, mode="r", *a, **k):
+        fh = builtins.open(path, mode, *a, **k)
+        if "w" in mode and str(path).endswith(".safetensors.tmp"):
+            calls["n"] += 1
+            if calls["n"] >= 3:  # epoch 1 writes best and last; epoch 2's first checkpoint fails
+                fh.close()
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return fh
+
+    env.monkeypatch.setattr("sppscl.errors.open", full_open, raising=False)
+    argv = _train(env, "--set", "epochs=3", out=out)
+
+    def after():
+        env.monkeypatch.undo()
+        assert not list(out.glob("*.tmp")), "a stray temporary file was left behind"
+        assert main([*argv, "--resume"]) == 0
+        clean = env.tmp / "clean"
+        assert main(_train(env, "--set", "epochs=3", out=clean)) == 0
+        assert _weights(out / "last.safetensors") == _weights(clean / "last.safetensors")
+        strip = lambda p: [{k: v for k, v in json.loads(x).items() if k != "epoch_seconds"} for x in p.read_text().splitlines()]  # noqa: E731
+        assert strip(out / "metrics.jsonl") == strip(clean / "metrics.jsonl")
+
+    return Expect(argv, 1, [".safetensors", "no space left", "needs about", "--resume"], [env.cache.parent], after)
+
+
+@case
+def evaluate_missing_checkpoint(env: Env) -> Expect:
+    return Expect(["evaluate", "--checkpoint", str(env.tmp / "nope.safetensors"), "--cache", str(env.cache)], 2, ["nope.safetensors", "no such checkpoint"])
+
+
+@case
+def evaluate_truncated_checkpoint(env: Env) -> Expect:
+    cut = env.tmp / "cut.safetensors"
+    cut.write_bytes((env.run / "best.safetensors").read_bytes()[:200])
+    return Expect(["evaluate", "--checkpoint", str(cut), "--cache", str(env.cache)], 2, ["cut.safetensors", "not a readable"], [env.tmp, env.run])
+
+
+@case
+def evaluate_foreign_checkpoint(env: Env) -> Expect:
+    from safetensors.torch import save_file
+    import torch
+
+    foreign = env.tmp / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, foreign)
+    return Expect(["evaluate", "--checkpoint", str(foreign), "--cache", str(env.cache)], 2, ["other.safetensors", "not an sppscl checkpoint"], [env.tmp])
+
+
+@case
+def evaluate_unknown_split(env: Env) -> Expect:
+    return Expect(["evaluate", "--checkpoint", str(env.run / "best.safetensors"), "--cache", str(env.cache), "--split", "holdout"], 2, ["holdout", "splits: "], [env.run])
+
+
+@case
+def evaluate_cache_of_other_encoders(env: Env) -> Expect:
+    """The message says which side has which value (it had them swapped)."""
+    return Expect(
+        ["evaluate", "--checkpoint", str(env.run / "best.safetensors"), "--cache", str(other_cache(env))],
+        2,
+        ["max_length: this cache has 16, the checkpoint's cache has 32"],
+        [env.run],
+    )
+
+
+@case
+def evaluate_out_under_a_file(env: Env) -> Expect:
+    (env.tmp / "afile").write_text("x")
+    return Expect(
+        ["evaluate", "--checkpoint", str(env.run / "best.safetensors"), "--cache", str(env.cache), "--out", str(env.tmp / "afile" / "res")],
+        2,
+        ["afile", "not a folder"],
+        [env.tmp, env.run],
+    )
+
+
+@case
+def probe_single_class_train(env: Env) -> Expect:
+    from sppscl.stage1.synthetic import generate
+
+    data = env.tmp / "data"
+    generate(data, 30, seed=2)
+    lines = [ln for ln in (data / "train.jsonl").read_text().splitlines() if json.loads(ln)["label"] == 1]
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = tiny_config(data, size=30)
+    cfg.dataset.format = "manifest"
+    from sppscl.stage1.extract import extract
+
+    one = env.tmp / "one.h5"
+    extract(cfg, one, progress=False)
+    return Expect(["probe", "--cache", str(one)], 2, ["one.h5", "'train'", "single class"], [env.tmp])
+
+
+@case
+def probe_unknown_modality(env: Env) -> Expect:
+    return Expect(["probe", "--cache", str(env.cache), "--modalities", "audio"], 2, ["--modalities", "audio"])
+
+
+@case
+def sweep_grid_without_values(env: Env) -> Expect:
+    return Expect(["sweep", "--cache", str(env.cache), "--grid", "lr=", "--out", str(env.tmp / "s"), "--quiet"], 2, ["--grid", "lr"])
+
+
+@case
+def sweep_grid_with_nan(env: Env) -> Expect:
+    return Expect(["sweep", "--cache", str(env.cache), "--grid", "lr=1e-3,nan", "--out", str(env.tmp / "s"), "--quiet"], 2, ["lr", "nan"])
+
+
+@case
+def sweep_zero_jobs(env: Env) -> Expect:
+    return Expect(["sweep", "--cache", str(env.cache), "--grid", "lr=1e-3", "--jobs", "0", "--out", str(env.tmp / "s")], 2, ["--jobs"])
+
+
+@case
+def sweep_missing_cache(env: Env) -> Expect:
+    return Expect(["sweep", "--cache", str(env.tmp / "gone.h5"), "--grid", "lr=1e-3", "--out", str(env.tmp / "s")], 2, ["gone.h5"])
+
+
+@case
+def predict_batch_size_zero(env: Env) -> Expect:
+    return Expect(["predict", "--checkpoint", str(env.run / "best.safetensors"), "--image", "x.jpg", "--text", "hi", "--batch-size", "0"], 2, ["--batch-size"])
+
+
+@case
+def predict_malformed_input_row(env: Env) -> Expect:
+    (env.tmp / "in.jsonl").write_text('{"text": "ok", "image": "a.jpg"}\n{"text": \n')
+    (env.tmp / "a.jpg").write_bytes(jpeg())
+    return Expect(["predict", "--checkpoint", str(env.run / "best.safetensors"), "--input", str(env.tmp / "in.jsonl"), "--quiet"], 2, ["in.jsonl", "line 2", "JSON"], [env.tmp])
+
+
+@case
+def predict_unencodable_text(env: Env) -> Expect:
+    (env.tmp / "in.jsonl").write_text('{"id": "s1", "text": "bad \\ud800", "image": "a.jpg"}\n')
+    (env.tmp / "a.jpg").write_bytes(jpeg())
+    return Expect(["predict", "--checkpoint", str(env.run / "best.safetensors"), "--input", str(env.tmp / "in.jsonl"), "--quiet"], 2, ["in.jsonl", "s1"], [env.tmp])
+
+
+@case
+def predict_output_unwritable(env: Env) -> Expect:
+    (env.tmp / "a.jpg").write_bytes(jpeg())
+    (env.tmp / "afile").write_text("x")
+    return Expect(
+        ["predict", "--checkpoint", str(env.run / "best.safetensors"), "--image", str(env.tmp / "a.jpg"), "--text", "hi", "--out", str(env.tmp / "afile" / "p.csv")],
+        2,
+        ["afile", "not a folder"],
+        [env.tmp],
+    )
+
+
+@case
+def predict_output_full_disk_keeps_the_old_file(env: Env) -> Expect:
+    import builtins
+
+    (env.tmp / "a.jpg").write_bytes(jpeg())
+    old = env.tmp / "p.csv"
+    old.write_text("previous predictions\n")
+
+    def full_open(path, mode="r", *a, **k):
+        if "w" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return builtins.open(path, mode, *a, **k)
+
+    env.monkeypatch.setattr("sppscl.errors.open", full_open, raising=False)
+    return Expect(
+        ["predict", "--checkpoint", str(env.run / "best.safetensors"), "--image", str(env.tmp / "a.jpg"), "--text", "hi", "--out", str(old)],
+        1,
+        ["p.csv", "no space left"],
+        [env.tmp],
+        lambda: None if not list(env.tmp.glob("*.tmp")) else pytest.fail("stray temporary file"),
+    )
+
+
+# ------------------------------------------------------------------------------------ shared fixtures and the runner
+
+
+def _unwritable(env: Env, folder: Path) -> None:
+    """``folder`` reports itself unwritable (tests may run as root, whom permissions do not stop)."""
+    import os
+
+    real = os.access
+    env.monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if Path(p) == folder else real(p, mode, *a, **k))
+
+
+_OTHER: dict[str, Path] = {}
+
+
+def other_cache(env: Env) -> Path:
+    """A cache extracted with another max_length (built once per session)."""
+    if "path" not in _OTHER:
+        from sppscl.stage1.extract import extract
+
+        root = env.cache.parent / "other"
+        cfg = tiny_config(root / "data", size=24)
+        cfg.encoders.max_length = 16
+        extract(cfg, root / "other.h5", progress=False)
+        _OTHER["path"] = root / "other.h5"
+    return _OTHER["path"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_cache, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("matrixrun") / "run"
+    assert main(["train", "--cache", str(tiny_cache[0]), "--out", str(run), "--set", "epochs=1", "--set", "threads=1", "--quiet"]) == 0
+    return run
+
+
+def _arrays(path: Path) -> dict:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        out = {}
+        for s, g in f["splits"].items():
+            for k in g:
+                a = g[k][()]
+                out[f"{s}/{k}"] = hashlib.sha256(repr(a.tolist()).encode() if a.dtype == object else np.ascontiguousarray(a).tobytes()).hexdigest()
+        return out
+
+
+def _weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: hashlib.sha256(v.numpy().tobytes()).hexdigest() for k, v in load_file(path).items() if k.startswith("model")}
+
+
+def _snapshot(roots: list[Path]) -> dict[str, str]:
+    out = {}
+    for root in roots:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+        for p in files:
+            out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def test_matrix_has_at_least_40_rows():
+    assert len(CASES) >= 40, len(CASES)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_or_fault(name, tiny_cache, tiny_run, tmp_path, monkeypatch, capsys):
+    opened: list[str] = []
+    real_open = Image.open
+
+    def spy(fp, *a, **k):
+        opened.append(str(fp))
+        return real_open(fp, *a, **k)
+
+    monkeypatch.setattr(Image, "open", spy)
+    env = Env(tmp_path, tiny_cache[0], tiny_run, monkeypatch)
+    expect = CASES[name](env)
+    capsys.readouterr()
+    protected = [tiny_cache[0], tiny_run] + expect.protect
+    # the command's own output location may be created; everything that existed before must stay as it was
+    before = _snapshot(protected)
+    code = main(expect.argv)
+    out, err = capsys.readouterr()
+    assert code == expect.code, f"exit {code}, expected {expect.code}\nstdout:\n{out}\nstderr:\n{err}"
+    assert "Traceback" not in err and "Traceback" not in out, err
+    text = " ".join((out + err).split())
+    for needle in expect.names:
+        assert " ".join(needle.split()) in text, f"{needle!r} not in the output:\n{out}\n{err}"
+    after = _snapshot(protected)
+    changed = [p for p, h in before.items() if after.get(p) != h]
+    assert not changed, f"files changed: {changed}"
+    assert not [p for p in opened if "outside" in p], f"read outside the dataset: {opened}"
+    if expect.after is not None:
+        expect.after()
