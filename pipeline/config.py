@@ -230,9 +230,12 @@ def coerce_value(value: Any, default: Any, where: str) -> Any:
                 # accept fractions such as 2/3 for alpha
                 if "/" in text:
                     num, den = text.split("/", 1)
-                    return target(float(num) / float(den))
+                    ratio = float(num) / float(den)
+                    if target is int and not ratio.is_integer():
+                        raise ValueError(text)  # 5/2 for a count would silently become 2
+                    return target(ratio)
                 return target(float(text)) if target is float else int(text)
-            except (ValueError, ZeroDivisionError):
+            except (ValueError, ZeroDivisionError, OverflowError):
                 raise ConfigError(f"{where}: expected a {target.__name__}, got {value!r}") from None
         if target in (list, dict):
             try:

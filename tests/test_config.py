@@ -49,6 +49,7 @@ def test_overrides_are_typed():
         ("lr", "key=value"),
         ("threads=-1", "train.threads=-1: must be 0"),
             ("lr=nan", "train.lr=nan: must be a finite number"),
+            ("epochs=5/2", "expected a int"),
             ("alpha=inf", "train.alpha=inf: must be a finite number"),
             ("batch_size=0", "train.batch_size=0: must be at least 2"),
             ("gamma=1.5", "train.gamma=1.5: must be in"),

@@ -250,3 +250,25 @@ def test_probe_matches_a_direct_sklearn_fit(tiny_cache):
     acc = float((clf.predict(sc.transform(feats(dv))) == dv.labels[dv.rows]).mean())
     assert res["splits"]["dev"]["accuracy"] == pytest.approx(acc)
     assert res["C"] == 1.0
+
+
+def test_resume_with_more_epochs_applies_them_and_says_so(tiny_cache, tmp_path, capsys):
+    """--resume --set epochs=N continues to N (and equals a run started with N); other changed keys are refused."""
+    from safetensors.torch import load_file
+
+    path, _ = tiny_cache
+    cmd = ["train", "--cache", str(path), "--set", "threads=1", "--quiet"]
+    assert main([*cmd, "--set", "epochs=2", "--out", str(tmp_path / "r")]) == 0
+    assert main([*cmd, "--set", "epochs=3", "--out", str(tmp_path / "r"), "--resume"]) == 0
+    assert "resuming with train.epochs=3 (the run was started with 2)" in " ".join(capsys.readouterr().err.split())
+    assert main([*cmd, "--set", "epochs=3", "--out", str(tmp_path / "clean")]) == 0
+    strip = lambda p: [{k: v for k, v in x.items() if k != "epoch_seconds"} for x in _lines(p / "metrics.jsonl")]  # noqa: E731
+    assert len(strip(tmp_path / "r")) == 3 and strip(tmp_path / "r") == strip(tmp_path / "clean")
+    a, b = load_file(tmp_path / "r" / "last.safetensors"), load_file(tmp_path / "clean" / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("model"))
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["train"]["epochs"] == 3
+    # fewer epochs than already trained, and keys that would make it another run, are refused
+    assert main([*cmd, "--set", "epochs=1", "--out", str(tmp_path / "r"), "--resume"]) == 2
+    assert "already trained 3 epochs" in capsys.readouterr().err
+    assert main([*cmd, "--set", "fusion=concat", "--out", str(tmp_path / "r"), "--resume"]) == 2
+    assert "train.fusion" in capsys.readouterr().err
