@@ -192,18 +192,9 @@ class Config:
         return Path(os.path.abspath(base / p))
 
     def validate(self) -> None:
-        for (section, key), allowed in CHOICES.items():
-            value = getattr(getattr(self, section), key)
-            if value not in allowed:
-                raise ConfigError(f"{section}.{key}={value!r} is not one of {', '.join(allowed)}")
         for section in SECTIONS:
             for key, value in dataclasses.asdict(getattr(self, section)).items():
-                if isinstance(value, float) and not math.isfinite(value):
-                    raise ConfigError(f"{section}.{key}={value}: must be a finite number")
-        for (section, key), (low, high, what) in RANGES.items():
-            value = getattr(getattr(self, section), key)
-            if not low <= value <= high:
-                raise ConfigError(f"{section}.{key}={value}: must be {what}")
+                check_value(section, key, value)
         t = self.train
         if not 1 <= t.ha_layers <= self.encoders.layers:
             raise ConfigError(f"train.ha_layers={t.ha_layers} must be between 1 and encoders.layers={self.encoders.layers}")
@@ -211,6 +202,19 @@ class Config:
             raise ConfigError(f"train.dropout must be in [0, 1), got {t.dropout}")
         if not t.use_intra and not t.use_inter and t.lambda_ce <= 0:
             raise ConfigError("with use_intra=false, use_inter=false and lambda_ce<=0 nothing is trained")
+
+
+def check_value(section: str, key: str, value: Any) -> None:
+    """The checks one value must pass whatever the other keys hold: a listed choice, finite, within its range."""
+    allowed = CHOICES.get((section, key))
+    if allowed is not None and value not in allowed:
+        raise ConfigError(f"{section}.{key}={value!r} is not one of {', '.join(allowed)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{section}.{key}={value}: must be a finite number")
+    if (section, key) in RANGES:
+        low, high, what = RANGES[(section, key)]
+        if not low <= value <= high:
+            raise ConfigError(f"{section}.{key}={value}: must be {what}")
 
 
 def coerce_value(value: Any, default: Any, where: str) -> Any:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...config import Config, ConfigError, TrainConfig, apply_overrides, coerce_value, resolve_key
+from ...config import Config, ConfigError, TrainConfig, apply_overrides, check_value, coerce_value, resolve_key
 from ..train import RunError
 
 SAMPLERS = ("random", "tpe")
@@ -33,13 +33,7 @@ def _sweep_key(key: str, where: str) -> str:
 
 
 def _typed(name: str, text: str, where: str) -> Any:
-    value = coerce_value(text, getattr(TrainConfig(), name), where)
-    # a value no run could use (nan, 0 epochs, an unknown fusion) is refused here, not once per failed run
-    try:
-        apply_overrides(Config(), {f"train.{name}": value})
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    return value
+    return coerce_value(text, getattr(TrainConfig(), name), where)
 
 
 def _split_item(item: str, flag: str) -> tuple[str, str]:
@@ -58,6 +52,12 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
         if name in grid:
             raise ConfigError(f"--grid {item}: {name} is given twice")
         values = [_typed(name, v, f"--grid {item}") for v in spec.split(",") if v.strip()]
+        for v in values:
+            # a value no run could use (nan, 0 epochs) is refused here, not once per failed run
+            try:
+                check_value("train", name, v)
+            except ConfigError as e:
+                raise ConfigError(f"--grid {item}: {e}") from None
         if not values:
             raise ConfigError(f"--grid {item}: no values")
         grid[name] = list(dict.fromkeys(values))
