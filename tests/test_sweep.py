@@ -163,21 +163,23 @@ def test_raising_run_is_caught(base, tmp_path, monkeypatch):
 def test_optuna_random_search_writes_study_and_resumes(base, tmp_path):
     import optuna
 
+    from sppscl.stage2.sweeps.study import open_storage
+
     path, cfg = base
     out = tmp_path / "s"
     args = dict(space=["lr=1e-3:1e-1:log", "fusion=batch,concat"], n_random=2, sampler="random", seeds=[0], execution=INLINE, progress=False)
     res = sweep(path, cfg, out, **args)
-    assert (out / "study.db").exists()
+    assert (out / "study.log").exists()
     assert len(res.rows) == 2 and all(r["status"] == "ok" for r in res.rows) and len(res.ran) == 2
     assert all(1e-3 <= r["lr"] <= 1e-1 and r["fusion"] in ("batch", "concat") for r in res.rows)
-    study = optuna.load_study(study_name="sppscl", storage=f"sqlite:///{out / 'study.db'}")
+    study = optuna.load_study(study_name="sppscl", storage=open_storage(None, out))
     trials = study.get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
     assert sorted(t.value for t in trials) == sorted(r["dev_accuracy"] for r in res.rows)
     # rerunning draws nothing new and trains nothing; a different space is refused
     again = sweep(path, cfg, out, **args)
     assert again.ran == [] and len(again.rows) == 2
-    assert len(optuna.load_study(study_name="sppscl", storage=f"sqlite:///{out / 'study.db'}").trials) == 2
+    assert len(optuna.load_study(study_name="sppscl", storage=open_storage(None, out)).trials) == 2
     with pytest.raises(SweepError, match="another space"):
         sweep(path, cfg, out, **{**args, "space": ["lr=1e-4:1e-1:log"]})
 

@@ -1,4 +1,4 @@
-"""``sppscl sweep``: a grid or a random/TPE search over one cache, times seeds, summarised over seeds."""
+"""``sppscl sweep``: a grid or a random/TPE search over one cache, times seeds, summarised over seeds; and its summary."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from rich.console import Console
 from ...cache import FeatureCache
 from ...config import Config, ConfigError
 from .engine import Execution, run_configs
-from .plans import StudyPlan
-from .spec import grid_configs, parse_grid, parse_space
-from .tables import SweepResult
-
+from .plans import ListPlan, SearchPlan
+from .spec import SweepError, grid_configs, parse_grid, parse_space
+from .study import DEFAULT_HEARTBEAT, LOCAL_STUDY_FILE, all_trials, load_meta, open_storage
+from .tables import SweepResult, aggregate, study_rows, write_csv, write_summary
 
 def sweep(
     cache_path: Path,
@@ -42,10 +42,42 @@ def sweep(
             raise ConfigError(f"--random must be at least 1, got {n_random}")
         dims = parse_space(space)
         FeatureCache(cache_path)  # a missing or incomplete cache is refused before a study is created
-        out.mkdir(parents=True, exist_ok=True)
-        plan = StudyPlan(out, dims, n_random, sampler, seeds)
+        plan = SearchPlan(dims, n_random, sampler, seeds)
         return run_configs(cache_path, base_cfg, plan, seeds, out, list(dims), execution=execution, progress=progress, console=console)
     if space:
         raise ConfigError("--space needs --random N (the number of draws)")
     parsed = parse_grid(grid)
     return run_configs(cache_path, base_cfg, grid_configs(parsed), seeds, out, list(parsed), execution=execution, progress=progress, console=console)
+
+
+def summary(out: Path, storage: str | None = None, study: str | None = None) -> SweepResult:
+    """``sppscl sweep summary``: the tables of a sweep from its study alone (any machine, no cache, no run directories).
+
+    ``storage`` None reads the journal in the sweep folder ``out``; otherwise the study ``study`` in ``storage``.
+    Writes runs.csv, summary.csv and summary.md to ``out``, as the sweep itself does."""
+    out = Path(out)
+    local = storage is None
+    if local and not (out / LOCAL_STUDY_FILE).exists():
+        raise SweepError(f"{out} holds no sweep study ({LOCAL_STUDY_FILE}); give the sweep folder with --out, or --storage and --study")
+    store = open_storage(storage, out, DEFAULT_HEARTBEAT)
+    where = str(out / LOCAL_STUDY_FILE) if local else storage
+    if study is None:
+        import optuna
+
+        names = [s.study_name for s in optuna.get_all_study_summaries(store)]
+        if len(names) != 1:
+            raise SweepError(f"{where} holds {len(names)} studies ({', '.join(names) or 'none'}): name one with --study")
+        study = names[0]
+    opened, meta = load_meta(store, study, where)
+    seeds = meta["seeds"]
+    if meta["kind"] == "grid":
+        plan = ListPlan(meta["configs"], seeds)
+    else:
+        plan = SearchPlan(parse_space([f"{k}={v}" for k, v in meta["space"].items()]), 0, "random", seeds)
+    keys, primary = meta["keys"], meta["primary_f1"]
+    rows = study_rows(all_trials(opened), plan, keys, meta["base"], local)
+    write_csv(out / "runs.csv", rows)
+    table = aggregate(rows, keys, primary)
+    write_summary(out, table, keys, primary, len(seeds))
+    failed = [r["run"] for r in rows if r["status"] != "ok"]
+    return SweepResult(out, out / "runs", keys, rows, table, [], failed, primary, seeds)

@@ -1,77 +1,106 @@
-"""Running a sweep's (configuration, seed) runs: resumable run directories, worker processes, one progress bar.
+"""Running a sweep: the study, the worker processes (on CPU cores or GPUs), one progress bar, the tables.
 
-Each (configuration, seed) is one ``train`` run in ``<runs>/<config-slug>-seed<N>/``; a run is finished when its
-directory holds ``results.json``. Rerunning the same command therefore trains only what is missing: a run
-directory without ``results.json`` (interrupted, or failed with its ``error.txt``) is deleted and rerun.
+Each (configuration, seed) is one ``train`` run in ``<runs>/<config-slug>-seed<N>/`` and one trial of the
+sweep's Optuna study. Rerunning the same command trains only what is missing: finished runs are kept, failed
+ones and ones an interrupted sweep left running are trained again. Any number of machines can run the same
+command against one ``--storage`` study; each run is trained once across all of them.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
-import math
 import multiprocessing
-import shutil
-from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+import os
+import time
+import uuid
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from optuna.trial import FrozenTrial
 from rich.console import Console
 from rich.markup import escape
 
 from ...cache import FeatureCache, default_memory_budget, diff_provenance
 from ...config import Config, ConfigError
 from ...progress import make_progress
-from .plans import GridPlan, Plan
-from .spec import SweepError, config_slug, run_config
-from .tables import SweepResult, aggregate, first_line, read_run, write_csv, write_summary
-from .worker import InlineExecutor, RunJob, SharedCache, cpu_count, init_worker, run_job
+from .plans import ListPlan, SearchPlan, run_name
+from .spec import SweepError, run_config
+from .study import DEFAULT_HEARTBEAT, LOCAL_STUDY_FILE, all_trials, by_run, fail_running, open_storage, open_study, outcome, requeue_unfinished
+from .tables import SweepResult, aggregate, first_line, study_rows, write_csv, write_summary
+from .worker import PLACEMENT_KEYS, SharedCache, WorkerSpec, check_finished_run, cpu_count, work, worker_main
+
+
+def parse_devices(text: str | None) -> tuple[str, ...]:
+    """``cuda:0,cuda:1`` or ``all`` (every visible GPU) -> the devices workers are placed on, round-robin."""
+    if not text:
+        return ()
+    if text.strip() == "all":
+        import torch
+
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise ConfigError("--devices all: this machine has no CUDA device (leave --devices out to train on CPU)")
+        return tuple(f"cuda:{i}" for i in range(n))
+    devices = tuple(d.strip() for d in text.split(",") if d.strip())
+    bad = [d for d in devices if not (d == "cpu" or d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit()))]
+    if bad or not devices:
+        raise ConfigError(f"--devices {text!r}: expected all, or a list like cuda:0,cuda:1 (or cpu)")
+    return tuple(dict.fromkeys(devices))
 
 
 @dataclass(frozen=True)
 class Execution:
     """How a sweep's runs are executed, whatever the runs are (a grid, a study's draws, a paper table's variants).
 
-    ``workers``: None uses min(runs to do, cores) processes with cores // workers torch threads each; 1 runs in this process."""
+    ``workers``: None uses min(runs to start, cores) processes (or ``len(devices) * runs_per_device``), each with
+    cores // workers torch threads; 1 runs in this process. ``devices``: workers are placed on them round-robin.
+    ``storage``/``study``: a shared Optuna study (e.g. PostgreSQL) instead of the sweep folder's own journal file."""
 
     workers: int | None = None
+    devices: tuple[str, ...] = ()
+    runs_per_device: int = 1
+    storage: str | None = None
+    study: str | None = None
+    heartbeat: int = DEFAULT_HEARTBEAT
 
     def __post_init__(self) -> None:
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"--jobs must be at least 1, got {self.workers}")
+        if self.runs_per_device < 1:
+            raise ConfigError(f"--runs-per-device must be at least 1, got {self.runs_per_device}")
+        if (self.storage is None) != (self.study is None):
+            raise ConfigError("--storage and --study go together: the storage holds studies, --study names this sweep's")
+
+    def worker_count(self, todo: int) -> int:
+        wanted = self.workers or (len(self.devices) * self.runs_per_device if self.devices else cpu_count())
+        return max(1, min(wanted, todo or 1))
 
 
-@dataclass
-class _Entry:
-    """One configuration of the sweep and the runs (one per seed) it waits for."""
-
-    overrides: dict
-    slug: str
-    trial: int | None
-    names: list[str]
-    pending: set[str] = field(default_factory=set)
-
-
-def _expected_config_dict(cfg: Config) -> dict:
-    d = cfg.to_dict()
-    d.pop("source", None)
-    return d
-
-
-def _check_finished_run(run_dir: Path, cfg: Config) -> None:
-    # through Config so that keys added to the config since the run was trained compare as their defaults
-    stored = _expected_config_dict(Config.from_dict(json.loads((run_dir / "config.json").read_text())))
-    diffs = diff_provenance(stored, _expected_config_dict(cfg), names=("the run", "this sweep"))
-    if diffs:
-        raise SweepError(
-            f"{run_dir} was trained with another configuration than this sweep asks for:\n  "
-            + "\n  ".join(diffs)
-            + "\nuse another --out, or delete that run directory to retrain it"
-        )
+@contextmanager
+def folder_lock(out: Path):
+    """One local sweep per folder at a time; the lock goes with its process, so a killed sweep never blocks a rerun."""
+    out.mkdir(parents=True, exist_ok=True)
+    fh = open(out / "sweep.lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise SweepError(f"{out} is in use by another sweep (pid {holder}); wait for it to finish or stop it, or use another --out") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    try:
+        yield
+    finally:
+        fh.close()
 
 
-def _check_cache(runs_dir: Path, cache: FeatureCache) -> None:
+def check_cache(runs_dir: Path, cache: FeatureCache) -> None:
     """Runs in one directory must come from one cache: refuse to mix, record it on first use."""
     record = runs_dir / "cache.json"
     if record.exists():
@@ -83,10 +112,16 @@ def _check_cache(runs_dir: Path, cache: FeatureCache) -> None:
     record.write_text(json.dumps({"path": str(cache.path), "provenance": cache.provenance}, indent=2))
 
 
+def study_meta(plan: ListPlan | SearchPlan, base_cfg: Config, cache: FeatureCache, keys: list[str], primary: str) -> dict:
+    """What makes two sweep commands the same sweep (placement, paths and the worker count are not part of it)."""
+    base = {k: v for k, v in base_cfg.to_dict()["train"].items() if k not in PLACEMENT_KEYS}
+    return {**plan.meta(), "keys": keys, "base": base, "primary_f1": primary, "cache": cache.provenance}
+
+
 def run_configs(
     cache_path: Path,
     base_cfg: Config,
-    plan: Plan | list[dict],
+    plan: ListPlan | SearchPlan | list[dict],
     seeds: list[int],
     out: Path,
     keys: list[str],
@@ -95,152 +130,137 @@ def run_configs(
     progress: bool = True,
     console: Console | None = None,
 ) -> SweepResult:
-    """Run every configuration of ``plan`` (a list of override dicts, or a study plan) for every seed, then write the tables.
+    """Run every configuration of ``plan`` (a list of override dicts, or a search plan) for every seed, then write the tables.
 
     ``keys`` are the table's configuration columns (a configuration's value, or the base's when it does not set the key).
     Returns every run's row (finished before or now) and the summary over seeds, also written to ``out``."""
-    workers = execution.workers
     out = Path(out)
     runs_dir = Path(runs_dir) if runs_dir is not None else out / "runs"
-    plan = GridPlan(plan) if isinstance(plan, list) else plan
+    plan = ListPlan(plan, seeds) if isinstance(plan, list) else plan
     cache = SharedCache(cache_path)
-    _check_cache(runs_dir, cache)
+    check_cache(runs_dir, cache)
     primary = cache.provenance["dataset"].get("primary_f1", base_cfg.dataset.primary_f1)
+    local = execution.storage is None
+    where = str(out / LOCAL_STUDY_FILE) if local else f"{execution.storage} (study {execution.study})"
     base_dict = base_cfg.to_dict()
-    cpus = cpu_count()
-    todo_estimate = plan.expected * len(seeds)
-    if isinstance(plan, GridPlan):
-        todo_estimate = sum(not (runs_dir / f"{config_slug(c)}-seed{s}" / "results.json").exists() for c in plan.configs for s in seeds)
-    workers = max(1, min(workers if workers is not None else cpus, todo_estimate or 1))
+    if isinstance(plan, ListPlan):
+        for overrides, seed in plan.runs:  # refuse before anything trains, as the worker would for each run
+            run_dir = runs_dir / run_name(overrides, seed)
+            if (run_dir / "results.json").exists():
+                check_finished_run(run_dir, run_config(base_dict, overrides, seed))
 
-    def make_executor():
-        if workers == 1:
-            return InlineExecutor(cache)
-        # the sweep as a whole stays within the budget of one run (SPPSCL_MEMORY_BUDGET or the default)
-        budget = default_memory_budget() // workers
-        return ProcessPoolExecutor(
-            max_workers=workers,
-            # spawn: a forked child would inherit torch's thread pools and any CUDA state of the parent
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=init_worker,
-            initargs=(str(cache_path), max(1, cpus // workers), budget),
+    with folder_lock(out) if local else nullcontext():
+        storage = open_storage(execution.storage, out, execution.heartbeat)
+        name = execution.study or plan.local_study_name()
+        study = open_study(storage, name, study_meta(plan, base_cfg, cache, keys, primary), where)
+        if local:
+            # this folder's lock is ours: whatever its study says is running was left by a sweep that died
+            fail_running(study, "the sweep running this run was interrupted (killed or crashed) before it finished")
+        requeue_unfinished(study, local, lambda t: plan.params(t.user_attrs["overrides"], t.user_attrs["seed"]))
+        invocation = uuid.uuid4().hex
+        trials = all_trials(study)
+        todo = sum(t.state.name == "WAITING" for t in trials) + plan.fresh(trials)
+        n_workers = execution.worker_count(todo)
+        cpus = cpu_count()
+        spec = WorkerSpec(
+            str(cache_path), str(runs_dir), base_dict, plan, execution.storage, str(out), name, execution.heartbeat, invocation,
+            threads=max(1, cpus // n_workers), memory_budget=default_memory_budget() // n_workers,
         )
+        with make_progress(enabled=progress, console=console, unit="runs/s") as prog:
+            label = f"runs ({n_workers} worker{'s' if n_workers > 1 else ''}" + (f" on {', '.join(execution.devices)})" if execution.devices else ")")
+            task = prog.add_task(label, total=plan.total(trials))
+            report = _Reporter(study, plan, local, prog, task, out / "runs.csv", keys, base_cfg)
+            report()
+            if todo or not local:
+                if n_workers == 1 and len(execution.devices) <= 1:
+                    device = execution.devices[0] if execution.devices else None
+                    work(replace(spec, device=device, threads=0), cache, after_trial=report)
+                else:
+                    _run_processes(spec, n_workers, execution.devices, study, local, report)
+            report()
+        trials = all_trials(study)
 
-    entries: list[_Entry] = []
-    rows: dict[str, dict] = {}
-    waiting: dict[str, list[_Entry]] = {}  # run name -> configurations waiting for it (queued or in flight)
-    queue: deque[tuple[str, RunJob]] = deque()
-    ran: list[str] = []
-    total = plan.expected * len(seeds)
+    rows = study_rows(trials, plan, keys, base_dict["train"], local)
+    write_csv(out / "runs.csv", rows)
+    summary = aggregate(rows, keys, primary)
+    write_summary(out, summary, keys, primary, len(plan.seeds))
+    by_number = {t.number: t.user_attrs for t in trials}
+    ran = [r["run"] for r in rows if by_number[r["trial"]].get("invocation") == invocation and not by_number[r["trial"]].get("reused")]
+    failed = [r["run"] for r in rows if r["status"] != "ok"]
+    return SweepResult(out, runs_dir, keys, rows, summary, ran, failed, primary, plan.seeds)
 
-    with make_progress(enabled=progress, console=console, unit="runs/s") as prog:
-        task = prog.add_task(f"runs ({workers} worker{'s' if workers > 1 else ''})", total=total)
 
-        def settle(entry: _Entry, name: str) -> None:
-            entry.pending.discard(name)
-            if not entry.pending:
-                plan.done(entry.trial, [rows[n] for n in entry.names])
+def _run_processes(spec: WorkerSpec, n: int, devices: tuple[str, ...], study, local: bool, report) -> None:
+    """Start ``n`` worker processes and watch them; a worker that dies is replaced, its run recorded as failed."""
+    # spawn: a forked child would inherit torch's thread pools and any CUDA state of this process
+    ctx = multiprocessing.get_context("spawn")
+    procs: dict[int, multiprocessing.Process] = {}
 
-        def add(overrides: dict, trial: int | None) -> None:
-            nonlocal total
-            slug = config_slug(overrides)
-            entry = _Entry(overrides, slug, trial, [f"{slug}-seed{s}" for s in seeds])
-            if any(e.slug == slug for e in entries):
-                # a repeated draw shares the runs of the first one, counted once
-                total -= len(seeds)
-                prog.update(task, total=total)
-            entries.append(entry)
-            entry.pending = {n for n in entry.names if n not in rows}
-            for seed, name in zip(seeds, entry.names):
-                if name in rows:
+    def start(i: int) -> None:
+        device = devices[i % len(devices)] if devices else None
+        p = ctx.Process(target=worker_main, args=(replace(spec, index=i, device=device), os.getpid()), name=f"sppscl-sweep-worker-{i}", daemon=True)
+        p.start()
+        procs[i] = p
+
+    for i in range(n):
+        start(i)
+    next_index = n
+    try:
+        while procs:
+            time.sleep(0.5)
+            report()
+            for i, p in list(procs.items()):
+                if p.is_alive():
                     continue
-                if name in waiting:
-                    waiting[name].append(entry)
-                    continue
-                run_dir = runs_dir / name
-                if (run_dir / "results.json").exists():
-                    _check_finished_run(run_dir, run_config(base_dict, overrides, seed))
-                    rows[name] = read_run(run_dir, "ok", "", None)
-                    prog.advance(task)
-                    entry.pending.discard(name)
-                    continue
-                if run_dir.exists():
-                    shutil.rmtree(run_dir)  # interrupted or failed: rerun from scratch
-                waiting[name] = [entry]
-                queue.append((name, RunJob(str(run_dir), base_dict, dict(overrides), seed)))
-            if not entry.pending:
-                plan.done(trial, [rows[n] for n in entry.names])
-
-        def finish(name: str, result: dict) -> None:
-            run_dir = runs_dir / name
-            r = rows[name] = read_run(run_dir, result["status"], result["error"], result["wall_s"])
-            ran.append(name)
-            prog.advance(task)
-            if r["status"] == "ok":
-                prog.note(f"[green]done[/] {escape(name)}: dev acc {r['dev_accuracy']:.4f} (best epoch {r['best_epoch']}, {r['wall_s']:.1f}s)")
-            else:
-                prog.note(f"[red]failed[/] {escape(name)}: {escape(first_line(r['error']))} (traceback: {escape(str(run_dir / 'error.txt'))})")
-            for entry in waiting.pop(name):
-                settle(entry, name)
-            write_csv(out / "runs.csv", _ordered_rows(entries, rows, keys, seeds, base_cfg))
-
-        executor = make_executor()
-        in_flight: dict[Future, str] = {}
-        broken, exhausted = False, False
-        try:
-            while True:
-                open_runs = len(queue) + len(in_flight)
-                # ask for configurations only as workers free up, so a TPE study sees finished trials before drawing
-                wanted = math.ceil(max(0, workers - open_runs) / len(seeds))
-                if not exhausted and wanted:
-                    new = plan.more(wanted)
-                    exhausted = not new
-                    for overrides, trial in new:
-                        add(overrides, trial)
-                    if new:
-                        continue
-                if broken and not in_flight:
-                    executor.shutdown(wait=False)
-                    executor, broken = make_executor(), False
-                while not broken and queue and len(in_flight) < workers:
-                    name, job = queue.popleft()
-                    in_flight[executor.submit(run_job, job)] = name
-                if not in_flight:
-                    if exhausted and not queue:
-                        break
-                    continue
-                finished, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    name = in_flight.pop(fut)
-                    try:
-                        result = fut.result()
-                    except BrokenProcessPool as e:
-                        # every run in flight fails with the pool; which one killed its process cannot be told
-                        broken = True
-                        error = f"a worker process died (killed, out of memory, or crashed) during this or a concurrent run: {e}"
-                        (runs_dir / name).mkdir(parents=True, exist_ok=True)
-                        (runs_dir / name / "error.txt").write_text(error + "\n")
-                        result = {"status": "failed", "error": error, "wall_s": None}
-                    finish(name, result)
-        finally:
-            executor.shutdown(wait=False, cancel_futures=True)
-
-    table = _ordered_rows(entries, rows, keys, seeds, base_cfg)
-    write_csv(out / "runs.csv", table)
-    summary = aggregate(table, keys, primary)
-    write_summary(out, summary, keys, primary, len(seeds))
-    failed = [r["run"] for r in table if r["status"] != "ok"]
-    return SweepResult(out, runs_dir, keys, table, summary, ran, failed, primary, seeds)
+                del procs[i]
+                if p.exitcode != 0 and local:
+                    # on a shared study the heartbeat gives its run to another worker; here nobody else would
+                    reason = f"a worker process died (killed, out of memory, or crashed; exit code {p.exitcode}) during this run"
+                    fail_running(study, reason, only=lambda t, pid=p.pid: t.user_attrs.get("pid") == pid)
+                if p.exitcode != 0:
+                    start(next_index)
+                    next_index += 1
+    finally:
+        for p in procs.values():
+            p.terminate()
+        for p in procs.values():
+            p.join(5)
 
 
-def _ordered_rows(entries: list[_Entry], rows: dict[str, dict], keys: list[str], seeds: list[int], base_cfg: Config) -> list[dict]:
-    """The runs table: one row per run (a repeated configuration once), in plan order, seeds inner."""
-    table, seen = [], set()
-    for entry in entries:
-        values = {k: entry.overrides.get(k, getattr(base_cfg.train, k)) for k in keys}
-        for name, seed in zip(entry.names, seeds):
-            if name in seen or name not in rows:
-                continue
-            seen.add(name)
-            table.append({"run": name, "config": entry.slug, **values, "seed": seed, "trial": entry.trial, **rows[name]})
-    return table
+@dataclass
+class _Reporter:
+    """Progress from the study: the bar, one line per finished run, runs.csv kept current."""
+
+    study: object
+    plan: ListPlan | SearchPlan
+    local: bool
+    prog: object
+    task: int
+    runs_csv: Path
+    keys: list[str]
+    base_cfg: Config
+    seen: set[int] = field(default_factory=set)
+    first: bool = True  # runs finished before this command are counted, not announced
+
+    def __call__(self) -> None:
+        trials = all_trials(self.study)
+        new = [t for t in trials if t.number not in self.seen and t.state.is_finished() and "status" in t.user_attrs]
+        for t in new:
+            self.seen.add(t.number)
+            if not self.first:
+                self._note(t)
+        self.first = False
+        held = by_run(trials)
+        finished = sum(outcome(held.get(run_name(c, s), []), self.local) is not None for c, s in self.plan.ordered(trials))
+        self.prog.update(self.task, completed=finished, total=self.plan.total(trials))
+        if new:
+            write_csv(self.runs_csv, study_rows(trials, self.plan, self.keys, self.base_cfg.to_dict()["train"], self.local))
+
+    def _note(self, t: FrozenTrial) -> None:
+        a = t.user_attrs
+        where = "" if self.local else f" on {a.get('host')}"
+        if a["status"] == "ok":
+            if not a.get("reused"):
+                self.prog.note(f"[green]done[/] {escape(a['run'])}{where}: dev acc {a['dev_accuracy']:.4f} (best epoch {a['best_epoch']}, {a['wall_s']:.1f}s)")
+        else:
+            self.prog.note(f"[red]failed[/] {escape(a['run'])}{where}: {escape(first_line(a['error']))} (traceback: {escape(str(Path(a['run_dir']) / 'error.txt'))})")

@@ -1,114 +1,127 @@
-"""Where a sweep's configurations come from: a grid known up front, or draws from an Optuna study."""
+"""What a sweep's study samples: a list of configurations (a grid, a paper table) or draws over a search space.
+
+A plan says how a trial picks its run (configuration and seed), which sampler hands out configurations, how
+many runs there are still to start, and in which order the runs form the table. Both plans are picklable, so
+the worker processes get the same one.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Protocol
+import hashlib
+import json
+from typing import Any
 
-import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, Trial, TrialState
 
-from ...cache import diff_provenance
-from ...config import ConfigError
-from .spec import SAMPLERS, SpaceDim, SweepError
-
-
-class Plan(Protocol):
-    expected: int  # configurations the plan will produce (for the progress total)
-
-    def more(self, wanted: int) -> list[tuple[dict, int | None]]:
-        """Up to ``wanted`` new (overrides, trial number) configurations; an empty list means the plan is exhausted."""
-
-    def done(self, trial: int | None, rows: list[dict]) -> None:
-        """Every seed of a configuration has finished (``rows``: one per seed)."""
+from .spec import SAMPLERS, SpaceDim, config_slug
+from .study import by_run, is_queued
 
 
-class GridPlan:
-    """A grid is known up front: every configuration is handed out at once (the workers drain the queue)."""
-
-    def __init__(self, configs: list[dict]):
-        self.configs, self.expected = configs, len(configs)
-
-    def more(self, wanted: int) -> list[tuple[dict, int | None]]:
-        out, self.configs = self.configs, []
-        return [(c, None) for c in out]
-
-    def done(self, trial: int | None, rows: list[dict]) -> None:
-        pass
+def run_name(overrides: dict[str, Any], seed: int) -> str:
+    return f"{config_slug(overrides)}-seed{seed}"
 
 
-class StudyPlan:
-    """Configurations drawn from an Optuna study in ``<out>/study.db``; a trial's value is its mean dev accuracy over seeds.
+class ListPlan:
+    """Every configuration of a list times every seed, each (configuration, seed) one grid point of Optuna's GridSampler.
 
-    Resuming: finished trials are reused as they are; a trial that failed or was left running by an interrupted
-    sweep is marked failed and its configuration retried as a new trial with the same parameters (its finished
-    runs are reused, so only the missing seeds train)."""
+    The grid is over the configuration's index and the seed, so any list (a grid's product, a paper table's
+    variants) is a grid to the sampler. Configurations that are equal (same overrides) are kept once."""
 
-    def __init__(self, out: Path, space: dict[str, SpaceDim], n: int, sampler: str, seeds: list[int]):
-        import optuna
-        from optuna.trial import TrialState
+    kind = "grid"
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    def __init__(self, configs: list[dict], seeds: list[int]):
+        unique = {config_slug(c): dict(c) for c in configs}
+        self.configs, self.seeds = list(unique.values()), list(seeds)
+        self.runs = [(c, s) for c in self.configs for s in self.seeds]  # table order: configurations, seeds inner
+
+    def meta(self) -> dict:
+        return {"kind": self.kind, "configs": self.configs, "seeds": self.seeds}
+
+    def local_study_name(self) -> str:
+        # one study per definition: another grid or other seeds in the same folder reuse its run directories
+        return "grid-" + hashlib.sha1(json.dumps(self.meta(), sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+    def sampler(self, worker: int) -> optuna.samplers.BaseSampler:
+        # the same seed in every process: GridSampler's shuffled order (trial number -> point) must agree everywhere
+        return optuna.samplers.GridSampler({"config": list(range(len(self.configs))), "seed": self.seeds}, seed=0)
+
+    def choose(self, trial: Trial, frozen: FrozenTrial) -> tuple[dict, int, bool]:
+        index = trial.suggest_categorical("config", list(range(len(self.configs))))
+        return self.configs[index], trial.suggest_categorical("seed", self.seeds), False
+
+    def params(self, overrides: dict, seed: int) -> dict:
+        return {"config": self.configs.index(overrides), "seed": seed}
+
+    def surplus(self, number: int, trials: list[FrozenTrial]) -> bool:
+        return False  # a grid trial beyond the grid picks a point already held, and claim() steps it aside
+
+    def fresh(self, trials: list[FrozenTrial]) -> int:
+        """Runs no trial has taken yet."""
+        held = by_run(trials)
+        return sum(run_name(c, s) not in held for c, s in self.runs)
+
+    def total(self, trials: list[FrozenTrial]) -> int:
+        return len(self.runs)
+
+    def ordered(self, trials: list[FrozenTrial]) -> list[tuple[dict, int]]:
+        return self.runs
+
+
+class SearchPlan:
+    """``n`` configurations drawn by a random or TPE sampler over ``space``, each run for every seed.
+
+    A drawn trial runs the first seed and queues the others (so they train in parallel); every run's value is its
+    dev accuracy, so TPE sees each seed as one observation of its configuration. A configuration drawn twice
+    shares the runs of the first draw."""
+
+    kind = "search"
+
+    def __init__(self, space: dict[str, SpaceDim], n: int, sampler: str, seeds: list[int]):
         if sampler not in SAMPLERS:
+            from ...config import ConfigError
+
             raise ConfigError(f"--sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
-        self.space, self.n = space, n
-        self.study = optuna.create_study(
-            storage=f"sqlite:///{(out / 'study.db').resolve()}", study_name="sppscl", direction="maximize", load_if_exists=True
-        )
-        meta = {"space": {k: d.describe() for k, d in sorted(space.items())}, "seeds": seeds}
-        stored = self.study.user_attrs.get("sppscl")
-        if stored is None:
-            self.study.set_user_attr("sppscl", meta)
-        elif stored != meta:
-            raise SweepError(
-                f"{out / 'study.db'} holds a study with another space or other seeds:\n  "
-                + "\n  ".join(diff_provenance(stored, meta, names=("the stored study", "this command")))
-                + "\nuse the same --space and --seeds to continue it, or another --out"
-            )
-        trials = self.study.get_trials(deepcopy=False)
-        # the sampler's random state is not stored: seeding it by the history keeps a resumed study from redrawing old points
-        seed = len(trials)
-        self.study.sampler = optuna.samplers.RandomSampler(seed=seed) if sampler == "random" else optuna.samplers.TPESampler(seed=seed)
-        superseded = {t.user_attrs.get("retry_of") for t in trials} - {None}
-        self.told: set[int] = set()
-        self.backlog: list[tuple[dict, int | None]] = []
-        for _ in [t for t in trials if t.state == TrialState.WAITING]:
-            self.backlog.append(self._ask())
-        for t in trials:
-            if t.number in superseded or t.state == TrialState.WAITING:
-                continue
-            if t.state == TrialState.COMPLETE:
-                self.told.add(t.number)
-                self.backlog.append((dict(t.params), t.number))
-                continue
-            if t.state == TrialState.RUNNING:
-                self.study.tell(t.number, state=TrialState.FAIL)
-            self.study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
-            self.backlog.append(self._ask())
-        self.backlog.sort(key=lambda c: c[1])
-        self.active = len(self.backlog)
-        self.expected = max(n, self.active)
+        self.space, self.n, self.sampler_name, self.seeds = space, n, sampler, list(seeds)
 
-    def _ask(self) -> tuple[dict, int]:
-        trial = self.study.ask()
-        return {name: dim.suggest(trial) for name, dim in self.space.items()}, trial.number
+    def meta(self) -> dict:
+        return {"kind": self.kind, "space": {k: d.describe() for k, d in sorted(self.space.items())}, "seeds": self.seeds}
 
-    def more(self, wanted: int) -> list[tuple[dict, int | None]]:
-        if self.backlog:
-            out, self.backlog = self.backlog, []
-            return out
-        out = []
-        while len(out) < wanted and self.active < self.n:
-            out.append(self._ask())
-            self.active += 1
-        return out
+    def local_study_name(self) -> str:
+        return "sppscl"  # one search per sweep folder: another space there is refused
 
-    def done(self, trial: int | None, rows: list[dict]) -> None:
-        from optuna.trial import TrialState
+    def sampler(self, worker: int) -> optuna.samplers.BaseSampler:
+        # workers draw from different streams; the seed is fixed so a one-worker search is reproducible
+        seed = 1009 * worker + 1
+        return optuna.samplers.RandomSampler(seed=seed) if self.sampler_name == "random" else optuna.samplers.TPESampler(seed=seed)
 
-        if trial is None or trial in self.told:
-            return
-        self.told.add(trial)
-        if all(r["status"] == "ok" for r in rows):
-            self.study.tell(trial, float(np.mean([r["dev_accuracy"] for r in rows])))
-        else:
-            self.study.tell(trial, state=TrialState.FAIL)
+    def choose(self, trial: Trial, frozen: FrozenTrial) -> tuple[dict, int, bool]:
+        overrides = {name: dim.suggest(trial) for name, dim in self.space.items()}
+        if is_queued(frozen) and "seed" in frozen.user_attrs:
+            return overrides, frozen.user_attrs["seed"], bool(frozen.user_attrs.get("draw"))
+        return overrides, self.seeds[0], True
+
+    def params(self, overrides: dict, seed: int) -> dict:
+        return dict(overrides)
+
+    def _draws(self, trials: list[FrozenTrial]) -> list[FrozenTrial]:
+        # sampler-made trials are draws, except those given up before choosing a configuration
+        return [t for t in trials if not is_queued(t) and not (t.state == TrialState.FAIL and "run" not in t.user_attrs)]
+
+    def surplus(self, number: int, trials: list[FrozenTrial]) -> bool:
+        """Trial ``number`` was made after the n-th draw (two workers asked at once for the last one)."""
+        return sum(t.number < number for t in self._draws(trials)) >= self.n
+
+    def fresh(self, trials: list[FrozenTrial]) -> int:
+        return max(0, self.n - len(self._draws(trials))) * len(self.seeds)
+
+    def total(self, trials: list[FrozenTrial]) -> int:
+        return len(self.ordered(trials)) + self.fresh(trials)
+
+    def ordered(self, trials: list[FrozenTrial]) -> list[tuple[dict, int]]:
+        """Drawn configurations in the order of their first draw, seeds inner."""
+        configs: dict[str, dict] = {}
+        for t in sorted(trials, key=lambda t: t.number):
+            if t.user_attrs.get("draw") and "overrides" in t.user_attrs:
+                configs.setdefault(config_slug(t.user_attrs["overrides"]), t.user_attrs["overrides"])
+        return [(c, s) for c in configs.values() for s in self.seeds]

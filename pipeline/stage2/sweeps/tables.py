@@ -55,6 +55,27 @@ def read_run(run_dir: Path, status: str, error: str, wall_s: float | None) -> di
     return row
 
 
+def study_rows(trials: list, plan, keys: list[str], base_train: dict, local: bool) -> list[dict]:
+    """The runs table from a sweep's study: one row per run that has a result, in the plan's order, seeds inner.
+
+    A configuration's value of each key is its override, or the base configuration's when it does not set it."""
+    from .plans import run_name
+    from .study import by_run, outcome
+
+    held = by_run(trials)
+    rows = []
+    for overrides, seed in plan.ordered(trials):
+        name = run_name(overrides, seed)
+        t = outcome(held.get(name, []), local)
+        if t is None:
+            continue
+        a = t.user_attrs
+        values = {k: overrides.get(k, base_train[k]) for k in keys}
+        result = {c: a.get(c) for c in ("status", "best_epoch", *METRIC_COLUMNS, "wall_s", "host", "run_dir")}
+        rows.append({"run": name, "config": a["config"], **values, "seed": seed, "trial": t.number, **result, "error": a.get("error", "")})
+    return rows
+
+
 def first_line(text: str) -> str:
     return text.splitlines()[0] if text else ""
 

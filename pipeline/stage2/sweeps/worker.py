@@ -1,24 +1,43 @@
-"""The worker side of a sweep: a process that opens the cache once and trains one run after another.
+"""The worker side of a sweep: a process that opens the cache once and trains the study's runs one after another.
 
-Worker processes open the cache once (a pool initializer) and keep its splits for every run they do, so a
-sweep reads the cache once per worker, not once per run.
+A worker joins the sweep's study and runs ``study.optimize``: every trial it is given (a fresh one the sampler
+fills in, or a queued retry) names one (configuration, seed); the worker claims it (``study.claim``), trains it
+(or reuses a finished run directory), and stores the results on the trial. It keeps the cache's splits for all
+its runs, so a sweep reads the cache once per worker, not once per run. A worker started by a sweep process dies
+with it (``die_with_parent``): a killed sweep leaves no training processes behind.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import shutil
+import signal
+import socket
+import sys
+import threading
 import time
 import traceback
-from concurrent.futures import Future
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
 import torch
+from optuna.trial import FrozenTrial, Trial, TrialState
 
-from ...cache import FeatureCache, SplitData
+from ...cache import FeatureCache, SplitData, diff_provenance
+from ...config import Config
 from ..train import train
-from .spec import run_config
+from .plans import ListPlan, SearchPlan, run_name
+from .spec import SweepError, config_slug, run_config
+from .study import all_trials, by_run, claim, is_done, open_storage
+from .tables import read_run
+
+# placement, not configuration: a run trained on another device or thread count is the same run
+PLACEMENT_KEYS = ("device", "threads")
 
 
 class SharedCache(FeatureCache):
@@ -40,54 +59,176 @@ class SharedCache(FeatureCache):
 
 
 @dataclass(frozen=True)
-class RunJob:
-    run_dir: str
+class WorkerSpec:
+    """Everything a worker process needs (picklable: it crosses the spawn boundary)."""
+
+    cache_path: str
+    runs_dir: str
     base: dict  # Config.to_dict() of the sweep's base configuration
-    overrides: dict
-    seed: int
+    plan: ListPlan | SearchPlan
+    storage: str | None  # None: the local journal in `out`
+    out: str
+    study: str
+    heartbeat: int
+    invocation: str  # this sweep command's id: which runs it trained
+    index: int = 0
+    device: str | None = None  # None: the base configuration's train.device
+    threads: int = 0  # 0: leave torch's setting
+    memory_budget: int | None = None
 
 
-_WORKER_CACHE: SharedCache | None = None
-
-
-def init_worker(cache_path: str, threads: int, memory_budget: int) -> None:
-    global _WORKER_CACHE
-    # each worker gets its share of the cores: N workers x all cores would oversubscribe the CPU
-    torch.set_num_threads(threads)
-    _WORKER_CACHE = SharedCache(cache_path, memory_budget)
-
-
-def run_job(job: RunJob, cache: FeatureCache | None = None) -> dict:
-    """One quiet training run. Never raises: a failure comes back as its error, with the traceback in error.txt."""
-    run_dir = Path(job.run_dir)
-    t0 = time.perf_counter()
-    try:
-        train(cache if cache is not None else _WORKER_CACHE, run_config(job.base, job.overrides, job.seed), run_dir, progress=False)
-    except Exception as e:
-        error = f"{type(e).__name__}: {e}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "error.txt").write_text(error + "\n\n" + traceback.format_exc())
-        return {"status": "failed", "error": error, "wall_s": time.perf_counter() - t0}
-    wall = time.perf_counter() - t0
-    (run_dir / "sweep-run.json").write_text(json.dumps({"wall_s": wall, "pid": os.getpid()}))
-    return {"status": "ok", "error": "", "wall_s": wall}
-
-
-class InlineExecutor:
-    """The executor interface run in this process (``--jobs 1``): no process start-up, the caller's cache reused."""
-
-    def __init__(self, cache: FeatureCache):
-        self.cache = cache
-
-    def submit(self, fn, job: RunJob) -> Future:
-        fut: Future = Future()
-        fut.set_result(fn(job, self.cache))
-        return fut
-
-    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
-        pass
-
+class RunFailed(Exception):
+    """A run raised; the trial is failed with the error stored on it (caught by optimize, not a worker crash)."""
 
 
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """End this process when the sweep process that started it dies, even by ``kill -9``.
+
+    Linux: the kernel sends SIGTERM at the parent's death (PR_SET_PDEATHSIG); SIGTERM raises SystemExit, so
+    the journal's file lock and the trial's heartbeat thread are released on the way out. Elsewhere, and as a
+    fallback, a watchdog thread notices the parent is gone (re-parented) within a second."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10.0)  # SIGTERM waits for the current torch op; after this, stop regardless
+        os._exit(143)
+
+    # the parent may have died before prctl took effect: the watchdog's first look covers that
+    threading.Thread(target=watch, name="sppscl-parent-watchdog", daemon=True).start()
+
+
+def worker_main(spec: WorkerSpec, parent_pid: int) -> None:
+    """Entry point of a worker process."""
+    die_with_parent(parent_pid)
+    if spec.threads:
+        # each worker gets its share of the cores: N workers x all cores would oversubscribe the CPU
+        torch.set_num_threads(spec.threads)
+    work(spec, SharedCache(spec.cache_path, spec.memory_budget))
+
+
+def work(spec: WorkerSpec, cache: FeatureCache, after_trial: Callable[[], None] | None = None) -> None:
+    """Train the study's runs until none is left to start (and, on a shared study, none is left running elsewhere)."""
+    storage = open_storage(spec.storage, Path(spec.out), spec.heartbeat)
+    study = optuna.load_study(study_name=spec.study, storage=storage, sampler=spec.plan.sampler(spec.index))
+    local = spec.storage is None
+
+    def stop_when_done(study: optuna.Study, _trial: FrozenTrial) -> None:
+        if after_trial is not None:
+            after_trial()
+        if not work_left(study, spec.plan, local, spec.heartbeat):
+            study.stop()
+
+    if work_left(study, spec.plan, local, spec.heartbeat):
+        study.optimize(Objective(spec, cache, study), catch=(RunFailed,), callbacks=[stop_when_done])
+
+
+def work_left(study: optuna.Study, plan, local: bool, heartbeat: int) -> bool:
+    """Whether to ask for another trial: a run is queued or not yet started.
+
+    On a shared study, runs still running elsewhere are waited for: if their worker dies, Optuna's heartbeat
+    check (run here every heartbeat interval) fails them and queues them again, and this worker takes them."""
+    while True:
+        trials = all_trials(study)
+        if any(t.state == TrialState.WAITING for t in trials) or plan.fresh(trials) > 0:
+            return True
+        if local or not any(t.state == TrialState.RUNNING for t in trials):
+            return False
+        time.sleep(heartbeat)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+
+
+class Objective:
+    """One trial = one run: choose it, claim it, train it (or reuse it), store its results on the trial."""
+
+    def __init__(self, spec: WorkerSpec, cache: FeatureCache, study: optuna.Study):
+        self.spec, self.cache, self.study = spec, cache, study
+        self.local = spec.storage is None
+        self.host = socket.gethostname()
+
+    def __call__(self, trial: Trial) -> float:
+        study, plan = self.study, self.spec.plan
+        frozen = study._storage.get_trial(trial._trial_id)
+        if plan.surplus(trial.number, all_trials(study)):
+            trial.set_user_attr("surplus", True)
+            raise optuna.TrialPruned()
+        overrides, seed, draw = plan.choose(trial, frozen)
+        name = run_name(overrides, seed)
+        for key, value in {"run": name, "config": config_slug(overrides), "overrides": overrides, "seed": seed, "draw": draw}.items():
+            trial.set_user_attr(key, value)
+        owner = claim(study, trial.number, name, self.local)
+        if owner is not None:
+            trial.set_user_attr("duplicate_of", owner)
+            raise optuna.TrialPruned()
+        if draw:
+            self._queue_other_seeds(overrides, seed)
+        row = self._run(overrides, seed, name)
+        for key, value in row.items():
+            trial.set_user_attr(key, value)
+        if row["status"] != "ok":
+            raise RunFailed(row["error"])
+        return row["dev_accuracy"]
+
+    def _queue_other_seeds(self, overrides: dict, seed: int) -> None:
+        held = by_run(all_trials(self.study))
+        for s in self.spec.plan.seeds:
+            name = run_name(overrides, s)
+            live = any(is_done(t, self.local) or t.state in (TrialState.WAITING, TrialState.RUNNING) for t in held.get(name, []))
+            if s != seed and not live:
+                attrs = {"run": name, "config": config_slug(overrides), "overrides": overrides, "seed": s, "draw": False}
+                self.study.enqueue_trial(self.spec.plan.params(overrides, s), user_attrs=attrs, skip_if_exists=False)
+
+    def _run(self, overrides: dict, seed: int, name: str) -> dict:
+        """Train the run (never raises: a failure comes back as its error, with the traceback in error.txt)."""
+        run_dir = Path(self.spec.runs_dir) / name
+        about = {"run_dir": str(run_dir.resolve()), "host": self.host, "pid": os.getpid(), "invocation": self.spec.invocation, "reused": False}
+        t0 = time.perf_counter()
+        try:
+            cfg = run_config(self.spec.base, overrides, seed)
+            if self.spec.device is not None:
+                cfg.train.device = self.spec.device
+            if (run_dir / "results.json").exists():
+                check_finished_run(run_dir, cfg)  # finished before (another sweep in this folder): reuse it
+                return {**read_run(run_dir, "ok", "", None), **about, "reused": True}
+            if run_dir.exists():
+                shutil.rmtree(run_dir)  # interrupted or failed: rerun from scratch
+            train(self.cache, cfg, run_dir, progress=False)
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "error.txt").write_text(error + "\n\n" + traceback.format_exc())
+            return {**read_run(run_dir, "failed", error, time.perf_counter() - t0), **about}
+        wall = time.perf_counter() - t0
+        (run_dir / "sweep-run.json").write_text(json.dumps({"wall_s": wall, "pid": os.getpid(), "host": self.host}))
+        return {**read_run(run_dir, "ok", "", wall), **about}
+
+
+def _identity(cfg: Config) -> dict:
+    d = cfg.to_dict()
+    d.pop("source", None)
+    for key in PLACEMENT_KEYS:
+        d["train"].pop(key, None)
+    return d
+
+
+def check_finished_run(run_dir: Path, cfg: Config) -> None:
+    # through Config so that keys added to the config since the run was trained compare as their defaults
+    stored = _identity(Config.from_dict(json.loads((run_dir / "config.json").read_text())))
+    diffs = diff_provenance(stored, _identity(cfg), names=("the run", "this sweep"))
+    if diffs:
+        raise SweepError(
+            f"{run_dir} was trained with another configuration than this sweep asks for:\n  "
+            + "\n  ".join(diffs)
+            + "\nuse another --out, or delete that run directory to retrain it"
+        )

@@ -1,0 +1,195 @@
+"""The Optuna study behind every sweep: its storage, its definition, and which trial runs which (configuration, seed).
+
+Each trial of a sweep's study is one run, named ``<config-slug>-seed<N>`` in its ``run`` user attribute, with the
+results (dev/test metrics, best epoch, run dir, host, wall time, error) stored beside it. The study is both the
+work queue (Optuna's samplers hand out configurations, ``enqueue_trial`` queues retries) and the record that
+``sppscl sweep summary`` reads.
+
+Storage: without ``--storage``, a journal file ``<sweep dir>/study.log`` (Optuna's ``JournalFileBackend``). Its
+operations are appended under a file lock and replayed in one order by every process, so the worker processes
+of a sweep share it safely, popping a queued trial is atomic, and no server is needed. SQLite is not used: Optuna
+warns it off for concurrent writers, and its trial-queue pop is not atomic there. With ``--storage URL``
+(PostgreSQL), Optuna's ``RDBStorage`` with heartbeats: a trial whose worker stopped beating (machine lost,
+``kill -9``) is failed after the grace period and queued again by ``RetryHeartbeatStaleTrialCallback``.
+
+Exactly once: a sampler may hand the same point to two workers (``GridSampler`` picks among unvisited points,
+and two workers can pick the same one; once every point is started it hands out running ones again), and two
+machines may queue the same retry. Trial numbers are given by the storage in creation order, so ``claim`` lets
+the lowest-numbered live trial of a run train it and every other one step aside (state PRUNED, ``duplicate_of``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from ...cache import diff_provenance
+from .spec import SweepError
+
+LOCAL_STUDY_FILE = "study.log"
+DEFAULT_HEARTBEAT = 10  # seconds between a running trial's heartbeats (--storage only)
+# A trial is created before the sampler has chosen its run; after this long undecided, its worker is taken for dead.
+UNDECIDED_GRACE = 30.0
+META_KEY = "sppscl"
+
+optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported by the sweep itself, with their errors
+
+
+def open_storage(url: str | None, out: Path, heartbeat: int = DEFAULT_HEARTBEAT) -> optuna.storages.BaseStorage:
+    """``url`` None: the journal file in ``out``; otherwise an RDB storage with heartbeats and stale-trial retries."""
+    if url is None:
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        out.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(out / LOCAL_STUDY_FILE)))
+    if heartbeat < 1:
+        raise SweepError(f"--heartbeat must be at least 1 second, got {heartbeat}")
+    try:
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs={"pool_pre_ping": True},
+            heartbeat_interval=heartbeat,
+            grace_period=4 * heartbeat,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+        )
+    except ModuleNotFoundError as e:
+        raise SweepError(f"--storage {url}: the database driver is not installed ({e}); for PostgreSQL: pip install 'sppscl[postgres]'") from None
+    except Exception as e:  # sqlalchemy's connection errors: the server, the user or the database is wrong
+        raise SweepError(f"--storage {url}: cannot open the study storage: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def open_study(storage, name: str, meta: dict, where: str) -> optuna.Study:
+    """Create or join the study ``name``; its recorded definition ``meta`` must equal this sweep's (a clear error otherwise)."""
+    study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
+    stored = study.user_attrs.get(META_KEY)
+    if stored is None:
+        study.set_user_attr(META_KEY, meta)
+        # two first-comers may both have found it empty: whichever wrote last is the study's definition
+        stored = optuna.load_study(study_name=name, storage=storage).user_attrs[META_KEY]
+    stored, ours = json.loads(json.dumps(stored)), json.loads(json.dumps(meta))
+    if stored != ours:
+        what = "space" if stored.get("kind") == ours.get("kind") == "search" else "definition"
+        raise SweepError(
+            f"{where} holds a study with another {what}:\n  "
+            + "\n  ".join(diff_provenance(stored, ours, names=("the stored study", "this command")))
+            + "\nrun the same sweep (same --grid/--space, --seeds, base configuration and cache) to continue it, or use another study"
+        )
+    return study
+
+
+def load_meta(storage, name: str, where: str) -> tuple[optuna.Study, dict]:
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = ", ".join(s.study_name for s in optuna.get_all_study_summaries(storage)) or "none"
+        raise SweepError(f"{where} has no study named {name!r} (studies there: {names})") from None
+    if META_KEY not in study.user_attrs:
+        raise SweepError(f"{where}: study {name!r} was not made by `sppscl sweep`")
+    return study, study.user_attrs[META_KEY]
+
+
+# ------------------------------------------------------------------------------------ trials as runs
+
+
+def all_trials(study: optuna.Study) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False)
+
+
+def is_queued(t: FrozenTrial) -> bool:
+    """A trial created with its run already fixed (a retry or a seed queued by a draw), not by the sampler."""
+    return "fixed_params" in t.system_attrs or "failed_trial" in t.system_attrs
+
+
+def by_run(trials: list[FrozenTrial]) -> dict[str, list[FrozenTrial]]:
+    out: dict[str, list[FrozenTrial]] = {}
+    for t in trials:
+        if "run" in t.user_attrs:
+            out.setdefault(t.user_attrs["run"], []).append(t)
+    return out
+
+
+def is_done(t: FrozenTrial, local: bool) -> bool:
+    """A finished run. In a local sweep the run directory is the artifact: a run whose results.json was deleted is redone."""
+    if t.state != TrialState.COMPLETE:
+        return False
+    return not local or (Path(t.user_attrs.get("run_dir", "")) / "results.json").exists()
+
+
+def outcome(trials: list[FrozenTrial], local: bool) -> FrozenTrial | None:
+    """The trial that is a run's result: its newest finished success, else its newest failure; None while it has neither."""
+    done = [t for t in trials if is_done(t, local)]
+    if done:
+        return max(done, key=lambda t: t.number)
+    failed = [t for t in trials if t.state == TrialState.FAIL and "status" in t.user_attrs]
+    return max(failed, key=lambda t: t.number) if failed else None
+
+
+def claim(study: optuna.Study, number: int, run: str, local: bool, grace: float = UNDECIDED_GRACE) -> int | None:
+    """Whether trial ``number`` trains ``run``: None if it does, else the number of the trial that has it.
+
+    A run belongs to the lowest-numbered trial holding it that is queued, running or done; a failed holder gives
+    it up (that is a retry). Trials still choosing their run (created, not yet announced) with a lower number are
+    waited for, so two trials racing for one run never both see the other as absent."""
+    while True:
+        undecided = []
+        for t in all_trials(study):
+            if t.number == number:
+                continue
+            held = t.user_attrs.get("run")
+            if held is None:
+                if t.number < number and t.state == TrialState.RUNNING:
+                    undecided.append(t)
+                continue
+            if held != run:
+                continue
+            if is_done(t, local):
+                return t.number
+            if t.number < number and t.state in (TrialState.WAITING, TrialState.RUNNING):
+                return t.number
+        if not undecided:
+            return None
+        now = datetime.now()
+        for t in undecided:
+            if t.datetime_start is not None and (now - t.datetime_start).total_seconds() > grace:
+                study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        time.sleep(0.1)
+
+
+def requeue_unfinished(study: optuna.Study, local: bool, params_of: Callable[[FrozenTrial], dict]) -> list[str]:
+    """Queue again every run that failed (or, locally, whose run directory lost its results) and nobody holds now."""
+    queued = []
+    for run, ts in by_run(all_trials(study)).items():
+        if any(is_done(t, local) or t.state in (TrialState.WAITING, TrialState.RUNNING) for t in ts):
+            continue
+        last = max(ts, key=lambda t: t.number)
+        study.enqueue_trial(params_of(last), user_attrs=announcement(last.user_attrs), skip_if_exists=False)
+        queued.append(run)
+    return queued
+
+
+def fail_running(study: optuna.Study, reason: str, only: Callable[[FrozenTrial], bool] = lambda t: True) -> int:
+    """Mark running trials failed (their worker is known to be gone), recording why."""
+    n = 0
+    for t in all_trials(study):
+        if t.state == TrialState.RUNNING and only(t):
+            if "run" in t.user_attrs:
+                study._storage.set_trial_user_attr(t._trial_id, "status", "failed")
+                study._storage.set_trial_user_attr(t._trial_id, "error", reason)
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            n += 1
+    return n
+
+
+ANNOUNCED = ("run", "config", "overrides", "seed", "draw")
+
+
+def announcement(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The attributes that say which run a trial is (not its results)."""
+    return {k: attrs[k] for k in ANNOUNCED if k in attrs}
