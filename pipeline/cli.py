@@ -355,9 +355,19 @@ def demo(
 # ----------------------------------------------------------------------------------- sweeps and paper tables (issue 4)
 
 
-@app.command()
+sweep_app = typer.Typer(
+    no_args_is_help=False,
+    help="Many stage-two runs from one cache: a grid or a random/TPE search, x seeds, resumable; tables mean ± std over seeds.",
+)
+app.add_typer(sweep_app, name="sweep")
+
+STORAGE_HELP = "A shared Optuna study storage, e.g. postgresql://USER@HOST/DB: any number of machines run the same command, each run trains once."
+
+
+@sweep_app.callback(invoke_without_command=True)
 def sweep(
-    cache: Path = typer.Option(..., help="Feature cache written by `sppscl extract` (read once per worker)."),
+    ctx: typer.Context,
+    cache: Optional[Path] = typer.Option(None, help="Feature cache written by `sppscl extract` (read once per worker)."),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="Preset or YAML (default: the preset named after the cache's dataset)."),
     set_: list[str] = typer.Option([], "--set", help="Override a base hyperparameter for every run, e.g. --set epochs=50."),
     grid: list[str] = typer.Option([], "--grid", help="A swept key and its values, e.g. --grid lr=1e-4,5e-5 (repeat for more keys: every combination runs)."),
@@ -365,22 +375,49 @@ def sweep(
     space: list[str] = typer.Option([], "--space", help="A search dimension for --random: key=low:high, key=low:high:log or key=a,b,c."),
     sampler: str = typer.Option("tpe", help="Optuna sampler for --random: random or tpe."),
     seeds: str = typer.Option(DEFAULT_SEEDS, help="Comma-separated seeds, each configuration runs once per seed (the same default as reproduce)."),
-    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Parallel runs (default: min(runs, cores); each gets cores/jobs threads; 1 runs in this process)."),
+    jobs: Optional[int] = typer.Option(
+        None, "--jobs", "-j", min=1, help="Parallel runs on this machine (default: min(runs, cores), or devices x --runs-per-device; each gets cores/jobs threads; 1 runs in this process)."
+    ),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP + " Every run uses it (preset: train.device)."),
-    out: Optional[Path] = typer.Option(None, help="Sweep directory (default: sweeps/<cache name>-<hash of the sweep's definition>)."),
+    devices: Optional[str] = typer.Option(None, "--devices", help="Place the parallel runs round-robin on these devices: cuda:0,cuda:1,... or all (overrides --device)."),
+    runs_per_device: int = typer.Option(1, "--runs-per-device", min=1, help="With --devices: concurrent runs per device; small stage-two runs share a GPU well."),
+    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
+    study: Optional[str] = typer.Option(None, "--study", help="With --storage: the study's name (the same on every machine)."),
+    heartbeat: int = typer.Option(10, "--heartbeat", min=1, help="With --storage: seconds between a running trial's heartbeats; a trial silent for 4 beats is run again elsewhere."),
+    out: Optional[Path] = typer.Option(None, help="Sweep directory (default: sweeps/<cache name>-<hash of the sweep's definition>, or sweeps/<study> with --study)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Many stage-two runs from one cache: a grid or a random/TPE search, x seeds, resumable; tables mean ± std over seeds."""
-    from .stage2.sweeps import Execution, default_sweep_dir, parse_seeds, print_summary
+    if ctx.invoked_subcommand is not None:
+        return
+    from .stage2.sweeps import Execution, default_sweep_dir, parse_devices, parse_seeds, print_summary
     from .stage2.sweeps import sweep as run_sweep
 
+    if cache is None:
+        raise ConfigError("sppscl sweep needs --cache (or: sppscl sweep summary ... for the tables of a finished sweep)")
     cfg = _train_config(cache, config, set_, None, device, "sweep")
-    out = out or default_sweep_dir(cache, config, set_, grid, space, random_, sampler)
-    console.print(f"sweep directory: {out}")
-    result = run_sweep(
-        cache, cfg, out, grid, space, random_, sampler, parse_seeds(seeds), Execution(jobs), progress=not quiet, console=err_console
-    )
+    execution = Execution(jobs, parse_devices(devices), runs_per_device, storage, study, heartbeat)
+    out = out or (Path("sweeps") / study if study else default_sweep_dir(cache, config, set_, grid, space, random_, sampler))
+    console.print(f"sweep directory: {out}" + (f" (study {study} in {storage})" if storage else ""))
+    result = run_sweep(cache, cfg, out, grid, space, random_, sampler, parse_seeds(seeds), execution, progress=not quiet, console=err_console)
     print_summary(result, console)
+    if result.failed:
+        raise typer.Exit(code=1)
+
+
+@sweep_app.command("summary")
+def sweep_summary(
+    out: Optional[Path] = typer.Option(None, help="The sweep folder (its local study), or where to write the tables of a --storage study (default: sweeps/<study>)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="The study storage the sweep ran against, e.g. postgresql://USER@HOST/DB."),
+    study: Optional[str] = typer.Option(None, "--study", help="The study's name (needed with --storage, or when a folder holds several)."),
+) -> None:
+    """The tables of a sweep from its study, on any machine: runs.csv, summary.csv, summary.md, and the table printed."""
+    from .stage2.sweeps import print_summary, summary
+
+    if out is None and (storage is None or study is None):
+        raise ConfigError("give the sweep folder (--out), or --storage and --study")
+    result = summary(out or Path("sweeps") / study, storage, study)
+    print_summary(result, console, trained=False)
     if result.failed:
         raise typer.Exit(code=1)
 

@@ -190,6 +190,11 @@ def run_configs(
     return SweepResult(out, runs_dir, keys, rows, summary, ran, failed, primary, plan.seeds)
 
 
+def placements(n: int, devices: tuple[str, ...]) -> list[str | None]:
+    """The device of each of ``n`` workers: round-robin over ``devices`` (None: the configuration's own)."""
+    return [devices[i % len(devices)] if devices else None for i in range(n)]
+
+
 def _run_processes(spec: WorkerSpec, n: int, devices: tuple[str, ...], study, local: bool, report) -> None:
     """Start ``n`` worker processes and watch them; a worker that dies is replaced, its run recorded as failed."""
     # spawn: a forked child would inherit torch's thread pools and any CUDA state of this process
@@ -197,7 +202,7 @@ def _run_processes(spec: WorkerSpec, n: int, devices: tuple[str, ...], study, lo
     procs: dict[int, multiprocessing.Process] = {}
 
     def start(i: int) -> None:
-        device = devices[i % len(devices)] if devices else None
+        device = placements(i + 1, devices)[i]
         p = ctx.Process(target=worker_main, args=(replace(spec, index=i, device=device), os.getpid()), name=f"sppscl-sweep-worker-{i}", daemon=True)
         p.start()
         procs[i] = p

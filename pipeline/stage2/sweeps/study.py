@@ -21,7 +21,9 @@ the lowest-numbered live trial of a run train it and every other one step aside 
 from __future__ import annotations
 
 import json
+import random
 import time
+import warnings
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -51,18 +53,28 @@ def open_storage(url: str | None, out: Path, heartbeat: int = DEFAULT_HEARTBEAT)
         return JournalStorage(JournalFileBackend(str(out / LOCAL_STUDY_FILE)))
     if heartbeat < 1:
         raise SweepError(f"--heartbeat must be at least 1 second, got {heartbeat}")
-    try:
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs={"pool_pre_ping": True},
-            heartbeat_interval=heartbeat,
-            grace_period=4 * heartbeat,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
-        )
-    except ModuleNotFoundError as e:
-        raise SweepError(f"--storage {url}: the database driver is not installed ({e}); for PostgreSQL: pip install 'sppscl[postgres]'") from None
-    except Exception as e:  # sqlalchemy's connection errors: the server, the user or the database is wrong
-        raise SweepError(f"--storage {url}: cannot open the study storage: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: experimental since 2.9, used as documented
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs={"pool_pre_ping": True},
+                    heartbeat_interval=heartbeat,
+                    grace_period=4 * heartbeat,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+                )
+        except ModuleNotFoundError as e:
+            raise SweepError(f"--storage {url}: the database driver is not installed ({e}); for PostgreSQL: pip install 'sppscl[postgres]'") from None
+        except Exception as e:  # sqlalchemy's errors: the server, the user or the database is wrong
+            from sqlalchemy.exc import IntegrityError
+
+            if isinstance(e, IntegrityError) and attempt < 4:
+                # machines starting at once on a new database all create Optuna's tables; the losers see them on retry
+                time.sleep(0.5 + random.random())
+                continue
+            raise SweepError(f"--storage {url}: cannot open the study storage: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    raise AssertionError("unreachable")
 
 
 def open_study(storage, name: str, meta: dict, where: str) -> optuna.Study:

@@ -161,8 +161,10 @@ def write_summary(out: Path, summary: list[dict], keys: list[str], primary_f1: s
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
-def print_summary(result: SweepResult, console: Console) -> None:
-    """The aggregate as a rich table, best configuration (on dev) highlighted; then the failures, if any."""
+def print_summary(result: SweepResult, console: Console, trained: bool = True) -> None:
+    """The aggregate as a rich table, best configuration (on dev) highlighted; then the failures, if any.
+
+    ``trained``: say how many runs this command trained (not for a summary read from a study)."""
     cols = _shown_columns(result.summary)
     t = Table(
         title=f"sweep {result.out}: {len(result.summary)} configurations x {len(result.seeds)} seeds, mean ± std over seeds",
@@ -179,8 +181,9 @@ def print_summary(result: SweepResult, console: Console) -> None:
         cells = [cell(s[f"{c}_mean"], s[f"{c}_std"]) for c in cols]
         t.add_row(*names, str(s["n"]), str(s["n_failed"]), *cells, style="bold green" if i == 0 and s["n"] > 0 else None)
     console.print(t)
-    # a failed run is always retried, so every row not trained now was finished before
-    console.print(f"trained now: {len(result.ran)} runs; finished before: {len(result.rows) - len(result.ran)}")
+    if trained:
+        # a failed run is always retried, so every row not trained now was finished before
+        console.print(f"trained now: {len(result.ran)} runs; finished before: {len(result.rows) - len(result.ran)}")
     console.print(f"tables: {result.out / 'runs.csv'}, {result.out / 'summary.csv'}, {result.out / 'summary.md'}")
     if result.failed:
         console.print(f"[bold red]{len(result.failed)} runs failed[/] (rerun the same command to retry them):")

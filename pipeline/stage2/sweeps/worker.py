@@ -165,7 +165,9 @@ class Objective:
             raise optuna.TrialPruned()
         overrides, seed, draw = plan.choose(trial, frozen)
         name = run_name(overrides, seed)
-        for key, value in {"run": name, "config": config_slug(overrides), "overrides": overrides, "seed": seed, "draw": draw}.items():
+        # who holds it, from the start: a dead local worker's runs are found by its pid
+        who = {"host": self.host, "pid": os.getpid(), "invocation": self.spec.invocation}
+        for key, value in {"run": name, "config": config_slug(overrides), "overrides": overrides, "seed": seed, "draw": draw, **who}.items():
             trial.set_user_attr(key, value)
         owner = claim(study, trial.number, name, self.local)
         if owner is not None:
