@@ -53,6 +53,13 @@ class Profile:
     compute_batches: int
     matmul_n: int
     matmul_reps: int
+    # sweeps: synthetic samples in the tiny-encoder cache, the grid (--grid args), seeds, epochs per run,
+    # and trials timed with the training stubbed out (the study's own cost per trial)
+    sweep_samples: int = 160
+    sweep_grid: tuple[str, ...] = ("fusion=batch,concat", "ha_layers=2,4")
+    sweep_seeds: str = "1,2"
+    sweep_epochs: int = 3
+    sweep_stub_trials: int = 40
 
     def replace(self, **changes) -> "Profile":
         return dataclasses.replace(self, **changes)
@@ -115,6 +122,11 @@ QUICK = Profile(
     compute_batches=2,
     matmul_n=128,
     matmul_reps=2,
+    sweep_samples=60,
+    sweep_grid=("fusion=batch,concat",),
+    sweep_seeds="1",
+    sweep_epochs=1,
+    sweep_stub_trials=4,
 )
 
 PROFILES = {"full": FULL, "quick": QUICK}

@@ -21,7 +21,7 @@ if str(REPO) not in sys.path:
 from bench.common import Row, Target, default_threads, fmt, markdown  # noqa: E402
 from bench.run import TABLE_ORDER, main  # noqa: E402
 
-SECTIONS = {"caching", "extraction", "loader", "scale", "compute"}
+SECTIONS = {"caching", "extraction", "loader", "scale", "compute", "sweeps"}
 
 
 def _quiet() -> Console:

@@ -137,16 +137,19 @@ def work_left(study: optuna.Study, plan, local: bool, heartbeat: int) -> bool:
 
     On a shared study, runs still running elsewhere are waited for: if their worker dies, Optuna's heartbeat
     check (run here every heartbeat interval) fails them and queues them again, and this worker takes them."""
+    checked = time.monotonic()
     while True:
         trials = all_trials(study)
         if any(t.state == TrialState.WAITING for t in trials) or plan.fresh(trials) > 0:
             return True
         if local or not any(t.state == TrialState.RUNNING for t in trials):
             return False
-        time.sleep(heartbeat)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
+        time.sleep(min(1.0, heartbeat))
+        if time.monotonic() - checked >= heartbeat:
+            checked = time.monotonic()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
 
 
 class Objective:
