@@ -120,7 +120,8 @@ def run_train(tmp: Path, rng: random.Random, cache: Path) -> tuple[dict, dict]:
 
 def _sweep_rows(out: Path) -> list[dict]:
     with open(out / "runs.csv") as fh:
-        return [{k: v for k, v in row.items() if k != "wall_s"} for row in csv.DictReader(fh)]
+        # where and when a run was trained (its trial number, folder, host, time) differ; what it produced must not
+        return [{k: v for k, v in row.items() if k not in ("wall_s", "trial", "run_dir", "host")} for row in csv.DictReader(fh)]
 
 
 def run_sweep(tmp: Path, rng: random.Random, cache: Path) -> tuple[list, list]:
