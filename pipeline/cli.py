@@ -349,7 +349,7 @@ def demo(
     """The whole pipeline on an embedded default: synthetic data, offline encoders, SPP-SCL vs text-only vs image-only."""
     from .demo import run_demo
 
-    run_demo(out, cache, epochs, console)
+    run_demo(out, cache, epochs, console, err_console)
 
 
 # ----------------------------------------------------------------------------------- sweeps and paper tables (issue 4)

@@ -26,22 +26,25 @@ VARIANTS = {
 }
 
 
-def run_demo(out: Path, cache: Path, epochs: int | None, console: Console) -> dict[str, dict]:
+def run_demo(out: Path, cache: Path, epochs: int | None, console: Console, progress_console: Console | None = None) -> dict[str, dict]:
+    """Extract, train the variants, print the comparison on ``console``; headings and progress go to
+    ``progress_console`` (the CLI's stderr) when given."""
     t0 = time.perf_counter()
+    log = progress_console or console
     cfg = load_config("demo")
     if epochs is not None:
         cfg = apply_overrides(cfg, {"epochs": epochs})
-    console.rule("[bold]1/2 stage one: generate the synthetic set, extract features with EfficientNet-Lite0 + MiniLM-L6")
-    summary = extract(cfg, cache, progress=True, console=console)
+    log.rule("[bold]1/2 stage one: generate the synthetic set, extract features with EfficientNet-Lite0 + MiniLM-L6")
+    summary = extract(cfg, cache, progress=True, console=log)
     speed = f"{summary.samples_per_second:.1f} samples/s" if summary.samples_encoded else "already complete, reused"
-    console.print(f"cache {cache}: {sum(summary.rows.values())} rows ({speed})")
+    log.print(f"cache {cache}: {sum(summary.rows.values())} rows ({speed})")
     if out.exists():
         shutil.rmtree(out)
     results, run_dirs = {}, {}
     for i, (name, sets) in enumerate(VARIANTS.items(), 1):
-        console.rule(f"[bold]2/2 stage two ({i}/{len(VARIANTS)}): {name}")
+        log.rule(f"[bold]2/2 stage two ({i}/{len(VARIANTS)}): {name}")
         run_dirs[name] = out / name.split(" (")[0].replace(" ", "-").replace(",", "").lower()
-        results[name] = train(cache, apply_overrides(cfg, sets), run_dirs[name], progress=True, console=console)
+        results[name] = train(cache, apply_overrides(cfg, sets), run_dirs[name], progress=True, console=log)
     table = Table(title=f"demo results (synthetic data, {cfg.train.epochs} epochs, best dev checkpoint)")
     for col in ("model", "dev acc", "dev macro F1", "test acc", "test macro F1"):
         table.add_column(col, justify="left" if col == "model" else "right", no_wrap=col == "model")
@@ -49,6 +52,6 @@ def run_demo(out: Path, cache: Path, epochs: int | None, console: Console) -> di
         d, t = r["splits"]["dev"], r["splits"]["test"]
         table.add_row(name, f"{d['accuracy']:.3f}", f"{d['macro_f1']:.3f}", f"{t['accuracy']:.3f}", f"{t['macro_f1']:.3f}")
     console.print(table)
-    console.print(f"runs (checkpoints, metrics.jsonl, results.json, predictions): {', '.join(str(p) for p in run_dirs.values())}")
+    console.print(f"runs (checkpoints, metrics.jsonl, results.json, predictions, curves.png): {', '.join(str(p) for p in run_dirs.values())}")
     console.print(f"demo finished in {time.perf_counter() - t0:.0f}s")
     return results
