@@ -19,15 +19,23 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from . import caching, compute, extraction, loader, scale, sweeps
+from . import caching, compute, extraction, loader, ranks, scale, sweeps
 from .common import Context, Section, default_threads, load_average, machine_info, markdown, rich_table, write_json
 from .profiles import FULL, QUICK
 
 BENCH_DIR = Path(__file__).resolve().parent
 # Execution order: extraction first, so the caching section's 150-epoch projection can use its measured rate.
-RUNNERS = {"extraction": extraction.run, "caching": caching.run, "loader": loader.run, "scale": scale.run, "compute": compute.run, "sweeps": sweeps.run}
+RUNNERS = {
+    "extraction": extraction.run,
+    "ranks": ranks.run,
+    "caching": caching.run,
+    "loader": loader.run,
+    "scale": scale.run,
+    "compute": compute.run,
+    "sweeps": sweeps.run,
+}
 # Table order: the issue's.
-TABLE_ORDER = ["caching", "extraction", "loader", "scale", "compute", "sweeps"]
+TABLE_ORDER = ["caching", "extraction", "ranks", "loader", "scale", "compute", "sweeps"]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -79,12 +79,17 @@ def diff_provenance(a: Any, b: Any, prefix: str = "", names: tuple[str, str] = (
 
 
 def create_cache(
-    path: Path, plans: list[SplitPlan], shapes: FeatureShapes, provenance: dict, skipped: list[tuple[str, str, str]]
+    path: Path,
+    plans: list[SplitPlan],
+    shapes: FeatureShapes,
+    provenance: dict,
+    skipped: list[tuple[str, str, str]],
+    attrs: dict[str, Any] | None = None,
 ) -> None:
     """Lay the whole file out (every dataset allocated, nothing filled) and atomically move it into place.
 
     ``skipped`` lists (split, id, reason) rows left out when planning; they are kept in the file so the
-    reader can report them.
+    reader can report them. ``attrs`` are further root attributes (in the file from its first appearance).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,6 +98,8 @@ def create_cache(
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["provenance"] = json.dumps(provenance, sort_keys=True)
         f.attrs["complete"] = False
+        for k, v in (attrs or {}).items():
+            f.attrs[k] = v
         dtype = np.dtype(shapes.dtype)
         for plan in plans:
             g = f.create_group(f"splits/{plan.name}")
@@ -352,6 +359,12 @@ class FeatureCache:
             hint = f" (a half-created {partial.name} exists: rerun the extraction)" if partial.exists() else ""
             raise CacheError(f"{self.path}: no such cache{hint}. Build it with: sppscl extract --config <preset> --out {self.path}")
         self.provenance, complete = read_provenance(self.path)
+        if "shard" in self.provenance:
+            shard = self.provenance["shard"]
+            raise CacheError(
+                f"{self.path} is shard {shard['index']}/{shard['count']} of a cache, only part of its rows. Join all "
+                f"{shard['count']} shards with: sppscl cache merge SHARD_FILES... --out WHOLE.h5"
+            )
         if not complete:
             raise CacheError(
                 f"{self.path}: extraction did not finish (no completeness flag). Rerun the same `sppscl extract` command to resume it."

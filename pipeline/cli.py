@@ -24,6 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
+from .cli_cache import cache_app
 from .config import CONFIG_DIR, STAGE_SECTIONS, Config, ConfigError, apply_overrides, load_config
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, SppsclError, atomic_write, check_writable_dir, disk_full, is_disk_full
 from .presets import app as presets_app
@@ -45,6 +46,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(presets_app, name="presets")
 checkpoint_app = typer.Typer(no_args_is_help=True, help="Checkpoints: convert the .pt files of older sppscl versions.")
 app.add_typer(checkpoint_app, name="checkpoint")
+app.add_typer(cache_app, name="cache")
 console = Console(stderr=False)
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -126,15 +128,35 @@ def extract(
     ),
     allow_download: bool = typer.Option(False, "--allow-download", help=ALLOW_DOWNLOAD_HELP),
     quiet: bool = typer.Option(False, help="No progress bar."),
+    shard: Optional[str] = typer.Option(
+        None, help="I/N: write only shard I of N of the rows to --out (machines without a shared filesystem); join them with `sppscl cache merge`."
+    ),
 ) -> None:
-    """Stage one: run the frozen encoders once and write the HDF5 feature cache (resumable)."""
+    """Stage one: run the frozen encoders once and write the HDF5 feature cache (resumable).
+
+    Under torchrun (--nproc-per-node, --nnodes) the ranks fill one cache together."""
+    from .stage1.distributed import PeerFailed, Ranks, Shard
     from .stage1.encoders import allow_downloads
     from .stage1.extract import extract as run_extract
 
-    cfg = _config(config, set_, **{"encoders.image": image_encoder, "encoders.text": text_encoder})
-    out = out or Path("cache") / f"{cfg.dataset.name}.h5"
-    with allow_downloads(allow_download):
-        s = run_extract(cfg, out, data_dir, device, batch_size, limit, on_error, force, workers, progress=not quiet, console=err_console)
+    ranks = Ranks.from_env()
+    console.quiet = not ranks.is_zero  # one report per job: rank 0's
+    try:
+        cfg = _config(config, set_, **{"encoders.image": image_encoder, "encoders.text": text_encoder})
+        out = out or Path("cache") / f"{cfg.dataset.name}.h5"
+        part = Shard.parse(shard) if shard else None
+        with allow_downloads(allow_download):
+            s = run_extract(
+                cfg, out, data_dir, device, batch_size, limit, on_error, force, workers, progress=not quiet, console=err_console, shard=part
+            )
+    except BaseException as e:  # noqa: BLE001 - under torchrun, say which rank failed (main() handles a single process)
+        if not ranks.distributed:
+            raise
+        if isinstance(e, PeerFailed) and not ranks.is_zero:
+            raise typer.Exit(code=EXIT_FAILED) from None  # one message per failure: the failing rank's, or rank 0's
+        code, message = error_exit(e)
+        err_console.print(f"[bold red]error:[/] {escape(ranks.label() + message)}", markup=True, highlight=False)
+        raise typer.Exit(code=code) from None
     _print_extract_summary(s)
 
 

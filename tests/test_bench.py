@@ -21,7 +21,7 @@ if str(REPO) not in sys.path:
 from bench.common import Row, Target, default_threads, fmt, markdown  # noqa: E402
 from bench.run import TABLE_ORDER, main  # noqa: E402
 
-SECTIONS = {"caching", "extraction", "loader", "scale", "compute", "sweeps"}
+SECTIONS = {"caching", "extraction", "ranks", "loader", "scale", "compute", "sweeps"}
 
 
 def _quiet() -> Console:
@@ -51,6 +51,8 @@ def test_quick_run_writes_json_with_every_section(quick_run):
     keys = {(r["section"], r["key"]) for r in report["rows"]}
     assert {("extraction", "offline_no_workers"), ("scale", "bytes_gzip"), ("caching", "run_hfm")} <= keys
     assert (("compute", "threads") in keys) == (default_threads() > 1)
+    # the 2-process extraction wrote the same cache as the single process
+    assert report["sections"]["ranks"]["raw"]["identical"] is True
     # the table follows the order
     order = [TABLE_ORDER.index(r["section"]) for r in report["rows"]]
     assert order == sorted(order)

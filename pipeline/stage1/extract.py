@@ -4,6 +4,8 @@ The run is planned before any encoder runs: samples are validated, texts tokeniz
 in full (see ``sppscl.cache``). Batches are fixed index ranges of each split, so a resumed run recomputes
 exactly the batches an uninterrupted run would have, and the finished file is byte-identical to it.
 Images are decoded in DataLoader worker processes while the encoders run in the main process.
+Under ``torchrun`` the ranks share the batches of one file, and ``--shard I/N`` writes a share of them to a
+file of its own (``sppscl.stage1.distributed``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,10 +39,10 @@ from ..cache import (
     cache_bytes,
 )
 from ..config import Config, ConfigError
-from ..devices import resolve_device
 from ..errors import OutputError, SppsclError, check_writable_dir, disk_full, free_bytes, is_disk_full, output_error
 from ..progress import make_progress
 from .adapters import load_samples
+from .distributed import CacheLock, Ranks, Shard, deal
 from .encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
 from .layouts import resolve_dataset
 from .records import NO_LABEL, Sample
@@ -192,17 +195,36 @@ def extract(
     num_workers: int | None = None,
     progress: bool = True,
     console=None,
+    shard: Shard | None = None,
 ) -> ExtractSummary:
+    """Write (or continue) the cache at ``out``; under torchrun, this rank's share of it (see module doc)."""
     if on_error not in ON_ERROR:
         raise ConfigError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
     for flag, value, low in (("--batch-size", batch_size, 1), ("--limit", limit, 1), ("--workers", num_workers, 0)):
         if value is not None and value < low:
             raise ConfigError(f"{flag} must be at least {low}, got {value}")
     out = Path(out)
-    # an unusable output location is found before the dataset is read and the encoders are loaded
-    if out.is_dir():
-        raise OutputError(f"--out {out} is a folder; give the cache file to write, e.g. {out / (cfg.dataset.name + '.h5')}")
-    check_writable_dir(out.parent, "the cache")
+    ranks = Ranks.from_env()
+    dev = ranks.device(device or cfg.extract.device)
+
+    def claim() -> CacheLock:
+        # an unusable output location is found before the dataset is read and the encoders are loaded
+        if out.is_dir():
+            raise OutputError(f"--out {out} is a folder; give the cache file to write, e.g. {out / (cfg.dataset.name + '.h5')}")
+        check_writable_dir(out.parent, "the cache")
+        return CacheLock.acquire(out)
+
+    ranks.start(dev)
+    try:
+        # Rank 0 holds the lock for the whole job, taken before anything is opened for writing; the other ranks
+        # write only between the barriers rank 0 releases them at.
+        with ranks.on_zero(claim, share=False) or nullcontext():
+            return _extract(cfg, out, data_dir, dev, batch_size, limit, on_error, force, num_workers, progress, console, shard, ranks)
+    finally:
+        ranks.stop()
+
+
+def _extract(cfg, out, data_dir, dev, batch_size, limit, on_error, force, num_workers, progress, console, shard, ranks) -> ExtractSummary:
     # the concrete layout (format: auto) is what the cache's provenance records
     cfg, ddir, layout = resolve_dataset(cfg, data_dir)
     report = load_samples(cfg, ddir)
@@ -231,43 +253,42 @@ def extract(
             f"id {skipped[0][1]!r}: {skipped[0][2]}); run `sppscl data verify` to list them, then fix the data."
         )
 
-    dev = resolve_device(device or cfg.extract.device)
     dtype = cfg.extract.dtype
     image_enc = load_image_encoder(cfg.encoders.image, device=str(dev))
     text_enc = load_text_encoder(cfg.encoders.text, max_length=cfg.encoders.max_length, layers=cfg.encoders.layers, device=str(dev))
     provenance = build_provenance(cfg, ddir, by_split, image_enc, text_enc, dtype, limit)
-    bs = cfg.extract.batch_size if batch_size is None else batch_size
+    requested_bs = cfg.extract.batch_size if batch_size is None else batch_size
+    # an unfinished cache continues with the batches it was started with, whatever --batch-size says now
+    bs = ranks.on_zero(lambda: None if force else _started_batch_size(out)) or requested_bs
+    if shard is not None:
+        # whole fixed batches of the full run, order kept: fixed_batches over the shard's rows forms the same
+        # batches again (only a split's last batch can be short, and it stays last)
+        provenance["shard"] = shard.record({split: len(rows) for split, rows in by_split.items()}, bs)
+        mine = Shard.rows(provenance["shard"])
+        by_split = {split: [rows[i] for i in mine[split]] for split, rows in by_split.items()}
     summary = ExtractSummary(
         out, {k: len(v) for k, v in by_split.items()}, list(skipped), {k: len(v) for k, v in report.dropped.items()}, notes=list(report.notes)
     )
+    if shard is not None:
+        summary.notes.append(f"{out} is shard {shard} (its rows only); when every shard is done, join them: sppscl cache merge SHARD_FILES... --out WHOLE.h5")
+    # (a shard can hold no rows of a small split)
+    texts_ids = {split: text_enc.tokenize([s.text for s in rows]) if rows else [] for split, rows in by_split.items()}
 
-    if out.exists() and force:
-        # --force rebuilds without reading the old file: it may be the unreadable one --force was advised for
-        out.unlink()
-    if out.exists():
-        old, complete = read_provenance(out)
-        diffs = diff_provenance(old, provenance, names=("the cache on disk", "this command"))
-        if diffs:
-            raise CacheError(
-                f"{out} was built from a different request; refusing to touch it. What differs:\n  "
-                + "\n  ".join(diffs)
-                + "\nUse another --out, or --force to rebuild it."
-            )
-        if complete:
-            summary.status = "up-to-date"
-            summary.skipped = read_skipped(out)
-            summary.file_bytes = out.stat().st_size
-            return summary
-        else:
-            summary.status = "resumed"
-            with h5py.File(out, "r") as f:
-                stored_bs = int(f.attrs.get("extract_batch_size", bs))
-            if stored_bs != bs:
-                summary.notes.append(f"resuming with the batch size the cache was started with ({stored_bs}), not {bs}")
-            bs = stored_bs
-
-    texts_ids = {split: text_enc.tokenize([s.text for s in rows]) for split, rows in by_split.items()}
-    if not out.exists():
+    def prepare() -> str:
+        """Rank 0, before any rank writes: check an existing file against the request, or lay a new one out."""
+        if out.exists() and force:
+            # --force rebuilds without reading the old file: it may be the unreadable one --force was advised for
+            out.unlink()
+        if out.exists():
+            old, complete = read_provenance(out)
+            diffs = diff_provenance(old, provenance, names=("the cache on disk", "this command"))
+            if diffs:
+                raise CacheError(
+                    f"{out} was built from a different request; refusing to touch it. What differs:\n  "
+                    + "\n  ".join(diffs)
+                    + "\nUse another --out, or --force to rebuild it."
+                )
+            return "up-to-date" if complete else "resumed"
         plans = [
             SplitPlan(
                 split,
@@ -286,28 +307,44 @@ def extract(
         if free is not None and free < needed:
             raise disk_full(out, needed, "rerun the same command", free)
         try:
-            create_cache(out, plans, shapes, provenance, skipped)
-            with h5py.File(out, "r+") as f:
-                f.attrs["extract_batch_size"] = bs
+            create_cache(out, plans, shapes, provenance, skipped, attrs={"extract_batch_size": bs})
         except OSError as e:
             # nothing was extracted yet: leave no half-made file behind, so the next run starts clean
             for p in (out, out.with_name(out.name + ".partial")):
                 p.unlink(missing_ok=True)
             raise (disk_full(out, needed, "rerun the same command") if is_disk_full(e) else output_error(out, e, "the cache")) from None
+        return "written"
+
+    summary.status = ranks.on_zero(prepare)
+    if summary.status == "up-to-date":
+        if ranks.is_zero:
+            summary.skipped = read_skipped(out)
+            summary.file_bytes = out.stat().st_size
+        return summary
+    if not out.exists():
+        raise ExtractionError(
+            f"{out}: rank 0 has laid this cache out, but this rank cannot see it. Ranks on several nodes need --out (and the "
+            "data) on a filesystem every node shares; without one, extract with --shard I/N on each node and join the "
+            "files with `sppscl cache merge`."
+        )
+    if summary.status == "resumed" and bs != requested_bs:
+        summary.notes.append(f"resuming with the batch size the cache was started with ({bs}), not {requested_bs}")
 
     filler = CacheFiller(out)
     workers = cfg.extract.num_workers if num_workers is None else num_workers
     transform = image_enc.preprocess()
     shape = (3, 224, 224)
     np_dtype = np.dtype(dtype)
-    todo = {
+    pending = {
         split: [b for b in fixed_batches(len(rows), bs) if (filler.status(split)[b] == PENDING).any()]
         for split, rows in by_split.items()
     }
+    # every rank read the same statuses (nobody writes before all have passed the barrier in on_zero above)
+    todo = deal(pending, ranks.rank, ranks.world_size)
     total = sum(len(b) for bs_ in todo.values() for b in bs_)
     start = time.perf_counter()
     try:
-        with make_progress(enabled=progress, console=console) as prog:
+        with make_progress(enabled=progress and ranks.is_zero, console=console) as prog:
             task = prog.add_task("extract", total=total)
             for split, batches in todo.items():
                 if not batches:
@@ -342,14 +379,18 @@ def extract(
                     prog.advance(task, len(idx))
     finally:
         filler.close()
-    summary.seconds = time.perf_counter() - start
-    image_skips, summary.rows = _image_skips(out, by_split)
-    summary.skipped = list(skipped) + image_skips
-    try:
-        finalize_cache(out, summary.skipped)
-    except OSError as e:
-        raise _fill_failed(out, e) from None
-    summary.file_bytes = out.stat().st_size
+    summary.samples_encoded, summary.seconds = ranks.all_done(summary.samples_encoded, time.perf_counter() - start)
+
+    def finish():
+        """Rank 0, after every rank has written its batches: the skipped rows' reasons, then the complete flag."""
+        image_skips, rows = _image_skips(out, by_split)
+        try:
+            finalize_cache(out, list(skipped) + image_skips)
+        except OSError as e:
+            raise _fill_failed(out, e) from None
+        return rows, list(skipped) + image_skips, out.stat().st_size
+
+    summary.rows, summary.skipped, summary.file_bytes = ranks.on_zero(finish)
     return summary
 
 
@@ -362,6 +403,15 @@ def _fill_failed(out: Path, e: OSError) -> SppsclError:
         return disk_full(out, max(0, st.st_size - st.st_blocks * 512), resume)
     err = output_error(out, e, "the cache")
     return type(err)(f"{err} Then {resume}.")
+
+
+def _started_batch_size(out: Path) -> int | None:
+    """The batch size an existing cache was laid out with (None: no file, or not one of ours)."""
+    try:
+        with h5py.File(out, "r") as f:
+            return int(f.attrs["extract_batch_size"])
+    except (OSError, KeyError):
+        return None
 
 
 def encode_batch(image_enc, text_enc, images, token_ids, dev, np_dtype):
