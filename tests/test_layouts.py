@@ -142,6 +142,9 @@ def test_unknown_layout_and_missing_images_say_what_is_expected(tmp_path):
     write_json(tmp_path / "noimg" / "train.json", [{"id": "1", "text": "x", "emotion_label": 0}])
     with pytest.raises(DataError, match="(?s)no image folder.*dataset_image"):
         load_samples(load_config("hfm"), tmp_path / "noimg")
+    fold = clmlf_repo(tmp_path / "CLMLF") / "10-flod-1"
+    with pytest.raises(DataError, match="CLMLF's split folder; pass the dataset folder above it"):
+        load_samples(load_config("mvsa-single"), fold)
     with pytest.raises(DataError, match="(?s)does not exist.*--data-dir"):
         load_samples(load_config("hfm"), tmp_path / "nowhere")
 

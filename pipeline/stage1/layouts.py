@@ -94,6 +94,8 @@ def _image_dir(cfg: Config, folder: Path) -> str | None:
 
 
 def _no_images(folder: Path, what: str) -> DataError:
+    if folder.name == CLMLF_FOLD_DIR:
+        return DataError(f"{folder}: this is CLMLF's split folder; pass the dataset folder above it, which holds dataset_image/")
     return DataError(
         f"{folder}: found {what} but no image folder; put the images (<id>.jpg) in {folder / 'dataset_image'} "
         f"(as CLMLF and HFM instruct) or {folder / 'images'}"
