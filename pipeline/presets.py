@@ -8,7 +8,7 @@ import yaml
 from .config import PRESET_DIR, ConfigError, load_config, preset_names
 
 app = typer.Typer(
-    help="The built-in presets (configs/ in the source tree, installed inside the package).",
+    help="The built-in presets: `sppscl presets` lists them, `sppscl presets show NAME` prints one with every default.",
     invoke_without_command=True,
 )
 
