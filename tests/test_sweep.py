@@ -258,3 +258,12 @@ def test_bad_sweep_arguments_are_clear_errors():
     assert parse_grid(["alpha=1/3,0.5"]) == {"alpha": [1 / 3, 0.5]}
     dims = parse_space(["dim=16:64", "lr=1e-5:1e-3:log", "use_inter=true,false"])
     assert isinstance(dims["dim"].low, int) and dims["lr"].log and dims["use_inter"].choices == (True, False)
+
+
+def test_search_runs_every_seed_of_every_draw(base, tmp_path):
+    """A draw trains its first seed and queues the others; a queued seed is never taken for a draw beyond --random."""
+    path, cfg = base
+    res = sweep(path, cfg, tmp_path / "s", space=["lr=1e-3:1e-1:log"], n_random=2, sampler="tpe", seeds=[0, 1], execution=INLINE, progress=False)
+    assert [r["status"] for r in res.rows] == ["ok"] * 4 and len(res.ran) == 4
+    assert [r["seed"] for r in res.rows] == [0, 1, 0, 1] and len({r["config"] for r in res.rows}) == 2
+    assert [s["n"] for s in res.summary] == [2, 2]

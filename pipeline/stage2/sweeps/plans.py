@@ -91,8 +91,8 @@ class SearchPlan:
         return "sppscl"  # one search per sweep folder: another space there is refused
 
     def sampler(self, worker: int) -> optuna.samplers.BaseSampler:
-        # workers draw from different streams; the seed is fixed so a one-worker search is reproducible
-        seed = 1009 * worker + 1
+        # workers draw from different streams; the seed is fixed so a local one-worker search is reproducible
+        seed = (1009 * worker + 1) % 2**32
         return optuna.samplers.RandomSampler(seed=seed) if self.sampler_name == "random" else optuna.samplers.TPESampler(seed=seed)
 
     def choose(self, trial: Trial, frozen: FrozenTrial) -> tuple[dict, int, bool]:

@@ -74,7 +74,6 @@ def open_storage(url: str | None, out: Path, heartbeat: int = DEFAULT_HEARTBEAT)
                 time.sleep(0.5 + random.random())
                 continue
             raise SweepError(f"--storage {url}: cannot open the study storage: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    raise AssertionError("unreachable")
 
 
 def open_study(storage, name: str, meta: dict, where: str) -> optuna.Study:

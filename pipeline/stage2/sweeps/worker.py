@@ -33,7 +33,7 @@ from ...config import Config
 from ..train import train
 from .plans import ListPlan, SearchPlan, run_name
 from .spec import SweepError, config_slug, run_config
-from .study import all_trials, by_run, claim, is_done, open_storage
+from .study import all_trials, by_run, claim, is_done, is_queued, open_storage
 from .tables import read_run
 
 # placement, not configuration: a run trained on another device or thread count is the same run
@@ -119,7 +119,9 @@ def worker_main(spec: WorkerSpec, parent_pid: int) -> None:
 def work(spec: WorkerSpec, cache: FeatureCache, after_trial: Callable[[], None] | None = None) -> None:
     """Train the study's runs until none is left to start (and, on a shared study, none is left running elsewhere)."""
     storage = open_storage(spec.storage, Path(spec.out), spec.heartbeat)
-    study = optuna.load_study(study_name=spec.study, storage=storage, sampler=spec.plan.sampler(spec.index))
+    # on a shared study every process is worker 0 of its own machine: their samplers must not draw the same stream
+    stream = spec.index if spec.storage is None else hash((socket.gethostname(), os.getpid(), spec.index)) % 2**31
+    study = optuna.load_study(study_name=spec.study, storage=storage, sampler=spec.plan.sampler(stream))
     local = spec.storage is None
 
     def stop_when_done(study: optuna.Study, _trial: FrozenTrial) -> None:
@@ -163,7 +165,7 @@ class Objective:
     def __call__(self, trial: Trial) -> float:
         study, plan = self.study, self.spec.plan
         frozen = study._storage.get_trial(trial._trial_id)
-        if plan.surplus(trial.number, all_trials(study)):
+        if not is_queued(frozen) and plan.surplus(trial.number, all_trials(study)):
             trial.set_user_attr("surplus", True)
             raise optuna.TrialPruned()
         overrides, seed, draw = plan.choose(trial, frozen)
