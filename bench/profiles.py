@@ -55,10 +55,10 @@ class Profile:
     matmul_reps: int
     # sweeps: synthetic samples in the tiny-encoder cache, the grid (--grid args), seeds, epochs per run,
     # and trials timed with the training stubbed out (the study's own cost per trial)
-    sweep_samples: int = 160
+    sweep_samples: int = 400
     sweep_grid: tuple[str, ...] = ("fusion=batch,concat", "ha_layers=2,4")
     sweep_seeds: str = "1,2"
-    sweep_epochs: int = 3
+    sweep_epochs: int = 6
     sweep_stub_trials: int = 40
 
     def replace(self, **changes) -> "Profile":
