@@ -369,16 +369,27 @@ class FeatureCache:
             raise CacheError(
                 f"{self.path}: extraction did not finish (no completeness flag). Rerun the same `sppscl extract` command to resume it."
             )
-        with h5py.File(self.path, "r") as f:
-            self.schema_version = int(f.attrs["schema_version"])
-            self.splits = list(f["splits"].keys())
-            self.attrs = {k: f.attrs[k] for k in f.attrs.keys()}
-            self._shapes = {s: f[f"splits/{s}/image"].shape for s in self.splits}
-            tok = {s: f[f"splits/{s}/tokens"].shape for s in self.splits}
-        self.skipped = read_skipped(self.path)
-        first = self.splits[0]
-        self.image_shape = tuple(self._shapes[first][1:])
-        self.layers, self.hidden = tok[first][1], tok[first][2]
+        try:
+            if not isinstance(self.provenance.get("dataset", {}).get("classes"), list) or "encoders" not in self.provenance:
+                raise KeyError("provenance without dataset.classes or encoders")
+            with h5py.File(self.path, "r") as f:
+                self.schema_version = int(f.attrs["schema_version"])
+                self.splits = list(f["splits"].keys())
+                self.attrs = {k: f.attrs[k] for k in f.attrs.keys()}
+                self._shapes = {s: f[f"splits/{s}/image"].shape for s in self.splits}
+                tok = {s: f[f"splits/{s}/tokens"].shape for s in self.splits}
+                for s in self.splits:
+                    missing = [k for k in ("ids", "texts", "labels", "offsets", "status") if k not in f[f"splits/{s}"]]
+                    if missing:
+                        raise KeyError(f"splits/{s} has no {', '.join(missing)}")
+            self.skipped = read_skipped(self.path)
+            first = self.splits[0]
+            self.image_shape = tuple(self._shapes[first][1:])
+            self.layers, self.hidden = tok[first][1], tok[first][2]
+        except (KeyError, IndexError, ValueError, TypeError, AttributeError, OSError) as e:
+            raise CacheError(
+                f"{self.path}: not a complete sppscl cache ({type(e).__name__}: {e}). Rebuild it: sppscl extract --config <preset> --out {self.path} --force"
+            ) from None
 
     @property
     def classes(self) -> list[str]:

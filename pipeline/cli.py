@@ -224,7 +224,9 @@ def train(
     out = out or Path("runs") / f"{cache.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     # on --resume these may only change what keeps it one run (more epochs, threads, device); the rest is refused
     overrides = [*set_, *([f"seed={seed}"] if seed is not None else []), *([f"device={device}"] if device is not None else [])]
-    results = run_train(cache, cfg, out, resume=resume, progress=not quiet, console=err_console, resume_overrides=overrides)
+    results = run_train(
+        cache, cfg, out, resume=resume, progress=not quiet, console=err_console, resume_overrides=overrides, resume_preset=config
+    )
     console.print(f"run directory: {out}")
     print_results(results)
 

@@ -697,6 +697,77 @@ def predict_output_full_disk_keeps_the_old_file(env: Env) -> Expect:
     )
 
 
+# ------------------------------------------------------------------------------------ rows added with their fixes
+
+
+@case
+def train_cache_missing_a_dataset(env: Env) -> Expect:
+    import h5py
+
+    bad = env.tmp / "holed.h5"
+    bad.write_bytes(env.cache.read_bytes())
+    with h5py.File(bad, "r+") as f:
+        del f["splits/dev/labels"]
+    return Expect(_train(env, "--config", "demo", cache=bad), 2, ["holed.h5", "not a complete sppscl cache", "splits/dev has no labels", "--force"], [env.tmp])
+
+
+@case
+def train_cache_with_foreign_provenance(env: Env) -> Expect:
+    import h5py
+
+    bad = env.tmp / "odd.h5"
+    bad.write_bytes(env.cache.read_bytes())
+    with h5py.File(bad, "r+") as f:
+        f.attrs["provenance"] = json.dumps({"something": "else"})
+    return Expect(_train(env, "--config", "demo", cache=bad), 2, ["odd.h5", "not a complete sppscl cache"], [env.tmp])
+
+
+@case
+def extract_bad_pixel_limit_variable(env: Env) -> Expect:
+    ds, preset = _good(env)
+    env.monkeypatch.setenv("SPPSCL_MAX_IMAGE_PIXELS", "lots")
+    return Expect(["extract", "--config", str(preset), "--out", str(env.tmp / "c.h5"), "--quiet"], 2, ["SPPSCL_MAX_IMAGE_PIXELS", "'lots'"], [ds.data])
+
+
+@case
+def verify_pixel_limit_from_the_environment(env: Env) -> Expect:
+    """The documented knob works: a lower limit refuses the dataset's ordinary 40x30 images, naming it."""
+    ds, preset = _good(env)
+    env.monkeypatch.setenv("SPPSCL_MAX_IMAGE_PIXELS", "1000")
+    return Expect(["data", "verify", "--config", str(preset)], 1, ["oversized image", "40x30", "limit of 0.0", "SPPSCL_MAX_IMAGE_PIXELS"], [ds.data])
+
+
+def _mvsa_escape(ds: Dataset) -> None:
+    """Raw MVSA reads data/<id>.txt: an id climbing out of data/ must not read the file it points at."""
+    (ds.data / "data").mkdir(parents=True, exist_ok=True)
+    (ds.root / "outside").mkdir(exist_ok=True)
+    (ds.root / "outside" / "secret.txt").write_text("a secret")
+    (ds.root / "outside" / "secret.jpg").write_bytes(jpeg(3))
+    lines = ["ID\ttext,image"] + [f"{i}\tpositive,positive" for i in range(1, 6)] + ["../../outside/secret\tnegative,negative"]
+    (ds.data / "labelResultAll.txt").write_text("\n".join(lines) + "\n")
+    for i in range(1, 6):
+        (ds.data / "data" / f"{i}.txt").write_text(f"post {i}")
+        (ds.data / "data" / f"{i}.jpg").write_bytes(jpeg(i))
+
+
+@case
+def verify_mvsa_path_escaping_id(env: Env) -> Expect:
+    ds = env.dataset()
+    preset = ds.write()
+    _mvsa_escape(ds)
+    cfg = yaml.safe_load(preset.read_text())
+    cfg["dataset"].update(format="mvsa-raw", splits={})
+    preset.write_text(yaml.safe_dump(cfg))
+    opened = []
+    real = Path.read_bytes
+    env.monkeypatch.setattr(Path, "read_bytes", lambda p: opened.append(str(p)) or real(p))
+
+    def after():
+        assert not [p for p in opened if "secret" in p], opened
+
+    return Expect(["data", "verify", "--config", str(preset)], 1, ["../../outside/secret", "outside the image folder"], [ds.data], after)
+
+
 # ------------------------------------------------------------------------------------ shared fixtures and the runner
 
 

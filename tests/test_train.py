@@ -272,3 +272,21 @@ def test_resume_with_more_epochs_applies_them_and_says_so(tiny_cache, tmp_path, 
     assert "already trained 3 epochs" in capsys.readouterr().err
     assert main([*cmd, "--set", "fusion=concat", "--out", str(tmp_path / "r"), "--resume"]) == 2
     assert "train.fusion" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_config_that_differs_from_the_run(tiny_cache, tmp_path, capsys):
+    path, cfg = tiny_cache
+    import yaml
+
+    same, other = tmp_path / "same.yaml", tmp_path / "other.yaml"
+    train_keys = {k: v for k, v in cfg.train.__dict__.items()}
+    same.write_text(yaml.safe_dump({"train": {**train_keys, "epochs": 1}}))
+    other.write_text(yaml.safe_dump({"train": {**train_keys, "epochs": 1, "lr": 0.5}}))
+    cmd = ["train", "--cache", str(path), "--out", str(tmp_path / "r"), "--quiet"]
+    assert main([*cmd, "--config", str(same)]) == 0
+    assert main([*cmd, "--config", str(other), "--resume"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "lr: the run has 0.001, --config" in err and "other.yaml has 0.5" in err
+    # the same command with --resume (nothing left to train) and --resume without --config both continue it
+    assert main([*cmd, "--config", str(same), "--resume"]) == 0
+    assert main([*cmd, "--resume"]) == 0

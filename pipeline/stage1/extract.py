@@ -46,7 +46,7 @@ from .distributed import CacheLock, Ranks, Shard, deal
 from .encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
 from .layouts import resolve_dataset
 from .records import NO_LABEL, Sample
-from .verify import ImageProblem, check_sample_image, empty_splits, open_image, sample_problem
+from .verify import ImageProblem, check_sample_image, empty_splits, max_image_pixels, open_image, sample_problem
 
 ON_ERROR = ("stop", "skip")
 
@@ -212,6 +212,7 @@ def extract(
         if out.is_dir():
             raise OutputError(f"--out {out} is a folder; give the cache file to write, e.g. {out / (cfg.dataset.name + '.h5')}")
         check_writable_dir(out.parent, "the cache")
+        max_image_pixels()  # a bad SPPSCL_MAX_IMAGE_PIXELS is one error now, not one per image
         return CacheLock.acquire(out)
 
     ranks.start(dev)

@@ -9,6 +9,7 @@ a split with no rows.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from sppscl.config import ConfigError
 from sppscl.stage1.adapters import inside
 from sppscl.stage1.encoders import to_rgb
 from sppscl.stage1.records import LoadReport, Sample
@@ -57,12 +59,16 @@ class ImageProblem(Exception):
 
 
 def max_image_pixels() -> int:
+    """The pixel limit: SPPSCL_MAX_IMAGE_PIXELS if set, else MAX_IMAGE_PIXELS (checked when a run starts)."""
     env = os.environ.get("SPPSCL_MAX_IMAGE_PIXELS", "").strip()
     if env:
         try:
-            return int(float(env))
+            value = float(env)
         except ValueError:
-            raise ImageProblem(OVERSIZED_IMAGE, f"SPPSCL_MAX_IMAGE_PIXELS={env!r} is not a number of pixels") from None
+            value = math.nan
+        if not (math.isfinite(value) and value >= 1):
+            raise ConfigError(f"SPPSCL_MAX_IMAGE_PIXELS={env!r} is not a positive number of pixels")
+        return int(value)
     return MAX_IMAGE_PIXELS
 
 
@@ -213,6 +219,7 @@ def verify_samples(
     report = VerifyReport(
         n_samples=len(samples), per_split=dict(Counter(s.split for s in samples)), images_decoded=check_images
     )
+    max_image_pixels()  # a bad SPPSCL_MAX_IMAGE_PIXELS is one error now, not one per image
     row_problems = [sample_problem(s, num_classes) for s in samples]
     # an image outside the dataset, or of a row whose id cannot even be stored, is never opened
     unsafe = {s.image for s, p in zip(samples, row_problems) if p is not None and p[0] in (OUTSIDE_IMAGE, UNENCODABLE_TEXT)}

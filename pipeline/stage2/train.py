@@ -10,6 +10,7 @@ After training the best checkpoint is evaluated on every labelled split; unlabel
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import random
@@ -207,11 +208,13 @@ def train(
     console=None,
     in_memory: bool | None = None,
     resume_overrides: list[str] | None = None,
+    resume_preset: str | None = None,
 ) -> dict:
     """Train into ``out_dir`` (or continue the run there with ``resume``); returns the results of the best epoch.
 
     A resumed run takes its configuration from its checkpoint; ``resume_overrides`` (the command line's
-    ``--set``) may only change what keeps it one run (see ``RESUMABLE_KEYS``); anything else is refused.
+    ``--set``) may only change what keeps it one run (see ``RESUMABLE_KEYS``); anything else is refused, and so is
+    an explicit ``--config`` (``resume_preset``, whose values ``cfg`` holds) that differs from the run's.
     """
     cfg.validate()
     tc = cfg.train
@@ -249,7 +252,18 @@ def train(
         if diffs:
             raise RunError(f"{cache.path} is not the cache this run was started on:\n  " + "\n  ".join(diffs))
         # a resumed run takes its configuration from the checkpoint, not the command line
+        requested = cfg
         cfg, notes = resume_config(Config.from_dict(ckpt["config"]), resume_overrides or [], ckpt["epoch"], out_dir)
+        if resume_preset is not None:
+            # an explicit --config must describe this run: a preset that differs would otherwise be ignored silently
+            keys = lambda c: {k: v for k, v in dataclasses.asdict(c.train).items() if k not in ("threads", "device")}  # noqa: E731
+            diffs = diff_provenance(keys(cfg), keys(requested), names=("the run", f"--config {resume_preset}"))
+            if diffs:
+                raise ConfigError(
+                    f"--resume continues the run in {out_dir} with its own configuration, and --config {resume_preset} differs from it:\n  "
+                    + "\n  ".join(diffs)
+                    + "\nDrop --config to continue the run as it was started, or start a new run with another --out."
+                )
         tc = cfg.train
         if notes:
             atomic_write(out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2), "the run's configuration", RESUME)
