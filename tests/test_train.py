@@ -290,3 +290,18 @@ def test_resume_refuses_a_config_that_differs_from_the_run(tiny_cache, tmp_path,
     # the same command with --resume (nothing left to train) and --resume without --config both continue it
     assert main([*cmd, "--config", str(same), "--resume"]) == 0
     assert main([*cmd, "--resume"]) == 0
+
+
+def test_a_kill_between_checkpoint_and_log_line_loses_no_line(tiny_cache, tmp_path):
+    """The epoch's metrics line travels in its checkpoint: losing the line (a kill right after the checkpoint)
+    and resuming gives the log an uninterrupted run writes."""
+    path, cfg = tiny_cache
+    cfg = apply_overrides(cfg, ["epochs=3"])
+    train(path, cfg, tmp_path / "full", progress=False)
+    train(path, apply_overrides(cfg, ["epochs=2"]), tmp_path / "cut", progress=False)
+    # as if killed after epoch 2's checkpoint, before its line: drop the line, keep the checkpoint
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "cut" / "metrics.jsonl").write_text(lines[0] + "\n")
+    train(path, cfg, tmp_path / "cut", resume=True, progress=False, resume_overrides=["epochs=3"])
+    strip = lambda p: [{k: v for k, v in x.items() if k != "epoch_seconds"} for x in _lines(p / "metrics.jsonl")]  # noqa: E731
+    assert strip(tmp_path / "cut") == strip(tmp_path / "full")

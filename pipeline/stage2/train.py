@@ -301,7 +301,7 @@ def train(
         random.setstate(ckpt["rng"]["python"])
         done = ckpt["epoch"]
         best = {**ckpt["best"], "key": tuple(ckpt["best"]["key"])}
-        _truncate_metrics(metrics_path, done)
+        _truncate_metrics(metrics_path, done, ckpt.get("record"))
     else:
         atomic_write(out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2), "the run's configuration", RESUME)
 
@@ -361,6 +361,8 @@ def train(
                 "classes": classes,
                 "cache_provenance": cache.provenance,
                 "cache_path": str(cache.path),
+                # the epoch's log line travels with its checkpoint: a kill between the two writes loses no line
+                "record": record,
             }
             if improved:
                 # best needs no optimiser or RNG state: it is evaluated and shared, never resumed
@@ -411,17 +413,20 @@ def _mean(logs: list[StepLog], key: str) -> float:
     return float(np.mean([getattr(lg, key) for lg in logs])) if logs else 0.0
 
 
-def _truncate_metrics(path: Path, done: int) -> None:
-    """Drop log lines of epochs after the checkpoint being resumed (a crash can leave one)."""
-    if not path.exists():
-        return
-    keep = []
-    for ln in path.read_text().splitlines():
+def _truncate_metrics(path: Path, done: int, last: dict | None = None) -> None:
+    """Drop log lines of epochs after the checkpoint being resumed (a crash can leave one), and restore the
+    checkpoint's own epoch line (``last``) when a crash came between the checkpoint and its line."""
+    keep, epochs = [], set()
+    for ln in path.read_text().splitlines() if path.exists() else []:
         try:
-            if json.loads(ln)["epoch"] <= done:
-                keep.append(ln)
+            epoch = json.loads(ln)["epoch"]
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by a crash in an older version: its epoch is redone anyway
+        if epoch <= done:
+            keep.append(ln)
+            epochs.add(epoch)
+    if last is not None and last.get("epoch") == done and done not in epochs:
+        keep.append(json.dumps(last))
     atomic_write(path, "".join(ln + "\n" for ln in keep), "the metrics log", RESUME)
 
 
