@@ -370,8 +370,6 @@ class FeatureCache:
                 f"{self.path}: extraction did not finish (no completeness flag). Rerun the same `sppscl extract` command to resume it."
             )
         try:
-            if not isinstance(self.provenance.get("dataset", {}).get("classes"), list) or "encoders" not in self.provenance:
-                raise KeyError("provenance without dataset.classes or encoders")
             with h5py.File(self.path, "r") as f:
                 self.schema_version = int(f.attrs["schema_version"])
                 self.splits = list(f["splits"].keys())
@@ -393,7 +391,10 @@ class FeatureCache:
 
     @property
     def classes(self) -> list[str]:
-        return list(self.provenance["dataset"]["classes"])
+        try:
+            return list(self.provenance["dataset"]["classes"])
+        except (KeyError, TypeError):
+            raise CacheError(f"{self.path}: not a complete sppscl cache (its provenance names no dataset classes); rebuild it with --force") from None
 
     def split_bytes(self, split: str) -> int:
         with h5py.File(self.path, "r") as f:
