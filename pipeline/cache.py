@@ -310,8 +310,8 @@ class RowFile:
 
 
 def gather_ranges(array, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Concatenated row ranges of an in-RAM array or a RowFile (ragged token rows of a batch)."""
-    if isinstance(array, RowFile):
+    """Concatenated row ranges of an in-RAM array, a RowFile or anything else with ``ranges`` (ragged token rows of a batch)."""
+    if hasattr(array, "ranges"):
         return array.ranges(starts, counts)
     flat = np.repeat(starts, counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
     return np.asarray(array[flat])

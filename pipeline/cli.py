@@ -414,6 +414,7 @@ def sweep(
     """Many stage-two runs from one cache: a grid or a random/TPE search, x seeds, resumable; tables mean ± std over seeds."""
     if ctx.invoked_subcommand is not None:
         return
+    from .stage2.ensemble import ensemble_table, seed_ensembles, write_ensemble_summary
     from .stage2.sweeps import Execution, default_sweep_dir, parse_devices, parse_seeds, print_summary
     from .stage2.sweeps import sweep as run_sweep
 
@@ -424,7 +425,17 @@ def sweep(
     out = out or (Path("sweeps") / study if study else default_sweep_dir(cache, config, set_, grid, space, random_, sampler))
     console.print(f"sweep directory: {out}" + (f" (study {study} in {storage})" if storage else ""))
     result = run_sweep(cache, cfg, out, grid, space, random_, sampler, parse_seeds(seeds), execution, progress=not quiet, console=err_console)
+    ensembles = seed_ensembles(result, cache, out / "ensembles")
+    write_ensemble_summary(out, result, ensembles)
     print_summary(result, console)
+    if ensembles:
+        head, body = ensemble_table(result, ensembles)
+        t = Table(title="ensemble of each configuration's seeds, beside the mean ± std of those runs")
+        for i, h in enumerate(head):
+            t.add_column(h, justify="left" if i < len(result.keys or ["config"]) + 1 else "right")
+        for b in body:
+            t.add_row(*[escape(x) for x in b])
+        console.print(t)
     if result.failed:
         raise typer.Exit(code=1)
 
@@ -456,6 +467,7 @@ def reproduce(
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Parallel runs (default: min(runs, cores); each gets cores/jobs threads; 1 runs in this process)."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP + " Every run uses it (preset: train.device)."),
     out: Optional[Path] = typer.Option(None, help="Directory shared by all tables of one cache (default: sweeps/<cache name>-paper)."),
+    cv: Optional[int] = typer.Option(None, "--cv", help="K: fill the table with K-fold cross-validated estimates over the labelled train+dev rows."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """A paper ablation (Tables 4-7, Fig. 5) on this cache, in the paper's layout with the paper's numbers beside ours."""
@@ -467,10 +479,65 @@ def reproduce(
     # another base configuration gets its own directory, so runs of different bases never mix
     out = out or (Path("sweeps") / f"{cache.stem}-paper" if not (config or set_) else default_sweep_dir(cache, "paper", config, set_))
     console.print(f"reproduce directory: {out}")
-    rep = run_reproduce(table, cache, cfg, out, parse_seeds(seeds), Execution(jobs), progress=not quiet, console=err_console)
+    rep = run_reproduce(table, cache, cfg, out, parse_seeds(seeds), Execution(jobs), progress=not quiet, console=err_console, cv=cv)
     print_reproduction(rep, console)
     if rep.sweep.failed:
         raise typer.Exit(code=1)
+
+
+@app.command()
+def cv(
+    cache: Path = typer.Option(..., help="Feature cache; its labelled train+dev rows are split into folds (its test split is never read)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Preset or YAML (default: the preset named after the cache's dataset)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a hyperparameter for every run, e.g. --set epochs=20 --set patience=5."),
+    folds: int = typer.Option(5, help="K: stratified folds over the labelled train+dev rows."),
+    seeds: str = typer.Option(DEFAULT_SEEDS, help="Comma-separated seeds per fold (the same default as sweep); 2+ adds seed ensembles."),
+    jobs: Optional[int] = typer.Option(
+        None, "--jobs", "-j", "--workers", help="Parallel runs (default: min(runs, cores); each gets cores/jobs threads; 1 runs in this process)."
+    ),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP + " Every run uses it (preset: train.device)."),
+    out: Optional[Path] = typer.Option(None, help="CV directory (default: sweeps/<cache name>-cv<K>-<hash>); rerun the same command to resume."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Cross-validated estimate: K folds x seeds, each selected on a validation part of its training folds and scored on
+    the held-out fold; mean ± std, seed ensembles, and the probe on the same folds."""
+    from .stage2.cv import cross_validate, print_cv
+    from .stage2.sweeps import Execution, default_sweep_dir, parse_seeds
+
+    cfg = _train_config(cache, config, set_, None, device, "cv")
+    # seeds are not part of the name: rerunning with more seeds reuses the finished ones
+    d = default_sweep_dir(cache, "cv", folds, config, set_)
+    out = out or d.with_name(f"{cache.stem}-cv{folds}-{d.name.rsplit('-', 1)[1]}")
+    console.print(f"cv directory: {out}")
+    result = cross_validate(cache, cfg, out, folds, parse_seeds(seeds), execution=Execution(jobs), progress=not quiet, console=err_console)
+    print_cv(result, console)
+    if result.sweep.failed:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def ensemble(
+    runs: list[Path] = typer.Argument(..., help="Run directories (their best checkpoint) or checkpoint files; same encoders and classes."),
+    cache: Path = typer.Option(..., help="A cache extracted like the members' (for CV runs: the same cache, evaluated on their fold)."),
+    out: Optional[Path] = typer.Option(None, help="Write results.json and predictions-<split>.csv here."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+) -> None:
+    """Average the class probabilities of several runs; metrics on every labelled split, predictions for every split."""
+    from .stage2.ensemble import ensemble as run_ensemble
+
+    res = run_ensemble(runs, cache, out, device)
+    console.print(split_table(res["splits"], f"ensemble of {len(res['members'])} runs (mean class probabilities)"))
+    single = Table(title="the members alone: mean ± std")
+    for col in ("split", "accuracy", "weighted F1", "macro F1"):
+        single.add_column(col, justify="right" if col != "split" else "left")
+    for name, m in res["members_mean"].items():
+        single.add_row(name, *[f"{m[k]['mean']:.4f} ± {m[k]['std']:.4f}" for k in ("accuracy", "weighted_f1", "macro_f1")])
+    console.print(single)
+    if "cv" in res:
+        cvd = res["cv"]
+        console.print(f"cross-validation fold {cvd['fold']} of {cvd['folds']}: " + "; ".join(f"{k} = {v}" for k, v in cvd["splits"].items()), highlight=False)
+    if out is not None:
+        console.print(f"written: {out / 'results.json'}, {out}/predictions-<split>.csv")
 
 
 # ----------------------------------------------------------------------------------- predict and analyze (issue 5)
@@ -478,7 +545,11 @@ def reproduce(
 
 @app.command()
 def predict(
-    checkpoint: Path = typer.Option(..., help="A checkpoint (RUN/best.safetensors; a legacy RUN/best.pt loads too)."),
+    checkpoint: list[Path] = typer.Option(
+        ...,
+        help="A checkpoint (RUN/best.safetensors; a legacy RUN/best.pt loads too); repeat it to average several "
+        "(same encoders and classes) into an ensemble.",
+    ),
     image: Optional[Path] = typer.Option(None, help="One pair: its image file (with --text)."),
     text: Optional[str] = typer.Option(None, help="One pair: its text (with --image)."),
     input_: Optional[Path] = typer.Option(
@@ -521,7 +592,7 @@ def predict(
     classes = predictor.classes
     if single and preds[0].error is None:
         console.print(f"pred: [bold]{preds[0].label}[/]")
-    t = Table(title=f"predictions of {checkpoint}")
+    t = Table(title=f"predictions of {', '.join(map(str, checkpoint))}" + (" (mean class probabilities)" if len(checkpoint) > 1 else ""))
     for col in ("id", "pred", *classes, "error"):
         t.add_column(col, justify="right" if col in classes else "left")
     if single or out is None:

@@ -104,6 +104,10 @@ class TrainConfig:
     update: str = "two-step"
     # official | cosine
     gate: str = "official"
+    # step 2's optimizer step on parameters L_cl_m does not reach (fusion, classifier): "none" leaves them untouched
+    # (zero_grad(set_to_none=True)); "zero" zero-fills their gradients like the official code (torch 1.8), so AdamW's
+    # momentum and weight decay still move them on every fired step 2 (SPEC §7.6)
+    step2_grads: str = "none"
     use_intra: bool = True
     use_inter: bool = True
     supcon_self_term: bool = False
@@ -112,6 +116,16 @@ class TrainConfig:
     modalities: str = "both"
     seed: int = 42
     device: str = "auto"
+    # stop when dev has not improved for this many epochs; 0 = train every epoch
+    patience: int = 0
+    # cross-validation over the labelled train+dev rows (stage2/folds.py): 0 = the cache's own splits; K >= 2 = this
+    # run trains on fold cv_fold of K (its validation part carved from the other folds, scored on the held-out fold)
+    cv_folds: int = 0
+    cv_fold: int = 0
+    # the fold assignment's seed, separate from `seed`, so every training seed sees the same folds
+    cv_seed: int = 0
+    # share of the training folds set aside (stratified) as the validation part that selects the model
+    cv_val_fraction: float = 0.125
     # torch intra-op threads for stage two; 0 = torch's default (one per core). On a machine shared with other
     # jobs, threads beyond the free cores wait for each other at every small op: 1 is then much faster.
     threads: int = 0
@@ -128,6 +142,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("train", "fusion"): ("batch", "sample", "concat"),
     ("train", "update"): ("two-step", "one-step"),
     ("train", "gate"): ("official", "cosine"),
+    ("train", "step2_grads"): ("none", "zero"),
     ("train", "modalities"): ("both", "text", "image"),
     ("train", "logger"): ("none", "tensorboard", "mlflow"),
 }
@@ -154,6 +169,11 @@ RANGES: dict[tuple[str, str], tuple[float, float, str]] = {
     ("train", "step_size"): _POS,
     ("train", "seed"): (0, 2**32 - 1, "between 0 and 2**32-1"),
     ("train", "threads"): (0, 4096, "0 (torch's default) or a positive count"),
+    ("train", "patience"): (0, math.inf, "0 (off) or a number of epochs"),
+    ("train", "cv_folds"): (0, math.inf, "0 (the cache's own splits) or at least 2"),
+    ("train", "cv_fold"): (0, math.inf, "between 0 and cv_folds-1"),
+    ("train", "cv_seed"): (0, 2**32 - 1, "between 0 and 2**32-1"),
+    ("train", "cv_val_fraction"): (sys.float_info.min, 1 - sys.float_info.epsilon, "in (0, 1)"),
 }
 
 
@@ -198,6 +218,10 @@ class Config:
         t = self.train
         if not 1 <= t.ha_layers <= self.encoders.layers:
             raise ConfigError(f"train.ha_layers={t.ha_layers} must be between 1 and encoders.layers={self.encoders.layers}")
+        if t.cv_folds == 1:
+            raise ConfigError("train.cv_folds=1: must be 0 (the cache's own splits) or at least 2")
+        if t.cv_folds and not 0 <= t.cv_fold < t.cv_folds:
+            raise ConfigError(f"train.cv_fold={t.cv_fold} must be between 0 and cv_folds-1={t.cv_folds - 1}")
         if not 0 <= t.dropout < 1:
             raise ConfigError(f"train.dropout must be in [0, 1), got {t.dropout}")
         if not t.use_intra and not t.use_inter and t.lambda_ce <= 0:

@@ -27,6 +27,8 @@ def test_table2_values():
             assert getattr(t, k) == v, (name, k)
         assert (t.gamma, t.weight_decay, t.dropout, t.epochs, t.tau, t.dim) == (0.5, 1e-6, 0.2, 150, 0.07, 32)
         assert t.alpha == pytest.approx(2 / 3)
+        # the authors' evaluation batch for every dataset: with batch fusion a prediction depends on it
+        assert t.eval_batch_size == 64, name
     assert load_config("hfm").dataset.primary_f1 == "macro"
 
 

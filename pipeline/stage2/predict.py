@@ -31,7 +31,8 @@ from ..devices import resolve_device
 from ..errors import SppsclError, atomic_write
 from ..stage1.extract import encode_batch, fixed_batches
 from ..stage1.verify import ImageProblem, open_image, unencodable_at
-from .train import load_checkpoint, model_from_checkpoint, predict_split
+from .ensemble import load_members
+from .train import predict_split
 
 ON_ERROR = ("stop", "skip")
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
@@ -188,13 +189,16 @@ def check_encoders(stored: dict, loaded: dict, checkpoint: Path) -> None:
 
 
 class Predictor:
-    """A checkpoint's heads plus the encoders and preprocessing that built its cache."""
+    """A checkpoint's heads (or several checkpoints', whose class probabilities are averaged) plus the encoders and
+    preprocessing that built its cache."""
 
-    def __init__(self, checkpoint: Path, device: str = "auto"):
-        self.checkpoint = Path(checkpoint)
-        ckpt = load_checkpoint(self.checkpoint)
-        prov = ckpt["cache_provenance"]
+    def __init__(self, checkpoint: Path | list[Path], device: str = "auto"):
+        paths = [Path(c) for c in checkpoint] if isinstance(checkpoint, (list, tuple)) else [Path(checkpoint)]
+        self.checkpoint = paths[0]
         self.device = resolve_device(device)
+        # every member must read the same features (same encoders, dtype, classes): refused otherwise, saying what differs
+        self.members = load_members(paths, self.device, same_fold=False)
+        prov = self.members[0].provenance
         enc = prov["encoders"]
         tok = enc["text"]["tokenizer"]
         self.image_enc = load_image_encoder(enc["image"]["name"], device=str(self.device))
@@ -202,19 +206,22 @@ class Predictor:
             enc["text"]["name"], max_length=tok["max_length"], layers=len(enc["text"]["layers"]), device=str(self.device)
         )
         check_encoders(enc, {"image": self.image_enc.provenance(), "text": self.text_enc.provenance()}, self.checkpoint)
-        self.model, self.cfg = model_from_checkpoint(ckpt, self.device)
-        self.classes: list[str] = list(ckpt["classes"])
+        self.model, self.cfg = self.members[0].model, self.members[0].cfg
+        self.classes: list[str] = self.members[0].classes
         # features pass through the cache's dtype, as extraction stores them, so predict and evaluate agree
         self.np_dtype = np.dtype(prov["dtype"])
         self.transform = self.image_enc.preprocess()
 
     @property
     def fusion(self) -> str:
-        return self.cfg.train.fusion if self.cfg.train.modalities == "both" else "none"
+        """"batch" when any member's predictions depend on their batch."""
+        kinds = [m.cfg.train.fusion if m.cfg.train.modalities == "both" else "none" for m in self.members]
+        return "batch" if "batch" in kinds else kinds[0]
 
     @property
     def eval_batch_size(self) -> int:
-        return self.cfg.train.eval_batch_size
+        """The heads' batch: every member's eval_batch_size divides it, so each member's batches are the file's."""
+        return math.lcm(*[m.cfg.train.eval_batch_size for m in self.members])
 
     def fusion_note(self, single: bool) -> str | None:
         """What the user must know about batch dependence, or None for a batch-independent checkpoint."""
@@ -305,10 +312,10 @@ class Predictor:
     def _predict_chunk(self, pairs: list[Pair], pending: list[tuple[int, torch.Tensor]], enc_bs: int, results: list) -> None:
         idx = [i for i, _ in pending]
         split = self._encode([pairs[i] for i in idx], torch.stack([x for _, x in pending]), enc_bs)
-        out = predict_split(self.model, split, self.eval_batch_size, self.device)
+        probs = np.mean([predict_split(m.model, split, m.cfg.train.eval_batch_size, self.device)["probs"] for m in self.members], axis=0)
         for j, i in enumerate(idx):
-            k = int(out["pred"][j])
-            results[i] = Prediction(pairs[i].id, pairs[i].line, self.classes[k], k, out["probs"][j])
+            k = int(probs[j].argmax())
+            results[i] = Prediction(pairs[i].id, pairs[i].line, self.classes[k], k, probs[j])
 
 
 def in_memory_split(pairs: list[Pair], image: np.ndarray, tokens: list[np.ndarray]) -> SplitData:

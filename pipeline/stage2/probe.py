@@ -36,6 +36,19 @@ def pooled_features(split: SplitData, modalities: str = "both", chunk: int = 512
 MODALITIES = ("both", "image", "text")
 
 
+def select_probe(x_train, y_train, x_dev, y_dev, classes: list[str], seed: int = 0, c_grid=C_GRID):
+    """Standardise on train, fit one logistic regression per C, keep the best on dev accuracy: (C, scaler, classifier)."""
+    scaler = StandardScaler().fit(x_train)
+    xt, xd = scaler.transform(x_train), scaler.transform(x_dev)
+    best = None
+    for c in c_grid:
+        clf = LogisticRegression(C=c, max_iter=3000, random_state=seed).fit(xt, y_train)
+        dev = classification_report(y_dev, clf.predict(xd), classes)
+        if best is None or dev["accuracy"] > best[1]["accuracy"]:
+            best = (c, dev, clf)
+    return best[0], scaler, best[2]
+
+
 def run_probe(cache_path, seed: int = 0, modalities: str = "both", c_grid=C_GRID) -> dict:
     if modalities not in MODALITIES:
         raise ConfigError(f"--modalities must be one of {', '.join(MODALITIES)}, got {modalities!r}")
@@ -55,19 +68,11 @@ def run_probe(cache_path, seed: int = 0, modalities: str = "both", c_grid=C_GRID
             )
     feats = {name: pooled_features(s, modalities) for name, s in splits.items()}
     y = {name: s.labels[s.rows] for name, s in splits.items()}
-    scaler = StandardScaler().fit(feats["train"])
-    x = {name: scaler.transform(f) for name, f in feats.items()}
-    best = None
-    for c in c_grid:
-        clf = LogisticRegression(C=c, max_iter=3000, random_state=seed).fit(x["train"], y["train"])
-        dev = classification_report(y["dev"], clf.predict(x["dev"]), classes)
-        if best is None or dev["accuracy"] > best[1]["accuracy"]:
-            best = (c, dev, clf)
-    c, _, clf = best
+    c, scaler, clf = select_probe(feats["train"], y["train"], feats["dev"], y["dev"], classes, seed, c_grid)
     out = {"C": c, "features": f"pooled image map + last-layer [CLS] ({modalities})", "classes": classes, "splits": {}}
     for name, s in splits.items():
         if s.has_labels:
-            out["splits"][name] = classification_report(y[name], clf.predict(x[name]), classes)
+            out["splits"][name] = classification_report(y[name], clf.predict(scaler.transform(feats[name])), classes)
         else:
             out["splits"][name] = {"n": int(len(s.rows)), "labels": "none: predictions only"}
     return out

@@ -7,7 +7,10 @@ Table 5's SPP-SCL, Table 6's four layers, Table 7's CMF, Fig. 5's α = 2/3) is t
 Each table's own files go to ``<out>/<table>/`` (table.md, runs.csv, summary.csv, summary.md; fig5.png).
 
 The paper reports one number per cell on the test split; the F1 is weighted F1 for MVSA and macro F1 for HFM.
-Ours are the dev split (where models are selected) and test when it is labelled.
+Ours are test when the cache's test split is labelled, and dev (the split that selected the models, so an
+optimistic estimate) only when it is not; every column says its split and selection. Each variant also gets
+the ensemble of its seeds. With ``cv=K`` the cells are K-fold cross-validated estimates instead (``cv.py``).
+When the cache's encoders are not the paper's, the table says so: the paper's numbers are then context.
 """
 
 from __future__ import annotations
@@ -22,12 +25,27 @@ from rich.table import Table
 
 from ..cache import FeatureCache
 from ..config import Config, ConfigError
+from .cv import CVResult, cross_validate
+from .cv import table_cells as cv_cells
+from .ensemble import seed_ensembles
 from .sweeps import Execution, SweepResult, cell, config_slug, run_configs
 
 PAPER_COLUMNS = {"mvsa-single": "MVSA-S", "mvsa-multiple": "MVSA-M", "hfm": "HFM"}
 
 # (ACC, F1) per dataset, copied from the paper's tables
 _FULL = {"mvsa-single": (0.8133, 0.8015), "mvsa-multiple": (0.7871, 0.7753), "hfm": (0.9469, 0.9450)}
+PAPER_ENCODERS = {"image": "resnet50", "text": "bert-base-uncased"}
+
+
+def encoder_warning(provenance: dict) -> str | None:
+    """A warning when the cache's encoders are not the paper's ResNet-50 + BERT-base (None when they are)."""
+    names = {k: provenance["encoders"][k]["name"] for k in PAPER_ENCODERS}
+    if names == PAPER_ENCODERS:
+        return None
+    return (
+        f"this cache's encoders are {names['image']} + {names['text']}, not the paper's {PAPER_ENCODERS['image']} + "
+        f"{PAPER_ENCODERS['text']}: the paper's numbers are context here, not a target."
+    )
 
 
 @dataclass(frozen=True)
@@ -126,6 +144,9 @@ class Reproduction:
     sweep: SweepResult
     markdown: str
     files: list[Path]
+    ensembles: dict[str, dict]  # config slug -> the ensemble of its seeds' results (2+ seeds finished)
+    warning: str | None
+    cv: CVResult | None = None
 
 
 def minimal_overrides(overrides: dict[str, Any], base: Config) -> dict[str, Any]:
@@ -142,69 +163,90 @@ def reproduce(
     execution: Execution = Execution(),
     progress: bool = True,
     console: Console | None = None,
+    cv: int | None = None,
 ) -> Reproduction:
-    """Train every variant of ``table`` for every seed (resumably), write ``<out>/<table>/table.md`` (and fig5.png)."""
+    """Train every variant of ``table`` for every seed (resumably), write ``<out>/<table>/table.md`` (and fig5.png).
+    With ``cv=K``: every variant on K folds of the labelled train+dev rows instead (``<out>/<table>-cv<K>/``)."""
     if table not in TABLES:
         raise ConfigError(f"unknown table {table!r} (tables: {', '.join(TABLES)})")
     spec = TABLES[table]
     out = Path(out)
-    dataset = FeatureCache(cache_path).provenance["dataset"]["name"]
-    keys = list(dict.fromkeys(k for v in spec.variants for k in v.overrides))
+    provenance = FeatureCache(cache_path).provenance
+    dataset = provenance["dataset"]["name"]
+    warning = encoder_warning(provenance)
+    column = PAPER_COLUMNS.get(dataset)
     configs = [minimal_overrides(v.overrides, base_cfg) for v in spec.variants]
+    if cv:
+        report = out / f"{table}-cv{cv}"
+        res = cross_validate(
+            cache_path, base_cfg, report, cv, seeds, [(v.label, c) for v, c in zip(spec.variants, configs)], execution, out / "runs", True, progress, console
+        )
+        markdown = render_cv_markdown(spec, res, dataset, column, warning)
+        (report / "table.md").write_text(markdown)
+        return Reproduction(table, spec, dataset, column, [], res.sweep, markdown, [report / "table.md"], {}, warning, res)
+    keys = list(dict.fromkeys(k for v in spec.variants for k in v.overrides))
     report = out / table
     result = run_configs(cache_path, base_cfg, configs, seeds, report, keys, runs_dir=out / "runs", execution=execution, progress=progress, console=console)
     by_slug = {s["config"]: s for s in result.summary}
     rows = [(v, by_slug[config_slug(c)]) for v, c in zip(spec.variants, configs)]
-    column = PAPER_COLUMNS.get(dataset)
-    markdown = render_markdown(table, spec, rows, dataset, column, result)
+    ensembles = seed_ensembles(result, cache_path, out / "ensembles")
+    markdown = render_markdown(table, spec, rows, dataset, column, result, ensembles, warning)
     (report / "table.md").write_text(markdown)
     files = [report / "table.md"]
     if table == "fig5":
         files.append(plot_alpha(rows, report / "fig5.png", dataset, result.primary_f1))
-    return Reproduction(table, spec, dataset, column, rows, result, markdown, files)
+    return Reproduction(table, spec, dataset, column, rows, result, markdown, files, ensembles, warning)
 
 
 def _has_test(rows: list[tuple[Variant, dict]]) -> bool:
     return any(s["test_accuracy_mean"] is not None for _, s in rows)
 
 
-def table_cells(rows: list[tuple[Variant, dict]], dataset: str, column: str | None, primary_f1: str) -> tuple[list[str], list[list[str]]]:
-    """Header and body shared by the Markdown file and the console table; every one of our cells says its n."""
+def table_cells(
+    rows: list[tuple[Variant, dict]], dataset: str, column: str | None, primary_f1: str, ensembles: dict[str, dict] | None = None
+) -> tuple[list[str], list[list[str]]]:
+    """Header and body shared by the Markdown file and the console table; every one of our cells says its n.
+
+    Our columns are test when it is labelled, else dev; each says its split and that the model was selected on dev."""
     f1 = f"{primary_f1}_f1"
+    split = "test" if _has_test(rows) else "dev"
+    sel = "selected on dev" if split == "test" else "the selection split: optimistic"
     head = ["Method"]
     if column:
-        head += [f"paper {column} ACC", f"paper {column} F1"]
-    head += ["dev ACC", "dev F1"]
-    test = _has_test(rows)
-    if test:
-        head += ["test ACC", "test F1"]
+        head += [f"paper {column} test ACC", f"paper {column} test F1"]
+    head += [f"ours {split} ACC ({sel})", f"ours {split} F1 ({sel})"]
     body = []
     for v, s in rows:
-        line = [v.label]
+        paper = []
         if column:
             acc, f = v.paper.get(dataset, (None, None))
-            line += ["-" if acc is None else f"{acc:.4f}", "-" if f is None else f"{f:.4f}"]
-        splits = ("dev", "test") if test else ("dev",)
-        for split in splits:
-            for metric in ("accuracy", f1):
-                line.append(cell(s[f"{split}_{metric}_mean"], s[f"{split}_{metric}_std"], s["n"]))
-        body.append(line)
+            paper = ["-" if acc is None else f"{acc:.4f}", "-" if f is None else f"{f:.4f}"]
+        body.append([v.label, *paper, *[cell(s[f"{split}_{m}_mean"], s[f"{split}_{m}_std"], s["n"]) for m in ("accuracy", f1)]])
+        ens = (ensembles or {}).get(s.get("config"))
+        if ens is not None:
+            m = ens["splits"][split]
+            body.append([f"{v.label}: ensemble of its {len(ens['members'])} seeds", *(["", ""] if column else []), f"{m['accuracy']:.4f}", f"{m[f1]:.4f}"])
     return head, body
 
 
-def _notes(spec: PaperTable, dataset: str, column: str | None, result: SweepResult, test: bool) -> list[str]:
+def _notes(spec: PaperTable, dataset: str, column: str | None, result: SweepResult, test: bool, warning: str | None = None) -> list[str]:
     f1_name = f"{result.primary_f1} F1"
     ours = (
         f"Ours: mean ± sample std (ddof=1; 0 when n=1) over seeds {', '.join(map(str, result.seeds))}; n = seeds averaged; "
-        f"each run's best dev checkpoint; F1 = {f1_name}. dev is the selection split"
-        + ("; test is reported beside, never used to select." if test else "; the test split has no labels here.")
+        f"each run's best dev checkpoint; F1 = {f1_name}; ensemble rows average the seeds' class probabilities. "
+        + (
+            "Scored on test, which took no part in training or selection."
+            if test
+            else "The test split has no labels here, so the cells are dev, the split the models were selected on: optimistic."
+        )
     )
     paper = (
         f"Paper: the {column} column, test split, one number per cell; F1 = weighted F1 for MVSA, macro F1 for HFM."
         if column
         else f"No paper column: the paper reports MVSA-S, MVSA-M and HFM, and this cache's dataset is {dataset!r}."
     )
-    notes = [ours, paper]
+    notes = [f"WARNING: {warning}"] if warning else []
+    notes += [ours, paper]
     if spec.note:
         notes.append(spec.note)
     failed = [r for r in result.rows if r["status"] != "ok"]
@@ -213,27 +255,74 @@ def _notes(spec: PaperTable, dataset: str, column: str | None, result: SweepResu
     return notes
 
 
-def render_markdown(table: str, spec: PaperTable, rows, dataset: str, column: str | None, result: SweepResult) -> str:
-    head, body = table_cells(rows, dataset, column, result.primary_f1)
+def render_markdown(
+    table: str, spec: PaperTable, rows, dataset: str, column: str | None, result: SweepResult, ensembles=None, warning: str | None = None
+) -> str:
+    head, body = table_cells(rows, dataset, column, result.primary_f1, ensembles)
     lines = [f"# {spec.title} ({dataset})", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(line) + " |" for line in body]
     lines.append("")
-    lines += [f"- {n}" for n in _notes(spec, dataset, column, result, _has_test(rows))]
+    lines += [f"- {n}" for n in _notes(spec, dataset, column, result, _has_test(rows), warning)]
     if table == "fig5":
         lines.append("- Plot: fig5.png (mean with ± std error bars).")
     return "\n".join(lines) + "\n"
 
 
+def cv_table(spec: PaperTable, res: CVResult, dataset: str, column: str | None) -> tuple[list[str], list[list[str]]]:
+    """The CV table with the paper's test numbers beside each variant's single-run row."""
+    head, body = cv_cells(res)
+    by_label = {v.label: v for v in spec.variants}
+    if column:
+        head = [head[0], f"paper {column} test ACC", f"paper {column} test F1", *head[1:]]
+        for line in body:
+            acc, f = by_label[line[0]].paper.get(dataset, (None, None)) if line[0] in by_label else (None, None)
+            line[1:1] = ["-" if acc is None else f"{acc:.4f}", "-" if f is None else f"{f:.4f}"]
+    return head, body
+
+
+def render_cv_markdown(spec: PaperTable, res: CVResult, dataset: str, column: str | None, warning: str | None) -> str:
+    from .cv import notes as cv_notes
+
+    head, body = cv_table(spec, res, dataset, column)
+    lines = [f"# {spec.title} ({dataset}, {res.folds}-fold cross-validation)", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(line) + " |" for line in body]
+    lines.append("")
+    notes = ([f"WARNING: {warning}"] if warning else []) + cv_notes(res)
+    if column:
+        notes.append(f"Paper: the {column} column, test split of the official split, one number per cell (not cross-validated).")
+    if spec.note:
+        notes.append(spec.note)
+    lines += [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
 def print_reproduction(rep: Reproduction, console: Console) -> None:
-    head, body = table_cells(rep.rows, rep.dataset, rep.paper_column, rep.sweep.primary_f1)
+    if rep.warning:
+        console.print(f"[bold yellow]warning:[/] {escape(rep.warning)}", highlight=False)
+    if rep.cv is not None:
+        from .cv import notes as cv_notes
+
+        head, body = cv_table(rep.spec, rep.cv, rep.dataset, rep.paper_column)
+        t = Table(title=f"{rep.spec.title} ({rep.dataset}, {rep.cv.folds}-fold CV, held-out scores)")
+        for i, h in enumerate(head):
+            t.add_column(h, justify="left" if i == 0 else "right")
+        for line in body:
+            t.add_row(*[escape(x) for x in line])
+        console.print(t)
+        for note in cv_notes(rep.cv):
+            console.print(escape(note), highlight=False)
+        console.print(f"written: {', '.join(str(f) for f in rep.files)} (runs: {rep.sweep.runs_dir})")
+        return
+    head, body = table_cells(rep.rows, rep.dataset, rep.paper_column, rep.sweep.primary_f1, rep.ensembles)
     t = Table(title=f"{rep.spec.title} ({rep.dataset})")
     for i, h in enumerate(head):
         t.add_column(h, justify="left" if i == 0 else "right")
     for line in body:
         t.add_row(*line)
     console.print(t)
-    for note in _notes(rep.spec, rep.dataset, rep.paper_column, rep.sweep, _has_test(rep.rows)):
+    for note in _notes(rep.spec, rep.dataset, rep.paper_column, rep.sweep, _has_test(rep.rows), rep.warning):
         console.print(escape(note), highlight=False)
     console.print(f"written: {', '.join(str(f) for f in rep.files)} (runs: {rep.sweep.runs_dir})")
 

@@ -28,6 +28,7 @@ from ..errors import SppsclError, atomic_write, check_writable_dir
 from ..progress import make_progress
 from .checkpoint import FORMAT, VERSION, CheckpointError, checkpoint_files, load_checkpoint_file, save_checkpoint
 from .data import Batch, SplitBatches
+from .folds import FoldView, fold_view
 from .gate import two_step_gate
 from .heads import SPPSCLModel
 from .loggers import make_logger
@@ -99,7 +100,8 @@ def two_step_update(model, opt, batch: Batch, tc) -> StepLog:
         out2 = model(batch.image, batch.tokens, batch.mask)
         if two_step_gate(out2.text_emb, out2.image_emb, batch.labels, tc.alpha, mode=tc.gate).fire:
             lm = step2_loss(out2.text_emb, out2.image_emb, batch.labels, tau=tc.tau, symmetric=tc.inter_symmetric).total
-            opt.zero_grad(set_to_none=True)
+            # "zero" keeps zero-filled gradients on the parameters L_cl_m does not reach, so AdamW moves them too (official code)
+            opt.zero_grad(set_to_none=tc.step2_grads == "none")
             lm.backward()
             opt.step()
             inter, fired = lm.item(), True
@@ -276,6 +278,9 @@ def train(
         # --resume on a run that stopped before its first checkpoint (e.g. a full disk) starts it again
         resume = False
 
+    if tc.cv_folds:
+        # one fold of a cross-validation: train/dev/test become row subsets of the labelled train+dev rows
+        cache = fold_view(cache, tc)
     dims = cache_dims(cache)
     if tc.ha_layers > dims["cached_layers"]:
         raise RunError(f"train.ha_layers={tc.ha_layers} but {cache.path} holds only the last {dims['cached_layers']} text layers")
@@ -319,6 +324,9 @@ def train(
         ep_task = prog.add_task("epochs", total=tc.epochs, completed=done)
         b_task = prog.add_task("batches", total=n_batches)
         for epoch in range(done + 1, tc.epochs + 1):
+            if tc.patience and best["epoch"] and epoch - 1 - best["epoch"] >= tc.patience:
+                prog.note(f"early stop: dev has not improved for {tc.patience} epochs (best epoch {best['epoch']})")
+                break
             t0 = time.perf_counter()
             prog.reset(b_task, total=n_batches)
             logs: list[StepLog] = []
@@ -397,7 +405,10 @@ def finish_run(out_dir: Path, cache: FeatureCache, classes: list[str], device, i
         "classes": classes,
         "splits": {},
         "skipped_rows": len(cache.skipped),
+        "epochs_trained": _epochs_logged(out_dir / "metrics.jsonl"),
     }
+    if isinstance(cache, FoldView):
+        results["cv"] = cache.describe()
     for name in cache.splits:
         split = cache.load(name, in_memory=in_memory)
         metrics, pred = evaluate_split(model, split, cfg.train.eval_batch_size, device, classes)
@@ -407,6 +418,10 @@ def finish_run(out_dir: Path, cache: FeatureCache, classes: list[str], device, i
     plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
     plot_confusions(results["splits"], classes, out_dir, f"best checkpoint (epoch {results['best_epoch']})")
     return results
+
+
+def _epochs_logged(path: Path) -> int:
+    return sum(1 for ln in path.read_text().splitlines() if ln.strip()) if path.exists() else 0
 
 
 def _mean(logs: list[StepLog], key: str) -> float:

@@ -1,0 +1,227 @@
+"""Cross-validated estimates: every configuration trained and scored on K stratified folds of the labelled train+dev rows.
+
+A model selected as the best of many epochs on a 450-post dev split is selected partly for luck, so its dev
+score overstates what it does on new data. Here each fold's model is selected on a validation part carved from
+the training folds and scored on the held-out fold, which took no part in training or selection; the mean ±
+std over folds × seeds estimates the score on new data, with its spread. The cache's test split is never read.
+
+It is a sweep: every (configuration, fold, seed) is an ordinary ``train`` run (``cv_folds``/``cv_fold`` in its
+configuration, see ``folds.py``) in ``<runs>/``, resumable and parallel. Beside the single runs: for every
+configuration and fold the ensemble of its seeds (``ensemble.py``), and the logistic-regression probe fitted and
+selected the same way on the same folds, so all of them are compared on identical rows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ..cache import FeatureCache
+from ..config import Config, ConfigError
+from .ensemble import cached_ensemble
+from .folds import FoldView
+from .metrics import classification_report
+from .probe import pooled_features, select_probe
+from .sweeps import Execution, SweepResult, cell, config_slug, mean_std, run_configs
+from .sweeps.worker import SharedCache
+
+METRICS = ("accuracy", "weighted_f1", "macro_f1")
+
+
+@dataclass
+class CVRow:
+    label: str
+    kind: str  # runs | ensemble | probe
+    n: int  # estimates averaged (folds x seeds for runs, folds for ensembles and the probe)
+    stats: dict[str, tuple[float | None, float | None]]  # metric -> (mean, std) on the held-out folds
+    overrides: dict[str, Any]
+    note: str = ""
+
+
+@dataclass
+class CVResult:
+    out: Path
+    folds: int
+    seeds: list[int]
+    classes: list[str]
+    primary_f1: str
+    rows: list[CVRow]
+    sweep: SweepResult
+    markdown: str
+
+
+def fold_config(overrides: dict[str, Any], folds: int, fold: int) -> dict[str, Any]:
+    return {**overrides, "cv_folds": folds, "cv_fold": fold}
+
+
+def _stats(reports: list[dict], classes: list[str], extra: dict[str, list[float]] | None = None) -> dict[str, tuple]:
+    """mean ± std (ddof=1) of accuracy, weighted/macro F1 and every class's F1 over ``reports`` (held-out folds)."""
+    values: dict[str, list[float]] = {m: [r[m] for r in reports] for m in METRICS}
+    for c in classes:
+        values[f"f1_{c}"] = [r["per_class"][c]["f1"] for r in reports]
+    values.update(extra or {})
+    return {k: (mean_std(v) if v else (None, None)) for k, v in values.items()}
+
+
+def probe_folds(cache: FeatureCache, folds: int, cv_seed: int, val_fraction: float, seed: int = 0) -> list[dict]:
+    """The probe on every fold: standardised and C chosen on the fold's validation part, scored on its held-out rows."""
+    views = [FoldView(cache, folds, k, cv_seed, val_fraction) for k in range(folds)]
+    pool = views[0].pool()
+    feats = pooled_features(pool)  # one row per usable pool row, in pool.rows order
+    labels = pool.labels[pool.rows]
+    out = []
+    for view in views:
+        fr = view.rows()
+        tr, dv, te = (np.searchsorted(pool.rows, r) for r in (fr.train, fr.dev, fr.test))
+        c, scaler, clf = select_probe(feats[tr], labels[tr], feats[dv], labels[dv], cache.classes, seed)
+        rep = classification_report(labels[te], clf.predict(scaler.transform(feats[te])), cache.classes)
+        out.append({"fold": view.fold, "C": c, "test": rep})
+    return out
+
+
+def _cached_probe(path: Path, cache: FeatureCache, folds: int, cv_seed: int, val_fraction: float) -> list[dict]:
+    key = {"folds": folds, "cv_seed": cv_seed, "val_fraction": val_fraction, "provenance": cache.provenance}
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            return stored["folds"]
+    res = probe_folds(cache, folds, cv_seed, val_fraction)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "folds": res}, indent=2))
+    return res
+
+
+def cross_validate(
+    cache_path: Path,
+    base_cfg: Config,
+    out: Path,
+    folds: int,
+    seeds: list[int],
+    variants: list[tuple[str, dict[str, Any]]] | None = None,
+    execution: Execution = Execution(),
+    runs_dir: Path | None = None,
+    probe: bool = True,
+    progress: bool = True,
+    console: Console | None = None,
+) -> CVResult:
+    """Train every variant (label, overrides) on every fold for every seed (resumably), then the seed ensembles of each
+    fold and the probe on the same folds; write ``<out>/cv.md``, ``cv.csv`` and ``cv.json``."""
+    if folds < 2:
+        raise ConfigError(f"--folds must be at least 2, got {folds}")
+    out = Path(out)
+    runs_dir = Path(runs_dir) if runs_dir is not None else out / "runs"
+    variants = variants or [("SPP-SCL", {})]
+    tc = base_cfg.train
+    cache = SharedCache(cache_path)
+    classes = cache.classes
+    # the folds are checked (class counts, labels) before anything trains: one clear error instead of K x seeds failures
+    FoldView(cache, folds, 0, tc.cv_seed, tc.cv_val_fraction).rows()
+
+    rows: list[CVRow] = []
+    probe_res = None
+    if probe:
+        probe_res = _cached_probe(runs_dir / f"probe-cv{folds}-seed{tc.cv_seed}-val{tc.cv_val_fraction:g}.json", cache, folds, tc.cv_seed, tc.cv_val_fraction)
+    del cache  # the probe's pool is not kept while the runs train
+
+    keys = [*dict.fromkeys(k for _, o in variants for k in o), "cv_fold"]
+    # fold-major: an interrupted run leaves every variant on the same first folds, compared pairwise
+    configs = [fold_config(o, folds, k) for k in range(folds) for _, o in variants]
+    result = run_configs(cache_path, base_cfg, configs, seeds, out / "per-fold", keys, runs_dir=runs_dir, execution=execution, progress=progress, console=console)
+
+    ens_cache = SharedCache(cache_path)
+    for label, o in variants:
+        reports, val_acc, ens = [], [], []
+        for k in range(folds):
+            slug = config_slug(fold_config(o, folds, k))
+            ok = [r for r in result.rows if r["config"] == slug and r["status"] == "ok"]
+            for r in ok:
+                res = json.loads((runs_dir / r["run"] / "results.json").read_text())
+                reports.append(res["splits"]["test"])
+                val_acc.append(res["splits"]["dev"]["accuracy"])
+            if len(ok) >= 2:
+                e = cached_ensemble([runs_dir / r["run"] for r in ok], ens_cache, out / "ensembles" / slug)
+                ens.append(e["splits"]["test"])
+        rows.append(CVRow(label, "runs", len(reports), _stats(reports, classes, {"val_accuracy": val_acc}), o))
+        if ens:
+            rows.append(CVRow(f"{label}: ensemble of its seeds", "ensemble", len(ens), _stats(ens, classes), o, f"{len(seeds)} seeds per fold"))
+    if probe_res is not None:
+        rows.append(CVRow("logistic-regression probe (pooled image + [CLS])", "probe", len(probe_res), _stats([p["test"] for p in probe_res], classes), {}))
+
+    primary = result.primary_f1
+    cv = CVResult(out, folds, seeds, classes, primary, rows, result, "")
+    cv.markdown = render_markdown(cv)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cv.md").write_text(cv.markdown)
+    (out / "cv.json").write_text(json.dumps([{**r.__dict__, "stats": {k: list(v) for k, v in r.stats.items()}} for r in rows], indent=2))
+    _write_csv(out / "cv.csv", rows, classes)
+    return cv
+
+
+def _columns(classes: list[str]) -> list[tuple[str, str]]:
+    return [("accuracy", "ACC"), ("weighted_f1", "weighted F1"), ("macro_f1", "macro F1"), *[(f"f1_{c}", f"F1 {c}") for c in classes]]
+
+
+def table_cells(cv: CVResult) -> tuple[list[str], list[list[str]]]:
+    cols = _columns(cv.classes)
+    head = ["model", "n", *[f"held-out {name}" for _, name in cols], "validation ACC (selection)"]
+    body = []
+    for r in cv.rows:
+        val = r.stats.get("val_accuracy", (None, None))
+        body.append([r.label, str(r.n), *[cell(*r.stats[k]) for k, _ in cols], cell(*val) if val[0] is not None else "-"])
+    return head, body
+
+
+def notes(cv: CVResult) -> list[str]:
+    failed = [r for r in cv.sweep.rows if r["status"] != "ok"]
+    out = [
+        f"{cv.folds}-fold stratified cross-validation over the labelled train+dev rows (the cache's test split is not used); "
+        f"seeds {', '.join(map(str, cv.seeds))}. Each run is selected on a stratified validation part of its training folds "
+        "(best validation accuracy, ties by the primary F1) and scored on the held-out fold.",
+        "Cells: mean ± sample std (ddof=1) over n estimates: folds × seeds for single runs, folds for seed ensembles "
+        "(mean of the seeds' class probabilities) and for the probe (standardised and C chosen on the same validation parts).",
+        "The validation column is the score the selection saw: its excess over the held-out score is the optimism of selecting on it.",
+    ]
+    if failed:
+        out.append(f"{len(failed)} runs failed (rerun the same command to retry): " + "; ".join(f"{r['run']}: {r['error']}" for r in failed))
+    return out
+
+
+def render_markdown(cv: CVResult, title: str | None = None) -> str:
+    head, body = table_cells(cv)
+    lines = [f"# {title or 'Cross-validated estimates'}", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(b) + " |" for b in body]
+    lines += ["", *[f"- {n}" for n in notes(cv)]]
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: Path, rows: list[CVRow], classes: list[str]) -> None:
+    import csv
+
+    keys = [k for k, _ in _columns(classes)] + ["val_accuracy"]
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["model", "kind", "n", *[f"{k}_{s}" for k in keys for s in ("mean", "std")]])
+        for r in rows:
+            vals = [r.stats.get(k, (None, None)) for k in keys]
+            w.writerow([r.label, r.kind, r.n, *["" if x is None else x for v in vals for x in v]])
+
+
+def print_cv(cv: CVResult, console: Console, title: str | None = None) -> None:
+    head, body = table_cells(cv)
+    t = Table(title=title or f"{cv.folds}-fold cross-validation: held-out scores, mean ± std")
+    for i, h in enumerate(head):
+        t.add_column(h, justify="left" if i == 0 else "right")
+    for b in body:
+        t.add_row(*[escape(x) for x in b])
+    console.print(t)
+    for n in notes(cv):
+        console.print(escape(n), highlight=False)
+    console.print(f"written: {cv.out / 'cv.md'}, {cv.out / 'cv.csv'}, {cv.out / 'cv.json'} (runs: {cv.sweep.runs_dir})")

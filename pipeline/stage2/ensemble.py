@@ -1,0 +1,199 @@
+"""Ensembles: the class probabilities of several runs' best checkpoints, averaged.
+
+Seeds of one configuration disagree by several points on a 450-post dev split; averaging their probabilities is
+the cheapest way to a better and steadier model, and it costs one forward pass per member. Members must see the
+same features (encoders, preprocessing, dtype) and predict the same classes; runs of one cross-validation fold
+must also share that fold, and are then evaluated on it (its held-out rows are the ``test`` split of the view).
+Each member runs in its own ``eval_batch_size`` (with batch fusion a prediction depends on its batch).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..cache import FeatureCache, SplitData, diff_provenance
+from ..config import Config
+from ..devices import resolve_device
+from .checkpoint import checkpoint_files
+from .folds import FoldView, fold_view
+from .metrics import classification_report
+from .train import RunError, compatible, load_checkpoint, model_from_checkpoint, predict_split, write_predictions
+
+CV_KEYS = ("cv_folds", "cv_fold", "cv_seed", "cv_val_fraction")
+
+
+@dataclass
+class Member:
+    path: Path  # the checkpoint
+    model: torch.nn.Module
+    cfg: Config
+    classes: list[str]
+    provenance: dict  # of the cache the member was trained on
+
+
+def best_checkpoint(run: Path) -> Path:
+    """A run directory's selected checkpoint (a checkpoint file is taken as given)."""
+    run = Path(run)
+    if not run.is_dir():
+        return run
+    # a run trained before checkpoints became safetensors holds best.pt
+    legacy = run / "best.pt"
+    return legacy if legacy.exists() and not checkpoint_files(run / "best")[0].exists() else run / "best"
+
+
+def load_members(runs: list[Path], device: torch.device, same_fold: bool = True) -> list[Member]:
+    """Every run's best checkpoint, refused together unless they see the same features and classes (and, when they
+    are to be evaluated on a cache, ``same_fold``: the same CV fold; models of different folds may predict new pairs)."""
+    if not runs:
+        raise RunError("an ensemble needs at least one run directory or checkpoint")
+    members = []
+    for run in runs:
+        path = best_checkpoint(run)
+        ckpt = load_checkpoint(path)
+        model, cfg = model_from_checkpoint(ckpt, device)
+        members.append(Member(path, model, cfg, list(ckpt["classes"]), ckpt["cache_provenance"]))
+    first = members[0]
+    for m in members[1:]:
+        diffs = compatible(m.provenance, first.provenance)
+        if same_fold:
+            diffs += diff_provenance(_cv(first.cfg), _cv(m.cfg))
+        if diffs:
+            raise RunError(
+                f"cannot ensemble {m.path} with {first.path}: they were trained on different features, classes or folds. What differs:\n  "
+                + "\n  ".join(d.replace("cache has", f"{first.path} has").replace("request has", f"{m.path} has") for d in diffs)
+            )
+    return members
+
+
+def _cv(cfg: Config) -> dict:
+    return {k: getattr(cfg.train, k) for k in CV_KEYS} if cfg.train.cv_folds else {"cv_folds": 0}
+
+
+def member_view(cache: FeatureCache, members: list[Member]) -> FeatureCache | FoldView:
+    """The cache as the members were evaluated: the cache itself, or their CV fold of it (same dataset required)."""
+    first = members[0]
+    diffs = compatible(cache.provenance, first.provenance)
+    if first.cfg.train.cv_folds:
+        # a fold is a set of rows of one dataset: another dataset extracted alike would give other folds
+        diffs = diff_provenance(first.provenance, cache.provenance)
+    if diffs:
+        raise RunError(f"{cache.path} was not extracted like the members' cache; refusing. What differs:\n  " + "\n  ".join(diffs))
+    return fold_view(cache, first.cfg.train) if first.cfg.train.cv_folds else cache
+
+
+def average_probs(members: list[Member], split: SplitData, device: torch.device) -> dict[str, np.ndarray]:
+    """The members' class probabilities averaged row by row; ``pred`` is the average's argmax."""
+    probs = [predict_split(m.model, split, m.cfg.train.eval_batch_size, device)["probs"] for m in members]
+    mean = np.mean(probs, axis=0) if len(split.rows) else np.zeros((0, len(members[0].classes)), np.float32)
+    return {"rows": split.rows, "probs": mean, "pred": mean.argmax(-1) if len(mean) else np.zeros(0, np.int64), "members": probs}
+
+
+def ensemble(runs: list[Path], cache: Path | FeatureCache, out: Path | None = None, device: str = "cpu") -> dict:
+    """Evaluate the average of ``runs`` on every labelled split of ``cache`` (or the members' CV fold of it); with
+    ``out``, write ``results.json`` and ``predictions-<split>.csv`` (the columns of a single run's) there."""
+    dev = resolve_device(device)
+    members = load_members(runs, dev)
+    fc = cache if isinstance(cache, (FeatureCache, FoldView)) else FeatureCache(cache)
+    view = member_view(fc.base if isinstance(fc, FoldView) else fc, members)
+    classes = members[0].classes
+    results: dict = {
+        "members": [str(m.path) for m in members],
+        "how": "mean of the members' class probabilities; each member's best dev checkpoint",
+        "classes": classes,
+        "splits": {},
+        "members_mean": {},
+    }
+    if isinstance(view, FoldView):
+        results["cv"] = view.describe()
+    for name in view.splits:
+        split = view.load(name)
+        pred = average_probs(members, split, dev)
+        if out is not None:
+            write_predictions(Path(out) / f"predictions-{name}.csv", split, pred, classes)
+        if not split.has_labels:
+            results["splits"][name] = {"n": int(len(split.rows)), "labels": "none: predictions only"}
+            continue
+        y = split.labels[split.rows]
+        results["splits"][name] = classification_report(y, pred["pred"], classes)
+        singles = [classification_report(y, p.argmax(-1), classes) for p in pred["members"]]
+        results["members_mean"][name] = {
+            k: {"mean": float(np.mean([s[k] for s in singles])), "std": float(np.std([s[k] for s in singles], ddof=1)) if len(singles) > 1 else 0.0}
+            for k in ("accuracy", "weighted_f1", "macro_f1")
+        }
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def cached_ensemble(runs: list[Path], cache, out: Path, device: str = "cpu") -> dict:
+    """``ensemble`` unless ``out`` already holds the result for exactly these members (sweeps rerun cheaply)."""
+    done = Path(out) / "results.json"
+    members = [str(best_checkpoint(r)) for r in runs]
+    if done.exists():
+        res = json.loads(done.read_text())
+        if res.get("members") == members:
+            return res
+    return ensemble(runs, cache, out, device)
+
+
+def seed_ensembles(result, cache_path: Path, out: Path, min_seeds: int = 2) -> dict[str, dict]:
+    """For every configuration of a finished sweep with ``min_seeds`` or more finished seeds: the ensemble of those
+    seeds, evaluated on every split (``<out>/<config slug>/``). Keyed by configuration slug."""
+    from .sweeps.worker import SharedCache  # one read of each split for all configurations
+
+    groups: dict[str, list[Path]] = {}
+    for r in result.rows:
+        run = result.runs_dir / r["run"]
+        # a distributed sweep's runs may live on other machines: only runs whose checkpoint is here can be ensembled
+        if r["status"] == "ok" and run.is_dir():
+            groups.setdefault(r["config"], []).append(run)
+    groups = {slug: runs for slug, runs in groups.items() if len(runs) >= min_seeds}
+    if not groups:
+        return {}
+    cache = SharedCache(cache_path)
+    return {slug: cached_ensemble(runs, cache, Path(out) / slug) for slug, runs in groups.items()}
+
+
+def ensemble_table(result, ensembles: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """The "ensemble of its seeds" rows of a sweep, in its summary's order: each beside that configuration's mean ± std."""
+    from .sweeps import cell
+    from .sweeps.spec import fmt
+
+    splits = [s for s in ("dev", "test") if any(s in e["splits"] and "accuracy" in e["splits"][s] for e in ensembles.values())]
+    head = [*(result.keys or ["config"]), "seeds", *[f"{s} {m}" for s in splits for m in ("acc", "weighted F1", "macro F1")]]
+    body = []
+    for s in result.summary:
+        e = ensembles.get(s["config"])
+        if e is None:
+            continue
+        names = [fmt(s[k]) for k in result.keys] or [s["config"]]
+        for kind, values in (
+            ("mean ± std of the runs", [cell(s[f"{sp}_{m}_mean"], s[f"{sp}_{m}_std"]) for sp in splits for m in ("accuracy", "weighted_f1", "macro_f1")]),
+            ("ensemble of the runs", [f"{e['splits'][sp][m]:.4f}" for sp in splits for m in ("accuracy", "weighted_f1", "macro_f1")]),
+        ):
+            body.append([*names, f"{len(e['members'])} ({kind})", *values])
+    return head, body
+
+
+def write_ensemble_summary(out: Path, result, ensembles: dict[str, dict]) -> None:
+    """Append the ensemble rows to the sweep's summary.md (each configuration's mean ± std, then its ensemble)."""
+    if not ensembles:
+        return
+    head, body = ensemble_table(result, ensembles)
+    lines = [
+        "",
+        "Ensemble of each configuration's seeds (mean of their class probabilities; `ensembles/<config>/`), beside the "
+        "mean ± std of the same runs. dev selected each run's checkpoint, so dev is optimistic for both.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
+        *["| " + " | ".join(b) + " |" for b in body],
+    ]
+    path = Path(out) / "summary.md"
+    path.write_text((path.read_text() if path.exists() else "") + "\n".join(lines) + "\n")

@@ -1,0 +1,277 @@
+"""Cross-validation folds, ensembles, early stopping and step 2's gradient option, on the tiny cache."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sppscl.cache import CacheError, FeatureCache
+from sppscl.cli import main
+from sppscl.config import ConfigError, apply_overrides
+from sppscl.stage1.extract import extract
+from sppscl.stage2 import train as train_mod
+from sppscl.stage2.cv import cross_validate
+from sppscl.stage2.data import SplitBatches
+from sppscl.stage2.ensemble import ensemble
+from sppscl.stage2.sweeps import Execution
+from sppscl.stage2.folds import FoldView, StackedRows, fold_rows, pool_labels
+from sppscl.stage2.gate import GateDecision
+from sppscl.stage2.predict import Predictor, read_pairs
+from sppscl.stage2.train import build_model, cache_dims, train
+
+from conftest import tiny_config
+
+
+def _csv(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+# ------------------------------------------------------------------------------------ folds
+
+
+def test_stacked_rows_read_like_the_concatenation(tiny_cache):
+    path, _ = tiny_cache
+    cache = FeatureCache(path)
+    for in_memory in (True, False):
+        a, b = cache.load("train", in_memory=in_memory), cache.load("dev", in_memory=in_memory)
+        for key in ("image", "tokens"):
+            stacked = StackedRows([getattr(a, key), getattr(b, key)])
+            whole = np.concatenate([np.asarray(getattr(a, key)[:]), np.asarray(getattr(b, key)[:])])
+            idx = np.array([0, len(whole) - 1, 3, len(getattr(a, key)), len(getattr(a, key)) - 1])
+            np.testing.assert_array_equal(stacked[idx], whole[idx])
+            np.testing.assert_array_equal(stacked[int(idx[1])], whole[idx[1]])
+        # ranges that each stay inside one part, in an order that alternates between the parts
+        n_a = int(a.offsets[-1])
+        starts, counts = np.array([n_a + 2, 1, n_a, 5]), np.array([3, 2, 1, 4])
+        want = np.concatenate([np.asarray(np.concatenate([a.tokens[:], b.tokens[:]]))[s : s + c] for s, c in zip(starts, counts)])
+        np.testing.assert_array_equal(StackedRows([a.tokens, b.tokens]).ranges(starts, counts), want)
+
+
+def test_folds_partition_the_labelled_train_and_dev_rows(tiny_cache):
+    path, _ = tiny_cache
+    cache = FeatureCache(path)
+    labels, rows = pool_labels(cache)
+    k = 3
+    parts = [fold_rows(labels, rows, k, i, seed=0, val_fraction=0.2) for i in range(k)]
+    held = np.concatenate([p.test for p in parts])
+    assert sorted(held.tolist()) == sorted(rows.tolist())  # every row held out exactly once
+    for p in parts:
+        assert not set(p.train) & set(p.dev) and not set(p.train) & set(p.test) and not set(p.dev) & set(p.test)
+        assert sorted([*p.train, *p.dev, *p.test]) == sorted(rows.tolist())
+        # stratified: every class of the pool is in each held-out fold and each validation part
+        assert set(labels[p.test]) == set(labels[rows]) and set(labels[p.dev]) == set(labels[rows])
+    again = fold_rows(labels, rows, k, 1, seed=0, val_fraction=0.2)
+    assert np.array_equal(again.test, parts[1].test) and np.array_equal(again.dev, parts[1].dev)
+    assert not np.array_equal(fold_rows(labels, rows, k, 1, seed=5, val_fraction=0.2).test, parts[1].test)
+    with pytest.raises(CacheError, match="fewer than cv_folds"):
+        fold_rows(labels, rows, 60, 0, seed=0, val_fraction=0.2)
+
+
+def test_a_fold_run_never_sees_the_test_split(tiny_cache, tmp_path):
+    path, cfg = tiny_cache
+    cache = FeatureCache(path)
+    res = train(path, apply_overrides(cfg, ["epochs=1", "cv_folds=3", "cv_fold=2"]), tmp_path / "r", progress=False)
+    view = FoldView(cache, 3, 2, 0, cfg.train.cv_val_fraction)
+    fr = view.rows()
+    assert res["cv"]["fold"] == 2 and res["splits"]["test"]["n"] == len(fr.test) and res["splits"]["dev"]["n"] == len(fr.dev)
+    test_ids = set(cache.load("test").ids)
+    pooled_ids = set(cache.load("train").ids) | set(cache.load("dev").ids)
+    held = {r["id"] for r in _csv(tmp_path / "r" / "predictions-test.csv")}
+    assert held <= pooled_ids and not held & test_ids
+    assert held == set(view.pool().ids[fr.test])
+    # the view's batches are the cache's own rows: a pooled dev row gives the cache's dev features
+    dev = cache.load("dev")
+    pool = view.pool()
+    r = int(fr.test[-1])
+    src, row = (dev, r - len(cache.load("train").labels)) if r >= len(cache.load("train").labels) else (cache.load("train"), r)
+    a, b = SplitBatches(pool).batch(np.array([r])), SplitBatches(src).batch(np.array([row]))
+    assert torch.equal(a.image, b.image) and torch.equal(a.tokens, b.tokens) and torch.equal(a.labels, b.labels)
+
+
+def test_cv_settings_are_validated(tiny_cache):
+    _, cfg = tiny_cache
+    for bad in (["cv_folds=1"], ["cv_folds=3", "cv_fold=3"], ["cv_val_fraction=1"], ["patience=-1"], ["step2_grads=maybe"]):
+        with pytest.raises(ConfigError):
+            apply_overrides(cfg, bad)
+
+
+# ------------------------------------------------------------------------------------ cross_validate
+
+
+def test_cross_validate_rows_ensembles_probe_and_resume(tiny_cache, tmp_path):
+    path, cfg = tiny_cache
+    base = apply_overrides(cfg, ["epochs=1", "lr=0.02"])
+    res = cross_validate(path, base, tmp_path / "cv", folds=3, seeds=[1, 2], variants=[("full", {}), ("w/o L_cl_m", {"use_inter": False})], execution=Execution(1), progress=False)
+    kinds = [(r.label, r.kind, r.n) for r in res.rows]
+    assert kinds == [
+        ("full", "runs", 6),
+        ("full: ensemble of its seeds", "ensemble", 3),
+        ("w/o L_cl_m", "runs", 6),
+        ("w/o L_cl_m: ensemble of its seeds", "ensemble", 3),
+        ("logistic-regression probe (pooled image + [CLS])", "probe", 3),
+    ]
+    # the runs' row is the mean of the runs' held-out ("test" of their fold) scores
+    runs_dir = tmp_path / "cv" / "runs"
+    accs = [json.loads((runs_dir / r["run"] / "results.json").read_text())["splits"]["test"]["accuracy"] for r in res.sweep.rows if "use_inter" not in r["run"]]
+    assert len(accs) == 6 and res.rows[0].stats["accuracy"][0] == pytest.approx(np.mean(accs))
+    assert res.rows[0].stats["accuracy"][1] == pytest.approx(np.std(accs, ddof=1))
+    # each fold's ensemble is scored on the same held-out rows as its members
+    ens = json.loads((tmp_path / "cv" / "ensembles" / "cv_fold-0__cv_folds-3" / "results.json").read_text())
+    member = json.loads((runs_dir / "cv_fold-0__cv_folds-3-seed1" / "results.json").read_text())
+    assert ens["splits"]["test"]["n"] == member["splits"]["test"]["n"] and len(ens["members"]) == 2
+    assert "F1 neutral" in (tmp_path / "cv" / "cv.md").read_text()
+    assert {r["kind"] for r in _csv(tmp_path / "cv" / "cv.csv")} == {"runs", "ensemble", "probe"}
+    again = cross_validate(path, base, tmp_path / "cv", folds=3, seeds=[1, 2], variants=[("full", {}), ("w/o L_cl_m", {"use_inter": False})], execution=Execution(1), progress=False)
+    assert again.sweep.ran == [] and [r.stats for r in again.rows] == [r.stats for r in res.rows]
+
+
+def test_cv_cli(tiny_cache, tmp_path, capsys):
+    path, cfg = tiny_cache
+    cfg_file = tmp_path / "tiny.yaml"
+    import yaml
+
+    d = apply_overrides(cfg, ["epochs=1"]).to_dict()
+    d.pop("source")
+    cfg_file.write_text(yaml.safe_dump(d))
+    assert main(["cv", "--cache", str(path), "--config", str(cfg_file), "--folds", "2", "--seeds", "1", "--jobs", "1", "--out", str(tmp_path / "c"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out" in out and "probe" in out
+    assert main(["cv", "--cache", str(path), "--config", str(cfg_file), "--folds", "1", "--out", str(tmp_path / "c2")]) == 2
+    assert "--folds" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ ensembles
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_cache, tmp_path_factory):
+    path, cfg = tiny_cache
+    root = tmp_path_factory.mktemp("ens")
+    for seed in (1, 2):
+        train(path, apply_overrides(cfg, ["epochs=1", "lr=0.02", f"seed={seed}"]), root / f"s{seed}", progress=False)
+    return path, cfg, root
+
+
+def test_ensemble_averages_the_members_probabilities(two_runs, tmp_path):
+    path, _, root = two_runs
+    res = ensemble([root / "s1", root / "s2"], path, tmp_path / "e", "cpu")
+    for split in FeatureCache(path).splits:
+        got = _csv(tmp_path / "e" / f"predictions-{split}.csv")
+        a, b = _csv(root / "s1" / f"predictions-{split}.csv"), _csv(root / "s2" / f"predictions-{split}.csv")
+        assert list(got[0]) == list(a[0])  # the columns of a single run
+        cols = [c for c in got[0] if c.startswith("p_")]
+        for g, x, y in zip(got, a, b):
+            assert g["id"] == x["id"] == y["id"]
+            mean = [(float(x[c]) + float(y[c])) / 2 for c in cols]
+            assert [float(g[c]) for c in cols] == pytest.approx(mean, abs=2e-6)
+            assert g["pred"] == cols[int(np.argmax([float(g[c]) for c in cols]))][2:]
+        assert res["splits"][split]["n"] == len(got)
+    singles = [json.loads((root / s / "results.json").read_text())["splits"]["dev"]["accuracy"] for s in ("s1", "s2")]
+    assert res["members_mean"]["dev"]["accuracy"]["mean"] == pytest.approx(np.mean(singles))
+
+
+def test_ensemble_refuses_other_encoders_and_other_folds(two_runs, tmp_path, capsys):
+    path, cfg, root = two_runs
+    other = tiny_config(tmp_path / "data2", size=30)
+    other.encoders.max_length = 16
+    extract(other, tmp_path / "other.h5", progress=False)
+    train(tmp_path / "other.h5", apply_overrides(other, ["epochs=1"]), tmp_path / "o", progress=False)
+    assert main(["ensemble", str(root / "s1"), str(tmp_path / "o"), "--cache", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "max_length" in err and "s1" in err
+    train(path, apply_overrides(cfg, ["epochs=1", "cv_folds=2", "cv_fold=0"]), tmp_path / "f0", progress=False)
+    train(path, apply_overrides(cfg, ["epochs=1", "cv_folds=2", "cv_fold=1"]), tmp_path / "f1", progress=False)
+    assert main(["ensemble", str(tmp_path / "f0"), str(tmp_path / "f1"), "--cache", str(path)]) == 2
+    assert "cv_fold" in capsys.readouterr().err
+    assert main(["ensemble", str(root / "s1"), str(root / "s2"), "--cache", str(path), "--out", str(tmp_path / "e")]) == 0
+    assert "members alone" in capsys.readouterr().out
+
+
+def test_predict_with_two_checkpoints_averages_them(two_runs):
+    path, cfg, root = two_runs
+    pairs = read_pairs(cfg.data_dir() / "dev.jsonl")
+    both = Predictor([root / "s1" / "best", root / "s2" / "best"], "cpu").predict(pairs)
+    one = Predictor(root / "s1" / "best", "cpu").predict(pairs)
+    two = Predictor(root / "s2" / "best", "cpu").predict(pairs)
+    for b, x, y in zip(both, one, two):
+        np.testing.assert_allclose(b.probs, (x.probs + y.probs) / 2, atol=1e-6)
+        assert b.pred == int(np.argmax(b.probs))
+
+
+# ------------------------------------------------------------------------------------ training options
+
+
+def test_patience_stops_when_dev_stops_improving(tiny_cache, tmp_path):
+    path, cfg = tiny_cache
+    # a learning rate this small leaves dev unchanged after the first epoch, so it never improves again
+    res = train(path, apply_overrides(cfg, ["epochs=6", "lr=1e-12", "patience=2"]), tmp_path / "r", progress=False)
+    assert res["best_epoch"] == 1 and res["epochs_trained"] == 3
+    assert train(path, apply_overrides(cfg, ["epochs=3", "lr=1e-12"]), tmp_path / "r2", progress=False)["epochs_trained"] == 3
+
+
+@pytest.mark.parametrize("mode,moves", [("none", False), ("zero", True)])
+def test_step2_grads_option_moves_fusion_and_classifier_only_when_zero_filled(tiny_cache, monkeypatch, mode, moves):
+    """A fired step 2 backpropagates L_cl_m, which reaches the projections only. With zero-filled gradients (the
+    official code) AdamW's momentum and weight decay still move every other parameter; with None they stay put."""
+    path, cfg = tiny_cache
+    cache = FeatureCache(path)
+    tc = apply_overrides(cfg, [f"step2_grads={mode}", "weight_decay=0.01"]).train
+    batch = SplitBatches(cache.load("train")).batch(np.arange(16))
+    monkeypatch.setattr(train_mod, "two_step_gate", lambda *a, **k: GateDecision(fire=True, c=0, c_mask=0, d=0.0))
+    torch.manual_seed(0)
+    model = build_model(cache_dims(cache), apply_overrides(cfg, []))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    train_mod.two_step_update(model, opt, batch, tc)  # a first update gives AdamW momentum everywhere
+    real_step = opt.step
+    snapshots = []
+
+    def step(*a, **k):
+        snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(opt, "step", step)
+    log = train_mod.two_step_update(model, opt, batch, tc)
+    assert log.fired and len(snapshots) == 2
+    before_step2 = snapshots[1]
+    after = dict(model.named_parameters())
+    unreached = [n for n in after if n.startswith("fusion.")]  # cross-modal fusion and classifier
+    assert unreached
+    changed = {n: not torch.equal(before_step2[n], after[n].detach()) for n in after}
+    assert all(changed[n] == moves for n in unreached), changed
+    assert any(changed[n] for n in after if n not in unreached)  # step 2 did update what L_cl_m reaches
+
+
+def test_reproduce_with_cv_fills_the_table_with_held_out_scores(tiny_cache, tmp_path, capsys):
+    from sppscl.stage2.reproduce import reproduce
+
+    path, cfg = tiny_cache
+    rep = reproduce("table4", path, apply_overrides(cfg, ["epochs=1"]), tmp_path / "p", [1, 2], Execution(1), progress=False, cv=2)
+    md = (tmp_path / "p" / "table4-cv2" / "table.md").read_text()
+    labels = [r.label for r in rep.cv.rows]
+    assert labels[:4] == ["SPP-SCL (two-step)", "SPP-SCL (two-step): ensemble of its seeds", "SPP-SCL (one-step)", "SPP-SCL (one-step): ensemble of its seeds"]
+    assert "held-out ACC" in md and "2-fold" in md and "WARNING: this cache's encoders are tiny-cnn" in md
+    # the runs live beside the non-CV runs of the same --out, named by their fold
+    assert (tmp_path / "p" / "runs" / "cv_fold-1__cv_folds-2__update-one-step-seed2" / "results.json").exists()
+
+
+def test_sweep_adds_an_ensemble_of_each_configurations_seeds(tiny_cache, tmp_path, capsys):
+    import yaml
+
+    path, cfg = tiny_cache
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml.safe_dump({"train": dict(apply_overrides(cfg, ["epochs=1", "lr=0.02"]).train.__dict__)}))
+    out = tmp_path / "s"
+    argv = ["sweep", "--cache", str(path), "--config", str(preset), "--grid", "fusion=batch,concat", "--seeds", "1,2", "--jobs", "1", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "ensemble of each configuration's seeds" in printed
+    md = (out / "summary.md").read_text()
+    for fusion in ("batch", "concat"):
+        direct = ensemble([out / "runs" / f"fusion-{fusion}-seed1", out / "runs" / f"fusion-{fusion}-seed2"], path)
+        row = next(line for line in md.splitlines() if line.startswith(f"| {fusion} | 2 (ensemble"))
+        assert f"{direct['splits']['dev']['accuracy']:.4f}" in row and f"{direct['splits']['test']['macro_f1']:.4f}" in row
