@@ -270,7 +270,7 @@ def test_sweep_adds_an_ensemble_of_each_configurations_seeds(tiny_cache, tmp_pat
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "ensemble of each configuration's seeds" in printed
-    md = (out / "summary.md").read_text()
+    md = (out / "ensembles.md").read_text()
     for fusion in ("batch", "concat"):
         direct = ensemble([out / "runs" / f"fusion-{fusion}-seed1", out / "runs" / f"fusion-{fusion}-seed2"], path)
         row = next(line for line in md.splitlines() if line.startswith(f"| {fusion} | 2 (ensemble"))

@@ -182,12 +182,12 @@ def ensemble_table(result, ensembles: dict[str, dict]) -> tuple[list[str], list[
 
 
 def write_ensemble_summary(out: Path, result, ensembles: dict[str, dict]) -> None:
-    """Append the ensemble rows to the sweep's summary.md (each configuration's mean ± std, then its ensemble)."""
+    """``<out>/ensembles.md``: each configuration's mean ± std, then its ensemble. A file of its own: summary.md is
+    what ``sweep summary`` rebuilds from the study alone, without the checkpoints an ensemble needs."""
     if not ensembles:
         return
     head, body = ensemble_table(result, ensembles)
     lines = [
-        "",
         "Ensemble of each configuration's seeds (mean of their class probabilities; `ensembles/<config>/`), beside the "
         "mean ± std of the same runs. dev selected each run's checkpoint, so dev is optimistic for both.",
         "",
@@ -195,5 +195,4 @@ def write_ensemble_summary(out: Path, result, ensembles: dict[str, dict]) -> Non
         "|" + "|".join("---" for _ in head) + "|",
         *["| " + " | ".join(b) + " |" for b in body],
     ]
-    path = Path(out) / "summary.md"
-    path.write_text((path.read_text() if path.exists() else "") + "\n".join(lines) + "\n")
+    (Path(out) / "ensembles.md").write_text("\n".join(lines) + "\n")
