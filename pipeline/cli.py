@@ -120,7 +120,12 @@ def extract(
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N samples of each split (quick trials)."),
     on_error: str = typer.Option("stop", help="Bad sample: 'stop' (error naming file and id) or 'skip' (recorded in the cache, counted)."),
     force: bool = typer.Option(False, help="Rebuild even if a complete or different cache exists at --out."),
-    workers: Optional[int] = typer.Option(None, min=0, help="Image-decoding worker processes (preset: extract.num_workers)."),
+    workers: Optional[int] = typer.Option(
+        None, min=-1, help="Image-decoding worker processes (preset: extract.num_workers; -1 = auto: 2 on CPU, cores-1 up to 8 on CUDA)."
+    ),
+    precision: Optional[str] = typer.Option(
+        None, help="Encoder compute precision: fp32 (default), bf16 or fp16 (autocast; recorded in the cache, never mixed)."
+    ),
     image_encoder: Optional[str] = typer.Option(None, help="Image encoder name or path (resnet50, efficientnet-lite0, tiny-cnn, any torchvision CNN, a .pth)."),
     text_encoder: Optional[str] = typer.Option(None, help="Text encoder name or path (bert-base-uncased, minilm-l6, tiny-bert, any HF name or local dir)."),
     set_: list[str] = typer.Option(
@@ -135,14 +140,16 @@ def extract(
     """Stage one: run the frozen encoders once and write the HDF5 feature cache (resumable).
 
     Under torchrun (--nproc-per-node, --nnodes) the ranks fill one cache together."""
+    from .allocator import keep_freed_memory
     from .stage1.distributed import PeerFailed, Ranks, Shard
     from .stage1.encoders import allow_downloads
     from .stage1.extract import extract as run_extract
 
+    keep_freed_memory()
     ranks = Ranks.from_env()
     console.quiet = not ranks.is_zero  # one report per job: rank 0's
     try:
-        cfg = _config(config, set_, **{"encoders.image": image_encoder, "encoders.text": text_encoder})
+        cfg = _config(config, set_, **{"encoders.image": image_encoder, "encoders.text": text_encoder, "extract.precision": precision})
         out = out or Path("cache") / f"{cfg.dataset.name}.h5"
         part = Shard.parse(shard) if shard else None
         with allow_downloads(allow_download):

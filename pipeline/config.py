@@ -76,9 +76,12 @@ class EncoderConfig:
 @dataclass
 class ExtractConfig:
     batch_size: int = 32
-    num_workers: int = 2
+    # image-decoding worker processes; -1 = auto (2 on CPU, on CUDA every core but one, up to 8)
+    num_workers: int = -1
     dtype: str = "float16"
     device: str = "auto"
+    # the encoders' compute precision: bf16/fp16 run them under autocast (README: when bf16 is right)
+    precision: str = "fp32"
 
 
 @dataclass
@@ -139,6 +142,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("dataset", "format"): ("auto", "clmlf", "hfm-raw", "mvsa-raw", "mmsd2", "manifest", "synthetic"),
     ("dataset", "primary_f1"): ("weighted", "macro"),
     ("extract", "dtype"): ("float16", "float32"),
+    ("extract", "precision"): ("fp32", "bf16", "fp16"),
     ("train", "fusion"): ("batch", "sample", "concat"),
     ("train", "update"): ("two-step", "one-step"),
     ("train", "gate"): ("official", "cosine"),
@@ -155,7 +159,7 @@ RANGES: dict[tuple[str, str], tuple[float, float, str]] = {
     ("encoders", "max_length"): (2, 100_000, "at least 2 ([CLS] and [SEP])"),
     ("encoders", "layers"): _POS,
     ("extract", "batch_size"): _POS,
-    ("extract", "num_workers"): (0, 1024, "0 (decode in this process) or a count of processes"),
+    ("extract", "num_workers"): (-1, 1024, "-1 (auto), 0 (decode in this process) or a count of processes"),
     ("train", "lr"): (sys.float_info.min, math.inf, "positive"),
     ("train", "tau"): (sys.float_info.min, math.inf, "positive"),
     ("train", "lambda_ce"): (0, math.inf, "zero or positive"),

@@ -203,3 +203,91 @@ def test_limit_takes_first_rows_of_each_split(tmp_path):
     cfg = tiny_config(tmp_path / "data", size=60)
     s = extract(cfg, tmp_path / "c.h5", limit=5, progress=False)
     assert s.rows == {"train": 5, "dev": 5, "test": 5}
+
+
+# ------------------------------------------------------------------------------------ precision (issue 13)
+
+
+@pytest.fixture(scope="module")
+def bf16_cache(tiny_cache, tmp_path_factory):
+    """The tiny cache's data extracted again with the encoders under bf16 autocast (CPU)."""
+    _, cfg = tiny_cache
+    out = tmp_path_factory.mktemp("bf16") / "tiny-bf16.h5"
+    extract(cfg, out, progress=False, precision="bf16")
+    return out
+
+
+def test_precision_is_recorded_and_caches_of_different_precision_are_never_mixed(tiny_cache, bf16_cache):
+    path, cfg = tiny_cache
+    assert FeatureCache(path).provenance["precision"] == "fp32"
+    assert FeatureCache(bf16_cache).provenance["precision"] == "bf16"
+    with pytest.raises(CacheError, match=r"precision: the cache on disk has 'bf16', this command has 'fp32'"):
+        extract(cfg, bf16_cache, progress=False)
+    with pytest.raises(CacheError, match=r"precision: the cache on disk has 'fp32', this command has 'bf16'"):
+        extract(cfg, path, progress=False, precision="bf16")
+
+
+def test_a_partial_cache_is_not_resumed_in_another_precision(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path / "data", size=40)
+    out = tmp_path / "c.h5"
+    real = extract_mod.CacheFiller.write
+    calls = {"n": 0}
+
+    def crash_after_two(self, *args, **kwargs):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(extract_mod.CacheFiller, "write", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        extract(cfg, out, progress=False, precision="fp16")
+    monkeypatch.setattr(extract_mod.CacheFiller, "write", real)
+    with pytest.raises(CacheError, match=r"precision: the cache on disk has 'fp16', this command has 'fp32'"):
+        extract(cfg, out, progress=False)
+    assert extract(cfg, out, progress=False, precision="fp16").status == "resumed"
+
+
+def test_bf16_features_are_fp32_features_to_bf16_rounding(tiny_cache, bf16_cache):
+    a, b = FeatureCache(tiny_cache[0]).load("dev"), FeatureCache(bf16_cache).load("dev")
+    np.testing.assert_array_equal(a.offsets, b.offsets)
+    for x, y in ((a.image, b.image), (a.tokens, b.tokens)):
+        x, y = x.astype(np.float32), y.astype(np.float32)
+        assert not np.array_equal(x, y)  # the encoders really ran in bf16
+        # bf16 keeps 8 significant bits: a few ulps through a handful of layers, relative to each tensor's scale
+        assert np.abs(x - y).max() <= 0.05 * np.abs(x).max()
+
+
+def test_caches_from_before_the_precision_option_read_as_fp32(tiny_cache, tmp_path):
+    import shutil
+
+    path, cfg = tiny_cache
+    old = tmp_path / "old.h5"
+    shutil.copy(path, old)
+    with h5py.File(old, "r+") as f:
+        prov = json.loads(f.attrs["provenance"])
+        del prov["precision"]
+        f.attrs["provenance"] = json.dumps(prov, sort_keys=True)
+    assert extract(cfg, old, progress=False).status == "up-to-date"
+    with pytest.raises(CacheError, match=r"precision: the cache on disk has 'fp32', this command has 'bf16'"):
+        extract(cfg, old, progress=False, precision="bf16")
+
+
+def test_unknown_precision_is_one_clear_error(tmp_path, capsys):
+    from sppscl.cli import main
+
+    code = main(["extract", "--config", "demo", "--data-dir", str(tmp_path), "--precision", "fp8", "--out", str(tmp_path / "c.h5")])
+    assert code == 2
+    assert "extract.precision='fp8' is not one of fp32, bf16, fp16" in capsys.readouterr().err
+
+
+def test_decoding_workers(monkeypatch):
+    import torch
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert extract_mod.decoding_workers(3, cuda) == 3 and extract_mod.decoding_workers(0, cpu) == 0
+    assert extract_mod.decoding_workers(-1, cpu) == 2
+    # on CUDA, auto: every core but one, at least one, at most MAX_AUTO_WORKERS (8)
+    for cores, expected in ((1, 1), (2, 1), (5, 4), (16, 8), (64, 8)):
+        monkeypatch.setattr(extract_mod.os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert extract_mod.decoding_workers(-1, cuda) == expected

@@ -198,3 +198,21 @@ def test_usage_errors(runs, tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("\n")
     assert _cli(ckpt, "--input", tmp_path / "empty.jsonl") == 2
     assert "no rows to predict" in capsys.readouterr().err
+
+
+def test_a_bf16_checkpoint_encodes_new_pairs_in_bf16(tiny_cache, tmp_path):
+    """Predict runs the encoders in the precision the checkpoint's cache was computed in, so fresh features
+    equal the cached ones bit for bit; and evaluate refuses a cache of another precision."""
+    from sppscl.stage1.extract import extract
+
+    path, cfg = tiny_cache
+    bf16 = tmp_path / "bf16.h5"
+    extract(cfg, bf16, progress=False, precision="bf16")
+    train(bf16, apply_overrides(cfg, ["epochs=1", "fusion=sample"]), tmp_path / "run", progress=False)
+    predictor = Predictor(tmp_path / "run" / "best.pt", "cpu")
+    split = FeatureCache(bf16).load("dev")
+    fresh = predictor.encode(read_pairs(cfg.data_dir() / "dev.jsonl"))
+    np.testing.assert_array_equal(fresh.image, split.image[split.rows])
+    np.testing.assert_array_equal(fresh.tokens, split.tokens)
+    code = main(["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--cache", str(path), "--split", "dev", "--device", "cpu"])
+    assert code == 2

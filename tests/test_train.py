@@ -305,3 +305,12 @@ def test_a_kill_between_checkpoint_and_log_line_loses_no_line(tiny_cache, tmp_pa
     train(path, cfg, tmp_path / "cut", resume=True, progress=False, resume_overrides=["epochs=3"])
     strip = lambda p: [{k: v for k, v in x.items() if k != "epoch_seconds"} for x in _lines(p / "metrics.jsonl")]  # noqa: E731
     assert strip(tmp_path / "cut") == strip(tmp_path / "full")
+
+
+def test_checkpoints_from_before_the_precision_option_count_as_fp32(tiny_cache):
+    from sppscl.stage2.train import compatible
+
+    prov = FeatureCache(tiny_cache[0]).provenance
+    old = {k: v for k, v in prov.items() if k != "precision"}
+    assert compatible(prov, old) == []
+    assert compatible({**prov, "precision": "bf16"}, old) == ["precision: this cache has 'bf16', the checkpoint's cache has 'fp32'"]

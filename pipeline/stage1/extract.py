@@ -10,7 +10,9 @@ file of its own (``sppscl.stage1.distributed``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import time
 from collections import Counter
 from contextlib import nullcontext
@@ -49,6 +51,11 @@ from .records import NO_LABEL, Sample
 from .verify import ImageProblem, check_sample_image, empty_splits, max_image_pixels, open_image, sample_problem
 
 ON_ERROR = ("stop", "skip")
+# --precision: the autocast dtype each choice runs the encoders in (fp32: no autocast).
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Decoding workers on CUDA when not asked for: JPEG decoding on the CPU is what a GPU waits for, so every core
+# but the one feeding the GPU decodes; capped because each worker holds two decoded batches (~40 MB at 32).
+MAX_AUTO_WORKERS = 8
 
 
 class ExtractionError(SppsclError, RuntimeError):
@@ -124,7 +131,14 @@ def _samples_digest(by_split: dict[str, list[Sample]]) -> str:
 
 
 def build_provenance(
-    cfg: Config, data_dir: Path, by_split: dict[str, list[Sample]], image_enc: ImageEncoder, text_enc: TextEncoder, dtype: str, limit: int | None
+    cfg: Config,
+    data_dir: Path,
+    by_split: dict[str, list[Sample]],
+    image_enc: ImageEncoder,
+    text_enc: TextEncoder,
+    dtype: str,
+    limit: int | None,
+    precision: str = "fp32",
 ) -> dict:
     split_files = {}
     for split, name in sorted(cfg.dataset.splits.items()):
@@ -145,6 +159,8 @@ def build_provenance(
         },
         "encoders": {"image": image_enc.provenance(), "text": text_enc.provenance()},
         "dtype": dtype,
+        # features computed under autocast differ from fp32 ones: a cache never mixes or resumes across them
+        "precision": precision,
     }
 
 
@@ -178,6 +194,23 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
+def decoding_workers(requested: int, dev: torch.device) -> int:
+    """Image-decoding worker processes: ``requested``, or for -1 (auto) 2 on CPU, where the encoders need
+    the cores, and on CUDA every usable core but one, up to ``MAX_AUTO_WORKERS``."""
+    if requested >= 0:
+        return requested
+    if dev.type != "cuda":
+        return 2
+    return max(1, min(MAX_AUTO_WORKERS, len(os.sched_getaffinity(0)) - 1))
+
+
+def prepare_encoders(image_enc: ImageEncoder, dev: torch.device) -> None:
+    """On CUDA the CNN runs channels_last (NHWC), the layout cuDNN's tensor-core convolutions use natively;
+    on CPU the layout stays, so fp32 CPU features are computed exactly as before."""
+    if dev.type == "cuda":
+        image_enc.to(memory_format=torch.channels_last)
+
+
 def fixed_batches(n: int, batch_size: int) -> list[list[int]]:
     """Index ranges [k*bs, (k+1)*bs): fixed, so a resumed run forms exactly the batches a clean run forms."""
     return [list(range(k, min(k + batch_size, n))) for k in range(0, n, batch_size)]
@@ -196,13 +229,17 @@ def extract(
     progress: bool = True,
     console=None,
     shard: Shard | None = None,
+    precision: str | None = None,
 ) -> ExtractSummary:
     """Write (or continue) the cache at ``out``; under torchrun, this rank's share of it (see module doc)."""
     if on_error not in ON_ERROR:
         raise ConfigError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
-    for flag, value, low in (("--batch-size", batch_size, 1), ("--limit", limit, 1), ("--workers", num_workers, 0)):
+    for flag, value, low in (("--batch-size", batch_size, 1), ("--limit", limit, 1), ("--workers", num_workers, -1)):
         if value is not None and value < low:
             raise ConfigError(f"{flag} must be at least {low}, got {value}")
+    precision = precision or cfg.extract.precision
+    if precision not in AUTOCAST_DTYPES:
+        raise ConfigError(f"precision {precision!r} is not one of {', '.join(AUTOCAST_DTYPES)}")
     out = Path(out)
     ranks = Ranks.from_env()
     dev = ranks.device(device or cfg.extract.device)
@@ -257,7 +294,8 @@ def _extract(cfg, out, data_dir, dev, batch_size, limit, on_error, force, num_wo
     dtype = cfg.extract.dtype
     image_enc = load_image_encoder(cfg.encoders.image, device=str(dev))
     text_enc = load_text_encoder(cfg.encoders.text, max_length=cfg.encoders.max_length, layers=cfg.encoders.layers, device=str(dev))
-    provenance = build_provenance(cfg, ddir, by_split, image_enc, text_enc, dtype, limit)
+    prepare_encoders(image_enc, dev)
+    provenance = build_provenance(cfg, ddir, by_split, image_enc, text_enc, dtype, limit, precision)
     requested_bs = cfg.extract.batch_size if batch_size is None else batch_size
     # an unfinished cache continues with the batches it was started with, whatever --batch-size says now
     bs = ranks.on_zero(lambda: None if force else _started_batch_size(out)) or requested_bs
@@ -332,7 +370,7 @@ def _extract(cfg, out, data_dir, dev, batch_size, limit, on_error, force, num_wo
         summary.notes.append(f"resuming with the batch size the cache was started with ({bs}), not {requested_bs}")
 
     filler = CacheFiller(out)
-    workers = cfg.extract.num_workers if num_workers is None else num_workers
+    workers = decoding_workers(cfg.extract.num_workers if num_workers is None else num_workers, dev)
     transform = image_enc.preprocess()
     shape = (3, 224, 224)
     np_dtype = np.dtype(dtype)
@@ -371,7 +409,9 @@ def _extract(cfg, out, data_dir, dev, batch_size, limit, on_error, force, num_wo
                                 f"sample id {s.id!r} (split {split}): {r}. Rows already written are kept; fix the file and rerun "
                                 "the same command to continue, or rerun with --on-error skip."
                             )
-                    img_feats, tok_feats = encode_batch(image_enc, text_enc, images, [texts_ids[split][i] for i in idx], dev, np_dtype)
+                    img_feats, tok_feats = encode_batch(
+                        image_enc, text_enc, images, [texts_ids[split][i] for i in idx], dev, np_dtype, precision
+                    )
                     try:
                         filler.write(split, np.array(idx), img_feats, tok_feats, ok)
                     except OSError as e:
@@ -415,16 +455,43 @@ def _started_batch_size(out: Path) -> int | None:
         return None
 
 
-def encode_batch(image_enc, text_enc, images, token_ids, dev, np_dtype):
+def pad_token_ids(token_ids: list[list[int]], pad_id: int, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both ``(B, longest)``: each text padded to the batch's longest. ``pin`` puts
+    them in page-locked memory, so the copy to a GPU can overlap the work already queued there."""
+    n = max(len(t) for t in token_ids)
+    ids = torch.full((len(token_ids), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_ids), n), dtype=torch.long)
+    for j, t in enumerate(token_ids):
+        ids[j, : len(t)] = torch.tensor(t)
+        mask[j, : len(t)] = 1
+    return (ids.pin_memory(), mask.pin_memory()) if pin else (ids, mask)
+
+
+def precision_context(dev: torch.device, precision: str):
+    """Autocast to ``precision``'s dtype on ``dev``; nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(dev.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def encode_batch(image_enc, text_enc, images, token_ids, dev, np_dtype, precision: str = "fp32"):
+    """Image maps ``(B, C, h, w)`` and one ``(tokens, layers, H)`` array per text, as ``np_dtype`` arrays.
+
+    ``precision`` other than fp32 runs both encoders under autocast. Outputs are widened to float32 before the
+    cast to the storage dtype, so fp32 features take exactly the path they always took. On CUDA the images go
+    in as channels_last, which the image encoder was converted to (:func:`prepare_encoders`).
+    """
+    cuda = dev.type == "cuda"
+    ids, mask = pad_token_ids(token_ids, text_enc.pad_id, pin=cuda)
     with torch.inference_mode():
-        img = image_enc(images.to(dev, non_blocking=True)).float().cpu().numpy().astype(np_dtype)
-        n = max(len(t) for t in token_ids)
-        ids = torch.full((len(token_ids), n), text_enc.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(token_ids), n), dtype=torch.long)
-        for j, t in enumerate(token_ids):
-            ids[j, : len(t)] = torch.tensor(t)
-            mask[j, : len(t)] = 1
-        hs = text_enc(ids.to(dev), mask.to(dev)).float().cpu().numpy().astype(np_dtype)  # (B, N, L, H)
+        with precision_context(dev, precision):
+            x = images.to(dev, non_blocking=True)
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            img = image_enc(x)
+            hs = text_enc(ids.to(dev, non_blocking=True), mask.to(dev, non_blocking=True))  # (B, N, L, H)
+        img = img.float().cpu().numpy().astype(np_dtype)
+        hs = hs.float().cpu().numpy().astype(np_dtype)
     return img, [hs[j, : len(t)] for j, t in enumerate(token_ids)]
 
 

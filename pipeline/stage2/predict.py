@@ -29,7 +29,7 @@ from ..progress import make_progress
 from ..stage1.encoders import load_image_encoder, load_text_encoder
 from ..devices import resolve_device
 from ..errors import SppsclError, atomic_write
-from ..stage1.extract import encode_batch, fixed_batches
+from ..stage1.extract import encode_batch, fixed_batches, prepare_encoders
 from ..stage1.verify import ImageProblem, open_image, unencodable_at
 from .ensemble import load_members
 from .train import predict_split
@@ -210,6 +210,9 @@ class Predictor:
         self.classes: list[str] = self.members[0].classes
         # features pass through the cache's dtype, as extraction stores them, so predict and evaluate agree
         self.np_dtype = np.dtype(prov["dtype"])
+        # ... and through the precision the cache was computed in (caches before --precision: fp32)
+        self.precision = prov.get("precision", "fp32")
+        prepare_encoders(self.image_enc, self.device)
         self.transform = self.image_enc.preprocess()
 
     @property
@@ -304,7 +307,9 @@ class Predictor:
         token_ids = self.text_enc.tokenize([p.text for p in pairs])
         maps, tokens = [], []
         for b in fixed_batches(len(pairs), enc_bs):
-            m, t = encode_batch(self.image_enc, self.text_enc, images[b], [token_ids[j] for j in b], self.device, self.np_dtype)
+            m, t = encode_batch(
+                self.image_enc, self.text_enc, images[b], [token_ids[j] for j in b], self.device, self.np_dtype, self.precision
+            )
             maps.append(m)
             tokens += t
         return in_memory_split(pairs, np.concatenate(maps), tokens)

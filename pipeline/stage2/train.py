@@ -62,9 +62,15 @@ def cache_dims(cache: FeatureCache) -> dict:
 def compatible(cache_prov: dict, ckpt_prov: dict) -> list[str]:
     """What makes a cache's features differ from those a checkpoint was trained on (empty: compatible).
 
-    The encoders, their preprocessing, the stored dtype and the class list must match; the dataset may differ
-    (a checkpoint can be evaluated on a new dataset extracted with the same encoders)."""
-    keys = lambda p: {"encoders": p["encoders"], "dtype": p["dtype"], "classes": p["dataset"]["classes"]}  # noqa: E731
+    The encoders, their preprocessing, the stored dtype, the compute precision and the class list must match;
+    the dataset may differ (a checkpoint can be evaluated on a new dataset extracted with the same encoders).
+    Checkpoints from before ``--precision`` existed were trained on float32 features."""
+    keys = lambda p: {  # noqa: E731
+        "encoders": p["encoders"],
+        "dtype": p["dtype"],
+        "precision": p.get("precision", "fp32"),
+        "classes": p["dataset"]["classes"],
+    }
     return diff_provenance(keys(cache_prov), keys(ckpt_prov), names=("this cache", "the checkpoint's cache"))
 
 
