@@ -145,6 +145,7 @@ def extract(
     from .stage1.encoders import allow_downloads
     from .stage1.extract import extract as run_extract
 
+    # the commands that run the encoders set the allocator up first (README, performance notes); train does not
     keep_freed_memory()
     ranks = Ranks.from_env()
     console.quiet = not ranks.is_zero  # one report per job: rank 0's
@@ -378,8 +379,10 @@ def demo(
     epochs: Optional[int] = typer.Option(None, min=1, help="Epochs per model (default: the demo preset's train.epochs)."),
 ) -> None:
     """The whole pipeline on an embedded default: synthetic data, offline encoders, SPP-SCL vs text-only vs image-only."""
+    from .allocator import keep_freed_memory
     from .demo import run_demo
 
+    keep_freed_memory()
     run_demo(out, cache, epochs, console, err_console)
 
 
@@ -572,9 +575,11 @@ def predict(
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Predict new image-text pairs with the encoders that built the checkpoint's cache, then its heads."""
+    from .allocator import keep_freed_memory
     from .stage1.encoders import allow_downloads
     from .stage2.predict import ON_ERROR, OUTPUT_SUFFIXES, Pair, Predictor, read_pairs, write_output
 
+    keep_freed_memory()
     single = image is not None or text is not None
     if single == (input_ is not None) or (single and (image is None or text is None)):
         raise ConfigError("give either --image and --text (one pair) or --input (a file of pairs)")

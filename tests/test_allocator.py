@@ -76,20 +76,47 @@ def test_user_settings_are_kept():
     assert "MALLOC_TRIM_THRESHOLD_" in r["reason"]
 
 
-def test_the_extract_command_makes_the_setting(tmp_path):
-    """A plain `sppscl extract` (no environment variables) runs without the churn: measured inside the
-    command, where the extraction would start."""
-    code = CHURN + """
+@pytest.mark.parametrize(
+    "module, name, argv",
+    [
+        ("sppscl.stage1.extract", "extract", ["extract", "--config", "demo", "--quiet"]),
+        ("sppscl.stage2.predict", "Predictor", ["predict", "--checkpoint", "best.pt", "--image", "a.jpg", "--text", "hi"]),
+    ],
+)
+def test_the_commands_that_run_the_encoders_make_the_setting(tmp_path, module, name, argv):
+    """A plain `sppscl extract` / `sppscl predict` (no environment variables) runs without the churn: measured
+    inside the command, where the encoders would start."""
+    code = CHURN + f"""
 import sys
-import sppscl.stage1.extract as e
+import {module} as m
 def measure(*args, **kw):
     print("faults", churn_faults())
     raise SystemExit(0)
-e.extract = measure
+m.{name} = measure
 from sppscl.cli import app
-sys.argv = ["sppscl", "extract", "--config", "demo", "--quiet"]
+sys.argv = ["sppscl", *{argv!r}]
 app()
 """
     out = subprocess.run([sys.executable, "-c", code], env=_env(), cwd=tmp_path, capture_output=True, text=True)
     assert out.stdout.startswith("faults "), out.stderr
     assert int(out.stdout.split()[1]) <= 3 * PAGES
+
+
+def test_train_keeps_glibc_defaults(tmp_path):
+    """Stage two measured no faster with the setting (README, performance notes), so train leaves malloc alone."""
+    code = CHURN + """
+import sys
+import sppscl.stage2.train as t
+def measure(*args, **kw):
+    print("faults", churn_faults())
+    raise SystemExit(0)
+t.train = measure
+import sppscl.cli as cli
+cli._train_config = lambda *a, **k: None
+from sppscl.cli import app
+sys.argv = ["sppscl", "train", "--cache", "c.h5", "--quiet"]
+app()
+"""
+    out = subprocess.run([sys.executable, "-c", code], env=_env(), cwd=tmp_path, capture_output=True, text=True)
+    assert out.stdout.startswith("faults "), out.stderr
+    assert int(out.stdout.split()[1]) >= 15 * PAGES

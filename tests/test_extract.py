@@ -241,11 +241,11 @@ def test_a_partial_cache_is_not_resumed_in_another_precision(tmp_path, monkeypat
 
     monkeypatch.setattr(extract_mod.CacheFiller, "write", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
-        extract(cfg, out, progress=False, precision="fp16")
+        extract(cfg, out, progress=False, precision="bf16")
     monkeypatch.setattr(extract_mod.CacheFiller, "write", real)
-    with pytest.raises(CacheError, match=r"precision: the cache on disk has 'fp16', this command has 'fp32'"):
+    with pytest.raises(CacheError, match=r"precision: the cache on disk has 'bf16', this command has 'fp32'"):
         extract(cfg, out, progress=False)
-    assert extract(cfg, out, progress=False, precision="fp16").status == "resumed"
+    assert extract(cfg, out, progress=False, precision="bf16").status == "resumed"
 
 
 def test_bf16_features_are_fp32_features_to_bf16_rounding(tiny_cache, bf16_cache):
@@ -271,6 +271,13 @@ def test_caches_from_before_the_precision_option_read_as_fp32(tiny_cache, tmp_pa
     assert extract(cfg, old, progress=False).status == "up-to-date"
     with pytest.raises(CacheError, match=r"precision: the cache on disk has 'fp32', this command has 'bf16'"):
         extract(cfg, old, progress=False, precision="bf16")
+
+
+def test_fp16_on_the_cpu_is_refused_before_anything_is_written(tmp_path):
+    cfg = tiny_config(tmp_path / "data", size=20)
+    with pytest.raises(ExtractionError, match=r"fp16 on the CPU.*use fp32, or bf16"):
+        extract(cfg, tmp_path / "c.h5", progress=False, precision="fp16", device="cpu")
+    assert not (tmp_path / "c.h5").exists()
 
 
 def test_unknown_precision_is_one_clear_error(tmp_path, capsys):
