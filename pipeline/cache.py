@@ -150,12 +150,9 @@ def read_provenance(path: Path) -> tuple[dict, bool]:
     """(provenance, complete) of an existing cache file."""
     try:
         with h5py.File(path, "r") as f:
-            provenance, complete = json.loads(f.attrs["provenance"]), bool(f.attrs.get("complete", False))
+            return json.loads(f.attrs["provenance"]), bool(f.attrs.get("complete", False))
     except (OSError, KeyError) as e:
         raise CacheError(f"{path}: not a readable sppscl cache ({e}); delete it or rerun extraction with --force") from None
-    # Caches written before --precision existed were all computed in float32.
-    provenance.setdefault("precision", "fp32")
-    return provenance, complete
 
 
 class CacheFiller:

@@ -78,12 +78,13 @@ def test_targets_carry_met_flags(quick_run):
     _, out, _ = quick_run
     report = json.loads((out / "results.json").read_text())
     targeted = [r for r in report["rows"] if r["target"] is not None]
-    # caching x3, extraction x2, loader x2, peak RSS of the largest size, compute
-    assert len(targeted) == 9
+    # caching x3, extraction x2 (+ its kernel share x2), loader x2, peak RSS of the largest size, compute
+    assert len(targeted) == 11
     assert all(isinstance(r["met"], bool) for r in targeted)
     assert [t["met"] for t in report["targets"]] == [r["met"] for r in targeted]
     keys = {(r["section"], r["key"]) for r in targeted}
     assert {("caching", "epoch_hfm"), ("extraction", "paper"), ("loader", "stream"), ("scale", "rss_40"), ("compute", "flops")} <= keys
+    assert {("extraction", "offline_sys_share"), ("extraction", "paper_sys_share")} <= keys
 
 
 def test_markdown_table_has_one_line_per_row(quick_run):

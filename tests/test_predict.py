@@ -209,10 +209,10 @@ def test_a_bf16_checkpoint_encodes_new_pairs_in_bf16(tiny_cache, tmp_path):
     bf16 = tmp_path / "bf16.h5"
     extract(cfg, bf16, progress=False, precision="bf16")
     train(bf16, apply_overrides(cfg, ["epochs=1", "fusion=sample"]), tmp_path / "run", progress=False)
-    predictor = Predictor(tmp_path / "run" / "best.pt", "cpu")
+    predictor = Predictor(tmp_path / "run" / "best.safetensors", "cpu")
     split = FeatureCache(bf16).load("dev")
     fresh = predictor.encode(read_pairs(cfg.data_dir() / "dev.jsonl"))
     np.testing.assert_array_equal(fresh.image, split.image[split.rows])
     np.testing.assert_array_equal(fresh.tokens, split.tokens)
-    code = main(["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--cache", str(path), "--split", "dev", "--device", "cpu"])
+    code = main(["evaluate", "--checkpoint", str(tmp_path / "run" / "best.safetensors"), "--cache", str(path), "--split", "dev", "--device", "cpu"])
     assert code == 2

@@ -329,6 +329,7 @@ def _extract(
             out.unlink()
         if out.exists():
             old, complete = read_provenance(out)
+            old.setdefault("precision", "fp32")  # caches from before --precision were all computed in float32
             diffs = diff_provenance(old, provenance, names=("the cache on disk", "this command"))
             if diffs:
                 raise CacheError(
