@@ -418,6 +418,13 @@ def test_manifest_not_utf8_names_file(tmp_path):
         load_samples(make_cfg("manifest", {"train": "t.jsonl"}), tmp_path)
 
 
+def test_manifest_image_under_an_unknown_users_home_is_a_data_error(tmp_path):
+    # pathlib raises RuntimeError for ~name when no such user exists; found by the property tests
+    (tmp_path / "t.csv").write_text("id,text,image\n1,a,~no-such-user-sppscl/1.jpg\n")
+    with pytest.raises(DataError, match=r"t\.csv: line 2 \(id 1\): 'image': path '~no-such-user-sppscl/1\.jpg' cannot be expanded"):
+        load_samples(make_cfg("manifest", {"train": "t.csv"}), tmp_path)
+
+
 def test_manifest_split_column_contradicting_mapping_is_an_error(tmp_path):
     (tmp_path / "train.csv").write_text("id,text,image,split\n1,a,1.jpg,train\n")
     (tmp_path / "dev.csv").write_text("id,text,image,split\n2,b,2.jpg,test\n")

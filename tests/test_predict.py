@@ -216,3 +216,13 @@ def test_a_bf16_checkpoint_encodes_new_pairs_in_bf16(tiny_cache, tmp_path):
     np.testing.assert_array_equal(fresh.tokens, split.tokens)
     code = main(["evaluate", "--checkpoint", str(tmp_path / "run" / "best.safetensors"), "--cache", str(path), "--split", "dev", "--device", "cpu"])
     assert code == 2
+
+
+def test_input_row_under_an_unknown_users_home_is_that_rows_error(tmp_path):
+    from sppscl.stage2.predict import read_pairs
+
+    f = tmp_path / "in.jsonl"
+    f.write_text('{"id": "a", "text": "t", "image": "~no-such-user-sppscl/x.jpg"}\n{"id": "b", "text": "t", "image": "b.jpg"}\n')
+    a, b = read_pairs(f)
+    assert a.id == "a" and a.image is None and "cannot be expanded" in a.error
+    assert b.error is None and b.image == tmp_path / "b.jpg"

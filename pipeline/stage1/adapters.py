@@ -78,6 +78,14 @@ def _abs(p: Path) -> Path:
     return Path(os.path.abspath(p))
 
 
+def _user_path(text: str, where: str) -> Path:
+    """``~`` and ``~user`` expanded; a user this machine does not know is the data's error, not a crash."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError as e:  # pathlib raises it for ~name with no such user (or no home directory)
+        raise DataError(f"{where}: path {text!r} cannot be expanded ({e}); write it as an absolute or relative path") from None
+
+
 def inside(path: Path, folder: Path) -> bool:
     """Whether ``path`` stays inside ``folder`` once ``..`` and absolute components are applied (lexically:
     symlinks the dataset's owner made are honoured, an id such as ``../../x`` is not)."""
@@ -90,7 +98,7 @@ def _split_files(cfg: Config, base: Path) -> dict[str, Path]:
         raise DataError(f"dataset.splits is empty: format {cfg.dataset.format} needs split name -> file entries")
     out = {}
     for split, name in cfg.dataset.splits.items():
-        path = _abs(base / Path(name).expanduser())
+        path = _abs(base / _user_path(name, f"dataset.splits.{split}"))
         if not path.is_file():
             raise DataError(f"split {split!r}: file {path} does not exist")
         out[split] = path
@@ -197,7 +205,7 @@ def _load_mmsd2(cfg: Config, root: Path) -> LoadReport:
     """MMSD2.0: HFM's images with re-annotated label files (CLMLF layout) from ``dataset.label_dir``."""
     if not cfg.dataset.label_dir:
         raise DataError("format mmsd2 needs dataset.label_dir: the folder holding the MMSD2.0 label files")
-    label_dir = _abs(root / Path(cfg.dataset.label_dir).expanduser())
+    label_dir = _abs(root / _user_path(cfg.dataset.label_dir, "dataset.label_dir"))
     if not label_dir.is_dir():
         raise DataError(f"MMSD2.0 label folder {label_dir} does not exist")
     image_dir = _abs(root / cfg.dataset.image_dir)
@@ -499,7 +507,7 @@ def _load_manifest(cfg: Config, root: Path) -> LoadReport:
                 if row_split and row_split != mapped:
                     raise DataError(f"{where}: split {row_split!r} disagrees with the file's split {mapped!r}")
                 split = mapped
-            image = _abs(path.parent / Path(row["image"].strip()).expanduser())
+            image = _abs(path.parent / _user_path(row["image"].strip(), f"{where}: 'image'"))
             label = _manifest_label(row.get("label"), cfg.dataset.classes, where)
             by_split.setdefault(split, []).append(Sample(sid, row["text"], image, label, split))
             split_file[split] = path

@@ -110,7 +110,10 @@ def _row_pair(row: dict, line: int, number: int, base: Path) -> Pair:
         return Pair(sid, "", None, line, f"'text' is not a string ({type(row['text']).__name__})")
     if not isinstance(row["image"], str) or not row["image"].strip():
         return Pair(sid, row["text"], None, line, "'image' is empty or not a path")
-    image = Path(row["image"].strip()).expanduser()
+    try:
+        image = Path(row["image"].strip()).expanduser()
+    except RuntimeError as e:  # ~name with no such user on this machine
+        return Pair(sid, row["text"], None, line, f"'image' {row['image'].strip()!r} cannot be expanded ({e})")
     return Pair(sid, row["text"], image if image.is_absolute() else base / image, line)
 
 
