@@ -15,11 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
-import numpy as np
 import torch
 import yaml
 
+from sppscl.cache import differing_contents
 from sppscl.config import Config
 
 from .common import Context, Row, Section
@@ -50,20 +49,6 @@ def preset(root: Path, p) -> tuple[Path, str, int]:
     return path, f"{cfg.encoders.image} + {cfg.encoders.text}", cfg.extract.num_workers
 
 
-def differing(a: Path, b: Path) -> list[str]:
-    """Datasets and root attributes in which two cache files differ (empty: identical array by array)."""
-
-    def everything(path):
-        out = {}
-        with h5py.File(path, "r") as f:
-            out.update({f"@{k}": f.attrs[k] for k in f.attrs})
-            f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-        return out
-
-    x, y = everything(a), everything(b)
-    return sorted(set(x) ^ set(y)) + [k for k in x if k in y and not np.array_equal(x[k], y[k])]
-
-
 def run(ctx: Context) -> Section:
     p = ctx.profile
     sec = Section("ranks")
@@ -87,7 +72,7 @@ def run(ctx: Context) -> Section:
             res = json.loads(result.read_text())
             runs[procs].append((res["seconds"], wall))
             ctx.log("ranks", f"{label}, {procs} process(es), round {r + 1}/{p.extract_rounds}: {n / res['seconds']:.1f} samples/s (loop {res['seconds']:.1f} s, wall with start-up {wall:.1f} s)")
-    diff = differing(ctx.workdir / "ranks-1.h5", ctx.workdir / "ranks-2.h5")
+    diff = differing_contents(ctx.workdir / "ranks-1.h5", ctx.workdir / "ranks-2.h5")
     if not ctx.keep:
         for procs in (1, 2):
             (ctx.workdir / f"ranks-{procs}.h5").unlink(missing_ok=True)

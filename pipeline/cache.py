@@ -227,6 +227,22 @@ def read_skipped(path: Path) -> list[tuple[str, str, str]]:
         return list(zip(*[list(c) for c in cols]))
 
 
+def file_contents(path: Path) -> dict[str, Any]:
+    """Every dataset (by its HDF5 path) and root attribute (``@name``) of a cache file, read whole: two caches are
+    identical array by array when these are equal (how single-process, torchrun, resumed and merged caches are compared)."""
+    out: dict[str, Any] = {}
+    with h5py.File(path, "r") as f:
+        out.update({f"@{k}": f.attrs[k] for k in f.attrs})
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def differing_contents(a: Path, b: Path) -> list[str]:
+    """Datasets and root attributes in which two cache files differ (empty: identical array by array)."""
+    x, y = file_contents(a), file_contents(b)
+    return sorted(set(x) ^ set(y)) + [k for k in x if k in y and not np.array_equal(x[k], y[k])]
+
+
 # ----------------------------------------------------------------------------------------- reader
 
 # Splits larger than this are streamed rather than held in RAM: 25k HFM-sized samples are ~9 GB, and

@@ -168,17 +168,22 @@ def extract(
     _print_extract_summary(s)
 
 
+def rows_table(rows: dict[str, int], title: str) -> Table:
+    """Rows per split of a cache (extract, cache merge)."""
+    t = Table(title=title)
+    t.add_column("split")
+    t.add_column("rows", justify="right")
+    for split, n in rows.items():
+        t.add_row(split, str(n))
+    return t
+
+
 def _print_extract_summary(s) -> None:
     for note in s.notes:
         console.print(f"[yellow]note:[/] {note}")
     if s.status == "up-to-date":
         console.print(f"{s.path} is complete and matches this request: nothing to do (use --force to rebuild).")
-    t = Table(title=f"cache {s.path} ({s.status})")
-    t.add_column("split")
-    t.add_column("rows", justify="right")
-    for split, n in s.rows.items():
-        t.add_row(split, str(n))
-    console.print(t)
+    console.print(rows_table(s.rows, f"cache {s.path} ({s.status})"))
     if s.dropped_by_adapter:
         for reason, n in s.dropped_by_adapter.items():
             console.print(f"dropped by the adapter: {n} ({reason})")

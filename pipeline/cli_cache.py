@@ -20,18 +20,11 @@ def merge(
 
     Refuses shards extracted differently (saying what differs), unfinished shards, rows held twice and rows no shard holds (saying which).
     """
-    from rich.table import Table
-
-    from .cli import console, err_console
+    from .cli import console, err_console, rows_table
     from .stage1.merge import merge_shards
 
     s = merge_shards(shards, out, force=force, progress=not quiet, console=err_console)  # progress on stderr, as everywhere
-    t = Table(title="rows per split")
-    t.add_column("split")
-    t.add_column("rows", justify="right")
-    for split, n in s.rows.items():
-        t.add_row(split, str(n))
-    console.print(t)
+    console.print(rows_table(s.rows, "rows per split"))
     if s.skipped:
         console.print(f"[yellow]skipped {len(s.skipped)} samples[/] (recorded in the cache under /skipped)")
     names = ", ".join(f"{path} ({name})" for path, name in s.shards)

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from conftest import REPO, tiny_config
-from sppscl.cache import PENDING, WRITTEN, CacheError, FeatureCache
+from sppscl.cache import PENDING, WRITTEN, CacheError, FeatureCache, file_contents
 from sppscl.cli import main
 from sppscl.stage1 import extract as extract_mod
 from sppscl.stage1.distributed import CacheLocked, Shard, deal
@@ -26,17 +26,8 @@ from sppscl.stage1.extract import extract, fixed_batches
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _everything(path):
-    """Every dataset and root attribute of a cache file: equality of these is 'identical array by array'."""
-    out = {}
-    with h5py.File(path, "r") as f:
-        out.update({f"@{k}": f.attrs[k] for k in f.attrs})
-        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-    return out
-
-
 def _assert_identical(a, b):
-    a, b = _everything(a), _everything(b)
+    a, b = file_contents(a), file_contents(b)
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
