@@ -105,12 +105,14 @@ def _lines(path: Path) -> int:
 
 
 def run_train(tmp: Path, rng: random.Random, cache: Path) -> tuple[dict, dict]:
-    cmd = ["train", "--cache", str(cache), "--set", "epochs=5", "--set", "threads=1", "--quiet"]
+    # tiny epochs take a fraction of a second: many of them, so the kill lands inside the run even on a loaded machine
+    epochs = 25
+    cmd = ["train", "--cache", str(cache), "--set", f"epochs={epochs}", "--set", "threads=1", "--quiet"]
     assert main([*cmd, "--out", str(tmp / "clean")]) == 0
     killed = tmp / "killed"
     at = rng.randrange(0, 4)  # finished epochs before the kill; a random moment of the next one
     _kill_when([*cmd, "--out", str(killed)], lambda: (killed / "config.json").exists() and _lines(killed / "metrics.jsonl") >= at, rng.uniform(0, 0.3))
-    assert _lines(killed / "metrics.jsonl") < 5 or not (killed / "results.json").exists(), "the run finished before it could be killed"
+    assert _lines(killed / "metrics.jsonl") < epochs and not (killed / "results.json").exists(), "the run finished before it could be killed"
     assert main([*cmd, "--out", str(killed), "--resume"]) == 0
     return _run_state(tmp / "clean"), _run_state(killed)
 
