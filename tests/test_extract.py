@@ -293,7 +293,10 @@ def test_decoding_workers(monkeypatch):
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert extract_mod.decoding_workers(3, cuda) == 3 and extract_mod.decoding_workers(0, cpu) == 0
-    assert extract_mod.decoding_workers(-1, cpu) == 2
+    # on CPU, auto: none on 2 cores or fewer (workers would take the encoders' cores), else 2
+    for cores, expected in ((1, 0), (2, 0), (3, 2), (16, 2)):
+        monkeypatch.setattr(extract_mod.os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert extract_mod.decoding_workers(-1, cpu) == expected
     # on CUDA, auto: every core but one, at least one, at most MAX_AUTO_WORKERS (8)
     for cores, expected in ((1, 1), (2, 1), (5, 4), (16, 8), (64, 8)):
         monkeypatch.setattr(extract_mod.os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))

@@ -195,13 +195,17 @@ def _worker_init(_):
 
 
 def decoding_workers(requested: int, dev: torch.device) -> int:
-    """Image-decoding worker processes: ``requested``, or for -1 (auto) 2 on CPU, where the encoders need
-    the cores, and on CUDA every usable core but one, up to ``MAX_AUTO_WORKERS``."""
+    """Image-decoding worker processes: ``requested``, or for -1 (auto) on CUDA every usable core but one, up to
+    ``MAX_AUTO_WORKERS``; on CPU, where the encoders need the cores, 2, or none on a machine of 2 cores or fewer:
+    there workers only take cores from the encoders and pay for shipping every batch through shared memory
+    (measured on 2 idle cores, 384 MVSA-Single samples: 34.9 samples/s and 5% kernel time decoding in the main
+    process, against 30.4 samples/s and 19% with 2 workers)."""
     if requested >= 0:
         return requested
+    cores = len(os.sched_getaffinity(0))
     if dev.type != "cuda":
-        return 2
-    return max(1, min(MAX_AUTO_WORKERS, len(os.sched_getaffinity(0)) - 1))
+        return 0 if cores <= 2 else 2
+    return max(1, min(MAX_AUTO_WORKERS, cores - 1))
 
 
 def prepare_encoders(image_enc: ImageEncoder, dev: torch.device) -> None:
