@@ -45,3 +45,19 @@ def tiny_cache(tmp_path_factory) -> tuple[Path, Config]:
     cfg = tiny_config(root / "data", size=80)
     extract(cfg, root / "tiny.h5", progress=False)
     return root / "tiny.h5", cfg
+
+
+def interrupt_on_call(monkeypatch, module, name: str, n: int):
+    """Make ``module.name`` raise KeyboardInterrupt on its ``n``-th call (a crash at a chosen point of a run);
+    returns the real function, to put back with ``monkeypatch.setattr(module, name, real)``."""
+    real = getattr(module, name)
+    calls = {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, interrupted)
+    return real

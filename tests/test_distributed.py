@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, tiny_config
+from conftest import REPO, interrupt_on_call, tiny_config
 from sppscl.cache import PENDING, WRITTEN, CacheError, FeatureCache, file_contents
 from sppscl.cli import main
 from sppscl.stage1 import extract as extract_mod
@@ -170,16 +170,7 @@ def test_merge_refuses_mismatched_missing_duplicate_and_unfinished_shards(tmp_pa
     err = _refusal(capsys, s0, whole, "--out", out)
     assert "single.h5 is not a shard" in err
 
-    real = extract_mod.encode_batch
-    calls = {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(extract_mod, "encode_batch", flaky)
+    real = interrupt_on_call(monkeypatch, extract_mod, "encode_batch", 2)
     unfinished = tmp_path / "s1-unfinished.h5"
     with pytest.raises(KeyboardInterrupt):
         extract(cfg, unfinished, progress=False, shard=Shard(1, 2))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tiny_config
+from conftest import interrupt_on_call, tiny_config
 from sppscl.cache import WRITTEN, CacheError, FeatureCache
 from sppscl.stage1 import extract as extract_mod
 from sppscl.stage1.extract import ExtractionError, extract
@@ -112,16 +112,7 @@ def test_interrupted_then_resumed_equals_clean(tmp_path, monkeypatch):
     clean = tmp_path / "clean.h5"
     extract(cfg, clean, progress=False)
 
-    real = extract_mod.encode_batch
-    calls = {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(extract_mod, "encode_batch", flaky)
+    real = interrupt_on_call(monkeypatch, extract_mod, "encode_batch", 4)
     resumed = tmp_path / "resumed.h5"
     with pytest.raises(KeyboardInterrupt):
         extract(cfg, resumed, progress=False)

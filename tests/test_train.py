@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import interrupt_on_call, tiny_config
 from sppscl.cache import FeatureCache
 from sppscl.cli import main
 from sppscl.config import apply_overrides
@@ -73,16 +73,7 @@ def test_resume_equals_uninterrupted(tiny_cache, tmp_path, monkeypatch):
 
     from sppscl.stage2 import train as train_mod
 
-    real = train_mod.evaluate_split
-    calls = {"n": 0}
-
-    def crash_in_epoch_three(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(train_mod, "evaluate_split", crash_in_epoch_three)
+    real = interrupt_on_call(monkeypatch, train_mod, "evaluate_split", 3)  # a crash in epoch three
     with pytest.raises(KeyboardInterrupt):
         train(path, cfg, tmp_path / "resumed", progress=False)
     monkeypatch.setattr(train_mod, "evaluate_split", real)
