@@ -111,8 +111,8 @@ def measure(*args, **kw):
     print("faults", churn_faults())
     raise SystemExit(0)
 t.train = measure
-import sppscl.cli as cli
-cli._train_config = lambda *a, **k: None
+import sppscl.cli.training as cli_training
+cli_training.train_config = lambda *a, **k: None
 from sppscl.cli import app
 sys.argv = ["sppscl", "train", "--cache", "c.h5", "--quiet"]
 app()

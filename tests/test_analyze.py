@@ -21,7 +21,8 @@ from sppscl.stage2.analyze import (
     pair_distances,
     same_label_distances,
 )
-from sppscl.stage2.train import load_checkpoint, model_from_checkpoint, train
+from sppscl.stage2.runs import load_checkpoint, model_from_checkpoint
+from sppscl.stage2.train import train
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -10,10 +10,13 @@ import pytest
 import torch
 
 from sppscl import cli
+import sppscl.cli.console  # noqa: F401  (cli.console, cli.options below)
+import sppscl.cli.options  # noqa: F401
 from sppscl.cache import FeatureCache
 from sppscl.cli import main
 from sppscl.config import apply_overrides
-from sppscl.stage2.train import RunError, load_checkpoint, train
+from sppscl.stage2.runs import RunError, load_checkpoint
+from sppscl.stage2.train import train
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +73,7 @@ def test_train_set_rejects_stage_one_keys_and_takes_bare_keys_as_train(tiny_cach
     assert main([*base, "--set", "max_length=16"]) == 2
     assert "encoders.max_length" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
-    assert cli._train_config(path, str(preset), ["batch_size=7"], None, "cpu").train.batch_size == 7
+    assert cli.options.train_config(path, str(preset), ["batch_size=7"], None, "cpu").train.batch_size == 7
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -90,6 +93,24 @@ def test_checkpoints_are_safetensors_plus_json(run):
     assert (out / "best.safetensors").read_bytes()[:8] != b"\x80\x02\x8a\x0a"  # torch.save's pickle magic
     ckpt = load_checkpoint(out / "best.json")
     assert set(ckpt["model"]) == set(load_checkpoint(out / "best.safetensors")["model"])
+
+
+def test_a_run_folder_is_accepted_wherever_a_checkpoint_is(run, tmp_path, capsys):
+    """evaluate and analyze take RUN (its best checkpoint); a folder without one is one clear error."""
+    path, out, _ = run
+    assert main(["evaluate", "--checkpoint", str(out), "--cache", str(path), "--split", "dev", "--json"]) == 0
+    by_folder = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", "--checkpoint", str(out / "best.safetensors"), "--cache", str(path), "--split", "dev", "--json"]) == 0
+    by_file = json.loads(capsys.readouterr().out)
+    assert by_folder["splits"] == by_file["splits"] and by_folder["epoch"] == by_file["epoch"]
+    assert load_checkpoint(out, "last")["epoch"] == 2
+    empty = tmp_path / "not-a-run"
+    empty.mkdir()
+    assert main(["evaluate", "--checkpoint", str(empty), "--cache", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "not-a-run is a folder without a best checkpoint" in err and "Traceback" not in err
+    assert main(["analyze", "--checkpoint", str(out), "--cache", str(path), "--split", "dev", "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "analysis.json").exists()
 
 
 def _payload(marker):
@@ -254,7 +275,7 @@ def test_sweep_and_reproduce_share_one_default_seed_list():
 
     group = typer.main.get_command(cli.app)
     defaults = {name: next(p.default for p in group.commands[name].params if p.name == "seeds") for name in ("sweep", "reproduce")}
-    assert defaults["sweep"] == defaults["reproduce"] == cli.DEFAULT_SEEDS
+    assert defaults["sweep"] == defaults["reproduce"] == cli.console.DEFAULT_SEEDS
 
 
 def _commands(group, prefix=()):

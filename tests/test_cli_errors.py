@@ -9,6 +9,8 @@ import pytest
 
 from conftest import REPO
 from sppscl import cli
+import sppscl.cli.console  # noqa: F401  (cli.console, cli.options below)
+import sppscl.cli.options  # noqa: F401
 from sppscl.cli import main
 from sppscl.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 
@@ -67,4 +69,4 @@ def test_console_script_goes_through_main(tmp_path):
 def test_root_options_still_work(flag, capsys):
     assert main([flag]) == 0
     assert "sppscl" in capsys.readouterr().out
-    assert cli._debug is False
+    assert cli.console.state.debug is False

@@ -21,7 +21,8 @@ from sppscl.stage2.sweeps import Execution
 from sppscl.stage2.folds import FoldView, StackedRows, fold_rows, pool_labels
 from sppscl.stage2.gate import GateDecision
 from sppscl.stage2.predict import Predictor, read_pairs
-from sppscl.stage2.train import build_model, cache_dims, train
+from sppscl.stage2.runs import build_model, cache_dims
+from sppscl.stage2.train import train
 
 from conftest import tiny_config
 

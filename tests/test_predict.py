@@ -14,7 +14,8 @@ from sppscl.cli import main
 from sppscl.config import apply_overrides
 from sppscl.stage2.predict import Pair, PredictError, Predictor, read_pairs
 from sppscl.stage2.checkpoint import save_checkpoint
-from sppscl.stage2.train import load_checkpoint, predict_split, train
+from sppscl.stage2.runs import load_checkpoint, predict_split
+from sppscl.stage2.train import train
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ from sppscl.cli import main
 from sppscl.config import apply_overrides
 from sppscl.stage1.extract import extract
 from sppscl.stage2.data import SplitBatches
-from sppscl.stage2.train import RunError, load_checkpoint, train
+from sppscl.stage2.runs import RunError, load_checkpoint
+from sppscl.stage2.train import train
 
 
 def _lines(path):
@@ -299,7 +300,7 @@ def test_a_kill_between_checkpoint_and_log_line_loses_no_line(tiny_cache, tmp_pa
 
 
 def test_checkpoints_from_before_the_precision_option_count_as_fp32(tiny_cache):
-    from sppscl.stage2.train import compatible
+    from sppscl.stage2.runs import compatible
 
     prov = FeatureCache(tiny_cache[0]).provenance
     old = {k: v for k, v in prov.items() if k != "precision"}

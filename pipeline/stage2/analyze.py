@@ -23,7 +23,7 @@ from ..cache import FeatureCache, SplitData
 from ..config import Config
 from ..devices import resolve_device
 from .data import SplitBatches
-from .train import RunError, build_model, compatible, load_checkpoint, model_from_checkpoint
+from .runs import RunError, build_model, resolve_checkpoint, compatible, load_checkpoint, model_from_checkpoint
 
 MEASURES = ("IID", "TTD", "ITD")
 SPACES = ("l2", "raw")
@@ -274,12 +274,13 @@ def analyze(
     """Distances, t-SNE, distance histograms and the step-2 firing rate for ``checkpoint`` on ``cache:split``,
     next to the untrained heads (or ``compare``). Writes ``analysis.json`` and PNGs into ``out_dir``
     (default ``<run dir>/analysis-<split>``)."""
-    checkpoint = Path(checkpoint)
+    checkpoint = resolve_checkpoint(checkpoint)  # a run folder means its best checkpoint
     ckpt = load_checkpoint(checkpoint)
     fc = FeatureCache(cache)
     refs = [(checkpoint, ckpt)]
     if compare is not None:
-        refs.append((Path(compare), load_checkpoint(compare)))
+        compare = resolve_checkpoint(compare)
+        refs.append((compare, load_checkpoint(compare)))
     for path, c in refs:
         diffs = compatible(fc.provenance, c["cache_provenance"])
         if diffs:

@@ -19,10 +19,9 @@ import torch
 from ..cache import FeatureCache, SplitData, diff_provenance
 from ..config import Config
 from ..devices import resolve_device
-from .checkpoint import checkpoint_files
 from .folds import FoldView, fold_view
 from .metrics import classification_report
-from .train import RunError, compatible, load_checkpoint, model_from_checkpoint, predict_split, write_predictions
+from .runs import RunError, resolve_checkpoint, compatible, load_checkpoint, model_from_checkpoint, predict_split, write_predictions
 
 CV_KEYS = ("cv_folds", "cv_fold", "cv_seed", "cv_val_fraction")
 
@@ -36,16 +35,6 @@ class Member:
     provenance: dict  # of the cache the member was trained on
 
 
-def best_checkpoint(run: Path) -> Path:
-    """A run directory's selected checkpoint (a checkpoint file is taken as given)."""
-    run = Path(run)
-    if not run.is_dir():
-        return run
-    # a run trained before checkpoints became safetensors holds best.pt
-    legacy = run / "best.pt"
-    return legacy if legacy.exists() and not checkpoint_files(run / "best")[0].exists() else run / "best"
-
-
 def load_members(runs: list[Path], device: torch.device, same_fold: bool = True) -> list[Member]:
     """Every run's best checkpoint, refused together unless they see the same features and classes (and, when they
     are to be evaluated on a cache, ``same_fold``: the same CV fold; models of different folds may predict new pairs)."""
@@ -53,7 +42,7 @@ def load_members(runs: list[Path], device: torch.device, same_fold: bool = True)
         raise RunError("an ensemble needs at least one run directory or checkpoint")
     members = []
     for run in runs:
-        path = best_checkpoint(run)
+        path = resolve_checkpoint(run)
         ckpt = load_checkpoint(path)
         model, cfg = model_from_checkpoint(ckpt, device)
         members.append(Member(path, model, cfg, list(ckpt["classes"]), ckpt["cache_provenance"]))
@@ -134,7 +123,7 @@ def ensemble(runs: list[Path], cache: Path | FeatureCache, out: Path | None = No
 def cached_ensemble(runs: list[Path], cache, out: Path, device: str = "cpu") -> dict:
     """``ensemble`` unless ``out`` already holds the result for exactly these members (sweeps rerun cheaply)."""
     done = Path(out) / "results.json"
-    members = [str(best_checkpoint(r)) for r in runs]
+    members = [str(resolve_checkpoint(r)) for r in runs]
     if done.exists():
         res = json.loads(done.read_text())
         if res.get("members") == members:

@@ -32,7 +32,7 @@ from ..errors import SppsclError, atomic_write
 from ..stage1.extract import encode_batch, fixed_batches, prepare_encoders
 from ..stage1.verify import ImageProblem, open_image, unencodable_at
 from .ensemble import load_members
-from .train import predict_split
+from .runs import predict_split
 
 ON_ERROR = ("stop", "skip")
 OUTPUT_SUFFIXES = (".jsonl", ".csv")

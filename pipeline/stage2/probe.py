@@ -13,7 +13,7 @@ from sklearn.preprocessing import StandardScaler
 
 from ..cache import FeatureCache, SplitData
 from ..config import ConfigError
-from .train import RunError
+from .runs import RunError
 from .metrics import classification_report
 
 C_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 1.0)

@@ -3,15 +3,13 @@
 Read top to bottom: ``train`` sets up (cache, model, optimiser, run directory), then loops over epochs;
 each batch goes through ``two_step_update`` (or ``one_step_update`` for Table 4's ablation); each epoch
 ends with a dev evaluation, a line in ``metrics.jsonl`` and the ``last``/``best`` checkpoints (safetensors + JSON,
-see ``checkpoint.py``). Epochs are numbered from 1 everywhere: console, metrics.jsonl, checkpoints, results.json.
+see ``checkpoint.py``; loading and applying a trained model is ``runs.py``). Epochs are numbered from 1 everywhere: console, metrics.jsonl, checkpoints, results.json.
 After training the best checkpoint is evaluated on every labelled split; unlabelled splits get predictions.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import random
 import time
@@ -21,57 +19,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cache import FeatureCache, SplitData, diff_provenance
+from ..cache import FeatureCache, diff_provenance
 from ..config import STAGE_SECTIONS, Config, ConfigError, apply_overrides, resolve_key
 from ..devices import resolve_device
-from ..errors import SppsclError, atomic_write, check_writable_dir
+from ..errors import atomic_write, check_writable_dir
 from ..progress import make_progress
-from .checkpoint import FORMAT, VERSION, CheckpointError, checkpoint_files, load_checkpoint_file, save_checkpoint
+from .checkpoint import FORMAT, VERSION, checkpoint_files, save_checkpoint
 from .data import Batch, SplitBatches
 from .folds import FoldView, fold_view
 from .gate import two_step_gate
-from .heads import SPPSCLModel
 from .loggers import make_logger
 from .losses import LossTerms, one_step_loss, step1_loss, step2_loss
-from .metrics import classification_report, selection_key
+from .metrics import selection_key
 from .plots import plot_confusions, plot_curves
-
-class RunError(SppsclError, RuntimeError):
-    """A run cannot start or continue as asked (existing directory, mismatched cache, bad checkpoint)."""
-
+from .runs import RunError, build_model, cache_dims, evaluate_split, load_checkpoint, model_from_checkpoint, write_predictions
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def build_model(dims: dict, cfg: Config) -> SPPSCLModel:
-    return SPPSCLModel(dims["image_channels"], dims["text_hidden"], dims["cached_layers"], dims["num_classes"], cfg.train)
-
-
-def cache_dims(cache: FeatureCache) -> dict:
-    return {
-        "image_channels": int(cache.image_shape[0]),
-        "text_hidden": int(cache.hidden),
-        "cached_layers": int(cache.layers),
-        "num_classes": len(cache.classes),
-    }
-
-
-def compatible(cache_prov: dict, ckpt_prov: dict) -> list[str]:
-    """What makes a cache's features differ from those a checkpoint was trained on (empty: compatible).
-
-    The encoders, their preprocessing, the stored dtype, the compute precision and the class list must match;
-    the dataset may differ (a checkpoint can be evaluated on a new dataset extracted with the same encoders).
-    Checkpoints from before ``--precision`` existed were trained on float32 features."""
-    keys = lambda p: {  # noqa: E731
-        "encoders": p["encoders"],
-        "dtype": p["dtype"],
-        "precision": p.get("precision", "fp32"),
-        "classes": p["dataset"]["classes"],
-    }
-    return diff_provenance(keys(cache_prov), keys(ckpt_prov), names=("this cache", "the checkpoint's cache"))
 
 
 # ------------------------------------------------------------------------------------ one batch
@@ -138,70 +104,10 @@ def one_step_update(model, opt, batch: Batch, tc) -> StepLog:
     return StepLog(f["ce"], f["cl_i"], f["cl_t"], f["cl_m"], False, f["total"])
 
 
-# ------------------------------------------------------------------------------------ evaluation
-
-
-@torch.no_grad()
-def predict_split(model, split: SplitData, batch_size: int, device: torch.device) -> dict[str, np.ndarray]:
-    """Logits, probabilities and fused features of every usable row, in file order."""
-    model.eval()
-    logits, fused = [], []
-    for batch in SplitBatches(split).eval_batches(batch_size):
-        out = model(batch.image.to(device), batch.tokens.to(device), batch.mask.to(device))
-        logits.append(out.logits.float().cpu())
-        fused.append(out.fused.float().cpu())
-    lg = torch.cat(logits) if logits else torch.zeros(0)
-    return {
-        "rows": split.rows,
-        "logits": lg.numpy(),
-        "probs": torch.softmax(lg, -1).numpy() if len(lg) else lg.numpy(),
-        "pred": lg.argmax(-1).numpy() if len(lg) else np.zeros(0, np.int64),
-        "fused": (torch.cat(fused) if fused else torch.zeros(0)).numpy(),
-    }
-
-
-def evaluate_split(model, split: SplitData, batch_size: int, device, classes: list[str]) -> tuple[dict | None, dict]:
-    pred = predict_split(model, split, batch_size, device)
-    if not split.has_labels:
-        return None, pred
-    return classification_report(split.labels[split.rows], pred["pred"], classes), pred
-
-
-# Column names shared with `sppscl predict`'s CSV: ``label`` is always the true class, ``pred`` the predicted one,
-# both by name; ``p_<class>`` the predicted probabilities.
-def write_predictions(path: Path, split: SplitData, pred: dict, classes: list[str]) -> None:
-    """One row per usable sample: id, true label (empty when the split has none), predicted label, probabilities.
-
-    Written all or nothing; an unwritable path is one error naming it."""
-    buf = io.StringIO(newline="")
-    w = csv.writer(buf)
-    w.writerow(["id", "label", "pred", *[f"p_{c}" for c in classes]])
-    for j, r in enumerate(pred["rows"]):
-        lab = int(split.labels[r])
-        w.writerow([split.ids[r], "" if lab < 0 else classes[lab], classes[int(pred["pred"][j])], *[f"{x:.6f}" for x in pred["probs"][j]]])
-    atomic_write(path, buf.getvalue(), "the predictions file")
-
-
 # ------------------------------------------------------------------------------------ checkpoints
 
 # how a run that stopped on an error continues (full disk: after freeing space)
 RESUME = "rerun the same command with --resume (the run continues from its last complete epoch)"
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint as a dict: RUN/best.safetensors (or RUN/best.json), or a legacy RUN/best.pt."""
-    try:
-        return load_checkpoint_file(path)
-    except CheckpointError as e:
-        raise RunError(str(e)) from None
-
-
-def model_from_checkpoint(ckpt: dict, device: torch.device) -> tuple[SPPSCLModel, Config]:
-    cfg = Config.from_dict(ckpt["config"])
-    model = build_model(ckpt["dims"], cfg).to(device)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    return model, cfg
 
 
 # ------------------------------------------------------------------------------------ the run

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ...config import Config, ConfigError, TrainConfig, apply_overrides, check_value, coerce_value, resolve_key
-from ..train import RunError
+from ..runs import RunError
 
 SAMPLERS = ("random", "tpe")
 

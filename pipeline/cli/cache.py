@@ -1,10 +1,12 @@
-"""``sppscl cache ...``: commands on cache files (joining shards), registered by ``sppscl.cli``."""
+"""``sppscl cache ...``: commands on cache files (joining shards), registered by ``sppscl.cli.root``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import typer
+
+from .console import console, err_console, rows_table
 
 cache_app = typer.Typer(no_args_is_help=True, help="Work with feature caches: join the shards of `sppscl extract --shard I/N`.")
 
@@ -20,8 +22,7 @@ def merge(
 
     Refuses shards extracted differently (saying what differs), unfinished shards, rows held twice and rows no shard holds (saying which).
     """
-    from .cli import console, err_console, rows_table
-    from .stage1.merge import merge_shards
+    from ..stage1.merge import merge_shards
 
     s = merge_shards(shards, out, force=force, progress=not quiet, console=err_console)  # progress on stderr, as everywhere
     console.print(rows_table(s.rows, "rows per split"))

@@ -1,0 +1,125 @@
+"""What every command shares: the two consoles, tables, JSON output, shared option help and errors as exit codes.
+
+Results go to ``console`` (stdout); progress, notes and errors to ``err_console`` (stderr).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, SppsclError, atomic_write, disk_full, is_disk_full
+
+# one default for sweep and reproduce: every mean they print is over the same three seeds unless told otherwise
+DEFAULT_SEEDS = "1,2,3"
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (the GPU when there is one)."
+ALLOW_DOWNLOAD_HELP = "Let missing encoder weights download (torchvision, Hugging Face hub); also SPPSCL_ALLOW_DOWNLOAD=1."
+OUT_JSON_HELP = "Print the results as one JSON document on stdout (and nothing else there)."
+STORAGE_HELP = "A shared Optuna study storage, e.g. postgresql://USER@HOST/DB: any number of machines run the same command, each run trains once."
+
+console = Console(stderr=False)
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+class _State:
+    """Set by --debug (or SPPSCL_DEBUG=1): errors then show their traceback too."""
+
+    debug = False
+
+
+state = _State()
+
+
+def rows_table(rows: dict[str, int], title: str) -> Table:
+    """Rows per split of a cache (extract, cache merge)."""
+    t = Table(title=title)
+    t.add_column("split")
+    t.add_column("rows", justify="right")
+    for split, n in rows.items():
+        t.add_row(split, str(n))
+    return t
+
+
+
+def print_results(results: dict, title: str = "best checkpoint") -> None:
+    console.print(split_table(results["splits"], f"{title} (epoch {results['best_epoch']}, selected on dev accuracy)"))
+
+
+def split_table(splits: dict[str, dict], title: str | None = None) -> Table:
+    """Accuracy and F1 per split; an unlabelled split shows as predictions only."""
+    t = Table(title=title)
+    for col in ("split", "n", "accuracy", "weighted F1", "macro F1"):
+        t.add_column(col, justify="right" if col != "split" else "left")
+    for name, m in splits.items():
+        if "accuracy" in m:
+            t.add_row(name, str(m["n"]), f"{m['accuracy']:.4f}", f"{m['weighted_f1']:.4f}", f"{m['macro_f1']:.4f}")
+        else:
+            t.add_row(name, str(m["n"]), "-", "-", "predictions only")
+    return t
+
+
+def emit_json(obj: dict) -> None:
+    """Machine-readable results: one JSON document on stdout, nothing else there."""
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def save_results(out: Path, results: dict, what: str) -> Path:
+    """``out`` ending in .json: the results there, alone. Otherwise ``out`` is a folder: results.json and a
+    confusion-<split>.png per labelled split. Returns the JSON's path."""
+    from ..stage2.plots import plot_confusions
+
+    path = out if json_file(out) else out / "results.json"
+    atomic_write(path, json.dumps(results, indent=2), "the results")
+    if not json_file(out):
+        plot_confusions(results["splits"], results["classes"], out, what)
+    return path
+
+
+def json_file(out: Path) -> bool:
+    return out.suffix.lower() == ".json"
+
+
+def print_metrics(metrics: dict, title: str) -> None:
+    t = Table(title=title)
+    for c in ("accuracy", "weighted F1", "macro F1"):
+        t.add_column(c, justify="right")
+    t.add_row(f"{metrics['accuracy']:.4f}", f"{metrics['weighted_f1']:.4f}", f"{metrics['macro_f1']:.4f}")
+    console.print(t)
+    pc = Table(title="per class")
+    for c in ("class", "precision", "recall", "F1", "support"):
+        pc.add_column(c)
+    for name, v in metrics["per_class"].items():
+        pc.add_row(name, f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", str(v["support"]))
+    console.print(pc)
+    console.print(f"confusion matrix (rows true, columns predicted): {metrics['confusion_matrix']}")
+
+
+
+INTERRUPTED = "interrupted; what was written is kept: rerun the same command to resume (train: add --resume)"
+
+
+def error_exit(e: BaseException) -> tuple[int, str]:
+    """(exit code, one-line message) for an error that reached the top of a command."""
+    if isinstance(e, SppsclError):
+        return e.exit_code, str(e)
+    if isinstance(e, (KeyboardInterrupt, typer.Abort)):
+        return EXIT_INTERRUPTED, INTERRUPTED
+    if isinstance(e, OSError):
+        if is_disk_full(e):
+            where = Path(e.filename) if e.filename else Path.cwd()
+            return EXIT_FAILED, str(disk_full(where, None, "rerun the same command to resume"))
+        if e.filename is not None:
+            # a file a library opened for the command (input or output) without naming it in a project error
+            return EXIT_USAGE, f"{e.filename}: {e.strerror}. Check the path and its permissions."
+        return EXIT_FAILED, f"{e}. Check the files the command reads and writes."
+    if isinstance(e, MemoryError):
+        return EXIT_FAILED, "out of memory. Lower --batch-size, or set SPPSCL_MEMORY_BUDGET to stream caches from disk."
+    return EXIT_FAILED, f"internal error ({type(e).__name__}: {e}). This is a bug: rerun with --debug and report the traceback."
+
+

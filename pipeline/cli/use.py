@@ -1,0 +1,126 @@
+"""``sppscl predict``, ``analyze``, ``checkpoint convert`` and ``demo``: using trained models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..config import ConfigError
+from ..errors import check_writable_dir
+from .console import ALLOW_DOWNLOAD_HELP, DEVICE_HELP, console, err_console
+
+checkpoint_app = typer.Typer(no_args_is_help=True, help="Checkpoints: convert the .pt files of older sppscl versions.")
+
+
+def predict(
+    checkpoint: list[Path] = typer.Option(
+        ...,
+        help="A run folder (its best checkpoint) or a checkpoint (RUN/best.safetensors; a legacy RUN/best.pt loads too); repeat it to average several "
+        "(same encoders and classes) into an ensemble.",
+    ),
+    image: Optional[Path] = typer.Option(None, help="One pair: its image file (with --text)."),
+    text: Optional[str] = typer.Option(None, help="One pair: its text (with --image)."),
+    input_: Optional[Path] = typer.Option(
+        None, "--input", help="Many pairs: .jsonl or .csv rows with text, image (relative to the file's folder) and optional id."
+    ),
+    out: Optional[Path] = typer.Option(None, help="Write one row per input here (.jsonl or .csv) (default: print a table)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    on_error: str = typer.Option("stop", help="Bad row: 'stop' (error naming line and id) or 'skip' (reported in the output with its error)."),
+    batch_size: Optional[int] = typer.Option(
+        None, min=1, help="Pairs per encoder batch (default: the checkpoint's extract.batch_size); the heads always run in its eval_batch_size."
+    ),
+    allow_download: bool = typer.Option(False, "--allow-download", help=ALLOW_DOWNLOAD_HELP),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Predict new image-text pairs with the encoders that built the checkpoint's cache, then its heads."""
+    from ..allocator import keep_freed_memory
+    from ..stage1.encoders import allow_downloads
+    from ..stage2.predict import ON_ERROR, OUTPUT_SUFFIXES, Pair, Predictor, read_pairs, write_output
+
+    keep_freed_memory()
+    single = image is not None or text is not None
+    if single == (input_ is not None) or (single and (image is None or text is None)):
+        raise ConfigError("give either --image and --text (one pair) or --input (a file of pairs)")
+    if on_error not in ON_ERROR:
+        raise ConfigError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+    if out is not None and out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ConfigError(f"--out {out}: must end in .jsonl or .csv")
+    if out is not None:
+        # before the encoders load and every pair is predicted
+        check_writable_dir(out.parent, "the predictions")
+    pairs = [Pair(image.name, text, image)] if single else read_pairs(input_)
+    with allow_downloads(allow_download):
+        predictor = Predictor(checkpoint, device)
+    note = predictor.fusion_note(single)
+    if note:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    preds = predictor.predict(pairs, on_error, batch_size, str(input_ or ""), progress=not (quiet or single), console=err_console)
+    if out is not None:
+        write_output(out, preds, predictor.classes)
+    classes = predictor.classes
+    if single and preds[0].error is None:
+        console.print(f"pred: [bold]{preds[0].label}[/]")
+    t = Table(title=f"predictions of {', '.join(map(str, checkpoint))}" + (" (mean class probabilities)" if len(checkpoint) > 1 else ""))
+    for col in ("id", "pred", *classes, "error"):
+        t.add_column(col, justify="right" if col in classes else "left")
+    if single or out is None:
+        for p in preds:
+            probs = [f"{x:.4f}" for x in p.probs] if p.error is None else [""] * len(classes)
+            error = "" if p.error is None else f"line {p.line}: {p.error}" if p.line else p.error
+            t.add_row(escape(p.id), p.label or "", *probs, escape(error))
+        console.print(t)
+    failed = sum(p.error is not None for p in preds)
+    if out is not None:
+        console.print(f"{len(preds) - failed} predictions written to {out}")
+    if failed:
+        console.print(f"[yellow]{failed} rows not predicted[/] (their errors are in the output)")
+
+
+def analyze(
+    checkpoint: Path = typer.Option(..., help="A run folder (its best checkpoint) or a checkpoint (RUN/best.safetensors; a legacy RUN/best.pt loads too)."),
+    cache: Path = typer.Option(..., help="A cache built with the checkpoint's encoders."),
+    split: str = typer.Option("dev", help="A labelled split of the cache."),
+    out: Optional[Path] = typer.Option(None, help="Folder for analysis.json and the PNGs (default: RUN/analysis-<split>)."),
+    compare: Optional[Path] = typer.Option(None, help="A second checkpoint (e.g. an ablation) as the reference, instead of the untrained heads."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+) -> None:
+    """The paper's diagnostics: IID/TTD/ITD same-label distances, t-SNE of the fused features, step-2 firing rate."""
+    from ..stage2.analyze import analyze as run_analyze
+    from ..stage2.analyze import render_analysis
+
+    result = run_analyze(checkpoint, cache, split, out, compare, device)
+    render_analysis(result.report, console)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    for kind, path in result.files.items():
+        console.print(f"{kind}: {path}")
+
+
+@checkpoint_app.command("convert")
+def checkpoint_convert(
+    checkpoint: Path = typer.Argument(..., help="A .pt checkpoint written by an older sppscl (RUN/best.pt or RUN/last.pt)."),
+    out: Optional[Path] = typer.Option(None, help="Checkpoint name to write, without suffix (default: beside it, RUN/best)."),
+) -> None:
+    """Rewrite an older .pt checkpoint as NAME.safetensors + NAME.json (read with torch's restricted unpickler only)."""
+    from ..stage2.checkpoint import convert_checkpoint
+
+    path = convert_checkpoint(checkpoint, out)
+    console.print(f"written: {path} and {path.with_suffix('.json')}")
+
+
+
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Where the demo's runs go (replaced on each demo run)."),
+    cache: Path = typer.Option(Path("cache/demo.h5"), help="The demo's feature cache."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Epochs per model (default: the demo preset's train.epochs)."),
+) -> None:
+    """The whole pipeline on an embedded default: synthetic data, offline encoders, SPP-SCL vs text-only vs image-only."""
+    from ..allocator import keep_freed_memory
+    from ..demo import run_demo
+
+    keep_freed_memory()
+    run_demo(out, cache, epochs, console, err_console)

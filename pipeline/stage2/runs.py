@@ -1,0 +1,140 @@
+"""A run folder and what every command that uses a trained model shares: loading, rebuilding and applying it.
+
+A run folder (written by ``sppscl train``) holds ``config.json``, ``metrics.jsonl`` (one line per epoch), the
+``best`` and ``last`` checkpoints (``NAME.safetensors`` + ``NAME.json``, see ``checkpoint.py``), ``results.json``
+and ``predictions-<split>.csv``. ``evaluate``, ``predict``, ``ensemble``, ``analyze`` and the Python API accept a
+run folder wherever they accept a checkpoint (``resolve_checkpoint``). The training loop itself is ``train.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..cache import FeatureCache, SplitData, diff_provenance
+from ..config import Config
+from ..errors import SppsclError, atomic_write
+from .checkpoint import WEIGHTS_SUFFIX, CheckpointError, load_checkpoint_file
+from .data import SplitBatches
+from .heads import SPPSCLModel
+from .metrics import classification_report
+
+# which checkpoint of a run folder: the one selected on dev, or the one of the last epoch
+WHICH = ("best", "last")
+
+
+def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
+    """The checkpoint a path names: a run folder's ``best`` (or ``last``) checkpoint, else the path itself.
+
+    A run folder is a directory holding ``<which>.safetensors`` (or a legacy ``<which>.pt``)."""
+    if which not in WHICH:
+        raise RunError(f"which checkpoint: {which!r} is not one of {', '.join(WHICH)}")
+    p = Path(path)
+    if not p.is_dir():
+        return p
+    for name in (which + WEIGHTS_SUFFIX, which + ".pt"):
+        if (p / name).is_file():
+            return p / name
+    raise RunError(
+        f"{p} is a folder without a {which} checkpoint ({which}{WEIGHTS_SUFFIX}): give a run folder written by "
+        "`sppscl train` (it may still be training, or have failed before its first epoch) or a checkpoint file"
+    )
+
+
+class RunError(SppsclError, RuntimeError):
+    """A run cannot start or continue as asked (existing directory, mismatched cache, bad checkpoint)."""
+
+
+def build_model(dims: dict, cfg: Config) -> SPPSCLModel:
+    return SPPSCLModel(dims["image_channels"], dims["text_hidden"], dims["cached_layers"], dims["num_classes"], cfg.train)
+
+
+def cache_dims(cache: FeatureCache) -> dict:
+    return {
+        "image_channels": int(cache.image_shape[0]),
+        "text_hidden": int(cache.hidden),
+        "cached_layers": int(cache.layers),
+        "num_classes": len(cache.classes),
+    }
+
+
+def compatible(cache_prov: dict, ckpt_prov: dict) -> list[str]:
+    """What makes a cache's features differ from those a checkpoint was trained on (empty: compatible).
+
+    The encoders, their preprocessing, the stored dtype, the compute precision and the class list must match;
+    the dataset may differ (a checkpoint can be evaluated on a new dataset extracted with the same encoders).
+    Checkpoints from before ``--precision`` existed were trained on float32 features."""
+    keys = lambda p: {  # noqa: E731
+        "encoders": p["encoders"],
+        "dtype": p["dtype"],
+        "precision": p.get("precision", "fp32"),
+        "classes": p["dataset"]["classes"],
+    }
+    return diff_provenance(keys(cache_prov), keys(ckpt_prov), names=("this cache", "the checkpoint's cache"))
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+@torch.no_grad()
+def predict_split(model, split: SplitData, batch_size: int, device: torch.device) -> dict[str, np.ndarray]:
+    """Logits, probabilities and fused features of every usable row, in file order."""
+    model.eval()
+    logits, fused = [], []
+    for batch in SplitBatches(split).eval_batches(batch_size):
+        out = model(batch.image.to(device), batch.tokens.to(device), batch.mask.to(device))
+        logits.append(out.logits.float().cpu())
+        fused.append(out.fused.float().cpu())
+    lg = torch.cat(logits) if logits else torch.zeros(0)
+    return {
+        "rows": split.rows,
+        "logits": lg.numpy(),
+        "probs": torch.softmax(lg, -1).numpy() if len(lg) else lg.numpy(),
+        "pred": lg.argmax(-1).numpy() if len(lg) else np.zeros(0, np.int64),
+        "fused": (torch.cat(fused) if fused else torch.zeros(0)).numpy(),
+    }
+
+
+def evaluate_split(model, split: SplitData, batch_size: int, device, classes: list[str]) -> tuple[dict | None, dict]:
+    pred = predict_split(model, split, batch_size, device)
+    if not split.has_labels:
+        return None, pred
+    return classification_report(split.labels[split.rows], pred["pred"], classes), pred
+
+
+# Column names shared with `sppscl predict`'s CSV: ``label`` is always the true class, ``pred`` the predicted one,
+# both by name; ``p_<class>`` the predicted probabilities.
+def write_predictions(path: Path, split: SplitData, pred: dict, classes: list[str]) -> None:
+    """One row per usable sample: id, true label (empty when the split has none), predicted label, probabilities.
+
+    Written all or nothing; an unwritable path is one error naming it."""
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["id", "label", "pred", *[f"p_{c}" for c in classes]])
+    for j, r in enumerate(pred["rows"]):
+        lab = int(split.labels[r])
+        w.writerow([split.ids[r], "" if lab < 0 else classes[lab], classes[int(pred["pred"][j])], *[f"{x:.6f}" for x in pred["probs"][j]]])
+    atomic_write(path, buf.getvalue(), "the predictions file")
+
+
+def load_checkpoint(path: str | Path, which: str = "best") -> dict:
+    """A checkpoint as a dict: a run folder's ``which`` checkpoint, RUN/best.safetensors (or RUN/best.json), or a
+    legacy RUN/best.pt."""
+    try:
+        return load_checkpoint_file(resolve_checkpoint(path, which))
+    except CheckpointError as e:
+        raise RunError(str(e)) from None
+
+
+def model_from_checkpoint(ckpt: dict, device: torch.device) -> tuple[SPPSCLModel, Config]:
+    cfg = Config.from_dict(ckpt["config"])
+    model = build_model(ckpt["dims"], cfg).to(device)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model, cfg
+
+
