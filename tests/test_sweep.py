@@ -242,11 +242,17 @@ def test_variants_reduce_to_their_difference_from_the_base(tiny_cache):
     assert alphas[2] == "base" and len(set(alphas)) == 5
 
 
-def test_fig5_plot_is_written(tmp_path):
-    rows = [(v, {"n": 2, "dev_accuracy_mean": 0.7 + i / 100, "dev_accuracy_std": 0.01, "dev_weighted_f1_mean": 0.6, "dev_weighted_f1_std": 0.02})
-            for i, v in enumerate(TABLES["fig5"].variants)]
-    png = plot_alpha(rows, tmp_path / "fig5.png", "tiny", "weighted")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_fig5_plot_is_written_with_the_tables_split_beside_dev(tmp_path):
+    from PIL import Image
+
+    dev = {"n": 2, "dev_accuracy_mean": 0.7, "dev_accuracy_std": 0.01, "dev_weighted_f1_mean": 0.6, "dev_weighted_f1_std": 0.02}
+    test = {"test_accuracy_mean": 0.65, "test_accuracy_std": 0.01, "test_weighted_f1_mean": 0.55, "test_weighted_f1_std": 0.02}
+    variants = TABLES["fig5"].variants
+    dev_only = plot_alpha([(v, dev) for v in variants], tmp_path / "dev.png", "tiny", "weighted")
+    assert dev_only.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # runs scored on test: table.md reports test, so the figure gets a test panel beside dev (it plotted dev alone)
+    both = plot_alpha([(v, {**dev, **test}) for v in variants], tmp_path / "both.png", "tiny", "weighted")
+    assert Image.open(both).width == 2 * Image.open(dev_only).width
 
 
 def test_bad_sweep_arguments_are_clear_errors():

@@ -78,7 +78,7 @@ def evaluate(
         "splits": {split: metrics if metrics is not None else {"n": int(len(data.rows)), "labels": "none: predictions only"}},
     }
     if out is not None:
-        path = save_results(out, results, f"{checkpoint} on {split}")
+        path = save_results(out, results, f"evaluate {checkpoint}")
         err_console.print(f"results: {path}", highlight=False)
         if not json_file(out):
             write_predictions(out / f"predictions-{split}.csv", data, pred, ckpt["classes"])

@@ -199,7 +199,7 @@ def reproduce(
 
 
 def _has_test(rows: list[tuple[Variant, dict]]) -> bool:
-    return any(s["test_accuracy_mean"] is not None for _, s in rows)
+    return any(s.get("test_accuracy_mean") is not None for _, s in rows)
 
 
 def table_cells(
@@ -328,29 +328,33 @@ def print_reproduction(rep: Reproduction, console: Console) -> None:
 
 
 def plot_alpha(rows: list[tuple[Variant, dict]], path: Path, dataset: str, primary_f1: str) -> Path:
-    """Fig. 5's layout: dev accuracy and dev F1 against α, mean with ± std error bars, n per point."""
+    """Fig. 5's layout: accuracy and F1 against α, mean with ± std error bars, n per point. One panel for dev (what
+    selected each run's checkpoint) and, when the runs were scored on test, one for test: the split table.md reports."""
     # the Agg canvas directly: no pyplot, so the caller's matplotlib backend is left alone
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     done = [(v, s) for v, s in rows if s["n"] > 0]
     xs = [v.overrides["alpha"] for v, _ in done]
-    fig = Figure(figsize=(5.5, 3.8), dpi=120)
+    splits = [("dev", "dev (selection)")] + ([("test", "test (scored: the table's split)")] if _has_test(rows) else [])
+    fig = Figure(figsize=(5.2 * len(splits), 4.0), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for metric, label, marker in (("accuracy", "dev ACC", "o"), (f"{primary_f1}_f1", f"dev {primary_f1} F1", "s")):
-        ys = [s[f"dev_{metric}_mean"] for _, s in done]
-        es = [s[f"dev_{metric}_std"] for _, s in done]
-        ax.errorbar(xs, ys, yerr=es, marker=marker, capsize=3, label=label)
-    for (v, s), x in zip(done, xs):
-        ax.annotate(f"n={s['n']}", (x, s["dev_accuracy_mean"]), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7)
-    ax.set_xticks([v.overrides["alpha"] for v, _ in rows], [v.label.split("= ")[1] for v, _ in rows])
-    ax.axvline(2 / 3, color="grey", linestyle=":", linewidth=1, label="paper's best α = 2/3")
-    ax.set_xlabel("α (step-2 gate threshold)")
-    ax.set_ylabel("dev score")
-    ax.set_title(f"Sensitivity to α ({dataset})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    axes = fig.subplots(1, len(splits), sharey=True, squeeze=False)[0]
+    for ax, (split, title) in zip(axes, splits):
+        for metric, label, marker in (("accuracy", "ACC", "o"), (f"{primary_f1}_f1", f"{primary_f1} F1", "s")):
+            ys = [s[f"{split}_{metric}_mean"] for _, s in done]
+            es = [s[f"{split}_{metric}_std"] for _, s in done]
+            ax.errorbar(xs, ys, yerr=es, marker=marker, capsize=3, label=f"{split} {label}")
+        # n under each α's tick: annotations beside the points collided with the error bars and the frame
+        ax.set_xticks([v.overrides["alpha"] for v, _ in rows], [f"{v.label.split('= ')[1]}\nn={s['n']}" for v, s in rows])
+        ax.margins(x=0.08, y=0.15)
+        ax.axvline(2 / 3, color="grey", linestyle=":", linewidth=1, label="paper's best α = 2/3")
+        ax.set_xlabel("α (step-2 gate threshold)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    axes[0].set_ylabel("score (0-1), mean ± std over seeds")
+    fig.suptitle(f"Sensitivity to α ({dataset})")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
