@@ -20,8 +20,10 @@ from conftest import REPO, interrupt_on_call, tiny_config
 from sppscl.cache import PENDING, WRITTEN, CacheError, FeatureCache, file_contents
 from sppscl.cli import main
 from sppscl.stage1 import extract as extract_mod
-from sppscl.stage1.distributed import CacheLocked, Shard, deal
-from sppscl.stage1.extract import extract, fixed_batches
+from sppscl.stage1.batching import deal, fixed_batches
+from sppscl.stage1.distributed import Shard
+from sppscl.stage1.extract import extract
+from sppscl.stage1.lock import CacheLock, CacheLocked
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -230,14 +232,12 @@ def test_lock_left_by_a_killed_process_blocks_nobody(tmp_path):
     """flock dies with its holder: a lock file left by kill -9 (with its holder's pid in it) is taken over."""
     target = tmp_path / "c.h5"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from sppscl.stage1.distributed import CacheLock; "
+        [sys.executable, "-c", "import sys, time; from sppscl.stage1.lock import CacheLock; "
          f"CacheLock.acquire({str(target)!r}); print('locked', flush=True); time.sleep(600)"],
         stdout=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "locked"
-        from sppscl.stage1.distributed import CacheLock
-
         with pytest.raises(CacheLocked, match=rf"pid {holder.pid}"):
             CacheLock.acquire(target)
     finally:

@@ -5,7 +5,7 @@ in full (see ``sppscl.cache``). Batches are fixed index ranges of each split, so
 exactly the batches an uninterrupted run would have, and the finished file is byte-identical to it.
 Images are decoded in DataLoader worker processes while the encoders run in the main process.
 Under ``torchrun`` the ranks share the batches of one file, and ``--shard I/N`` writes a share of them to a
-file of its own (``sppscl.stage1.distributed``).
+file of its own (``sppscl.stage1.distributed``, ``sppscl.stage1.batching``).
 """
 
 from __future__ import annotations
@@ -44,9 +44,11 @@ from ..config import Config, ConfigError
 from ..errors import OutputError, SppsclError, check_writable_dir, disk_full, free_bytes, is_disk_full, output_error
 from ..progress import make_progress
 from .adapters import load_samples
-from .distributed import CacheLock, Ranks, Shard, deal
+from .batching import deal, fixed_batches
+from .distributed import Ranks, Shard
 from .encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
 from .layouts import resolve_dataset
+from .lock import CacheLock
 from .records import NO_LABEL, Sample
 from .verify import ImageProblem, check_sample_image, empty_splits, max_image_pixels, open_image, sample_problem
 
@@ -213,11 +215,6 @@ def prepare_encoders(image_enc: ImageEncoder, dev: torch.device) -> None:
     on CPU the layout stays, so fp32 CPU features are computed exactly as before."""
     if dev.type == "cuda":
         image_enc.to(memory_format=torch.channels_last)
-
-
-def fixed_batches(n: int, batch_size: int) -> list[list[int]]:
-    """Index ranges [k*bs, (k+1)*bs): fixed, so a resumed run forms exactly the batches a clean run forms."""
-    return [list(range(k, min(k + batch_size, n))) for k in range(0, n, batch_size)]
 
 
 def extract(

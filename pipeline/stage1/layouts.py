@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from sppscl.config import Config
-from sppscl.stage1.adapters import DataError
+from sppscl.stage1.records import DataError
 
 CLMLF_FOLD_DIR = "10-flod-1"  # sic: the CLMLF repository's spelling
 IMAGE_DIRS = ("dataset_image", "images", "data")

@@ -29,7 +29,8 @@ from ..progress import make_progress
 from ..stage1.encoders import load_image_encoder, load_text_encoder
 from ..devices import resolve_device
 from ..errors import SppsclError, atomic_write
-from ..stage1.extract import encode_batch, fixed_batches, prepare_encoders
+from ..stage1.batching import fixed_batches
+from ..stage1.extract import encode_batch, prepare_encoders
 from ..stage1.verify import ImageProblem, open_image, unencodable_at
 from .ensemble import load_members
 from .runs import predict_split
