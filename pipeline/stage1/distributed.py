@@ -105,8 +105,12 @@ class Ranks:
             self._group = False
 
     def on_zero(self, fn: Callable[[], T], share: bool = True) -> T | None:
-        """Run ``fn`` on rank 0 only, then release the other ranks: a barrier that carries rank 0's result
-        (``share``) or its failure, so no rank goes on past a step rank 0 did not complete."""
+        """Run ``fn`` on rank 0 only, then release the other ranks with rank 0's result (``share``) or its failure,
+        so no rank goes on past a step rank 0 did not complete.
+
+        A broadcast, not a barrier: rank 0 may go on before a slow rank has even arrived. So anything every rank
+        must agree on (the pending batches) is read by rank 0 inside ``fn`` and shared, never read by each rank
+        after the call; ``all_done`` is the one real barrier."""
         if not self._group:
             return fn()
         result, error = None, None

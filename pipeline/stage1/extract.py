@@ -261,7 +261,7 @@ def extract(
     ranks.start(dev)
     try:
         # Rank 0 holds the lock for the whole job, taken before anything is opened for writing; the other ranks
-        # write only between the barriers rank 0 releases them at.
+        # write only after rank 0 has shared the pending batches, and rank 0 waits for them in all_done.
         with ranks.on_zero(claim, share=False) or nullcontext():
             return _extract(
                 cfg, out, data_dir, dev, batch_size, limit, on_error, force, num_workers, progress, console, shard, ranks, precision
@@ -385,11 +385,9 @@ def _extract(
     transform = image_enc.preprocess()
     shape = (3, 224, 224)
     np_dtype = np.dtype(dtype)
-    pending = {
-        split: [b for b in fixed_batches(len(rows), bs) if (filler.status(split)[b] == PENDING).any()]
-        for split, rows in by_split.items()
-    }
-    # every rank read the same statuses (nobody writes before all have passed the barrier in on_zero above)
+    # Rank 0 reads the row statuses, before any rank writes, and hands every rank the same pending batches: a rank
+    # that read them itself could read them after a faster rank had begun writing, and deal itself other batches.
+    pending = ranks.on_zero(lambda: pending_batches(filler, by_split, bs))
     todo = deal(pending, ranks.rank, ranks.world_size)
     total = sum(len(b) for bs_ in todo.values() for b in bs_)
     start = time.perf_counter()
@@ -444,6 +442,14 @@ def _extract(
 
     summary.rows, summary.skipped, summary.file_bytes = ranks.on_zero(finish)
     return summary
+
+
+def pending_batches(filler: CacheFiller, by_split: dict[str, list[Sample]], batch_size: int) -> dict[str, list[list[int]]]:
+    """The fixed batches of each split that still hold a row not yet written (a resumed run encodes only these)."""
+    return {
+        split: [b for b in fixed_batches(len(rows), batch_size) if (filler.status(split)[b] == PENDING).any()]
+        for split, rows in by_split.items()
+    }
 
 
 def _fill_failed(out: Path, e: OSError) -> SppsclError:
