@@ -123,11 +123,14 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def cell(mean: float | None, std: float | None, n: int | None = None) -> str:
-    """``0.7311 ± 0.0042`` (with ``(n=3)`` when n is given); empty when there is no value."""
+def cell(mean: float | None, std: float | None, n: int | None = None, ci: tuple[float, float] | None = None) -> str:
+    """``0.7311 ± 0.0042`` (then `` [0.7102, 0.7520]`` when a 95% interval ``ci`` is given, and `` (n=3)`` when n is);
+    empty when there is no value."""
     if mean is None:
         return "" if n is None else f"- (n={n})"
     text = f"{mean:.4f} ± {std:.4f}"
+    if ci is not None:
+        text += f" [{ci[0]:.4f}, {ci[1]:.4f}]"
     return text if n is None else f"{text} (n={n})"
 
 
