@@ -188,6 +188,17 @@ def test_ensemble_averages_the_members_probabilities(two_runs, tmp_path):
         assert res["splits"][split]["n"] == len(got)
     singles = [json.loads((root / s / "results.json").read_text())["splits"]["dev"]["accuracy"] for s in ("s1", "s2")]
     assert res["members_mean"]["dev"]["accuracy"]["mean"] == pytest.approx(np.mean(singles))
+    # the held-out split gets 95% intervals: the ensemble's own bootstrap, the members' mean a paired one; dev none
+    from sppscl.stage2.stats import bootstrap_interval
+
+    classes = res["classes"]
+    idx = lambda rows, key: np.array([classes.index(r[key]) for r in rows])  # noqa: E731
+    got, a, b = (_csv(d / "predictions-test.csv") for d in (tmp_path / "e", root / "s1", root / "s2"))
+    want = bootstrap_interval(idx(got, "label"), idx(got, "pred"), len(classes))
+    assert res["splits"]["test"]["ci95"]["accuracy"] == pytest.approx(list(want["accuracy"]))
+    paired = bootstrap_interval(idx(a, "label"), np.stack([idx(a, "pred"), idx(b, "pred")]), len(classes))
+    assert res["members_mean"]["test"]["macro_f1"]["ci95"] == pytest.approx(list(paired["macro_f1"]))
+    assert "ci95" not in res["splits"]["dev"] and "ci95" not in res["members_mean"]["dev"]["accuracy"]
 
 
 def test_ensemble_refuses_other_encoders_and_other_folds(two_runs, tmp_path, capsys):

@@ -69,6 +69,21 @@ def test_grid_times_seeds_rows_aggregates_and_one_cache_read(base, tmp_path, mon
     assert means == sorted(means, reverse=True)
     md = (tmp_path / "s" / "summary.md").read_text()
     assert "ddof=1" in md and md.count("±") >= 4 and f"**{res.summary[0]['fusion']}**" in md
+    # test columns carry the paired bootstrap interval of the seed mean, read back from the runs' prediction files
+    from sppscl.stage2.stats import bootstrap_interval
+
+    for fusion, s in summary.items():
+        files = [_csv(tmp_path / "s" / "runs" / f"fusion-{fusion}-seed{seed}" / "predictions-test.csv") for seed in (1, 2)]
+        classes = sorted({r["label"] for r in files[0]} | {r["pred"] for f in files for r in f})
+        cls = json.loads((tmp_path / "s" / "runs" / f"fusion-{fusion}-seed1" / "results.json").read_text())["classes"]
+        y = np.array([cls.index(r["label"]) for r in files[0]])
+        preds = np.array([[cls.index(r["pred"]) for r in f] for f in files])
+        assert set(classes) <= set(cls)
+        want = bootstrap_interval(y, preds, len(cls))
+        assert (float(s["test_accuracy_ci95_low"]), float(s["test_accuracy_ci95_high"])) == pytest.approx(want["accuracy"])
+        assert float(s["test_macro_f1_ci95_low"]) == pytest.approx(want["macro_f1"][0]) and s["test_ci95_note"] == ""
+        assert f"[{want['accuracy'][0]:.4f}, {want['accuracy'][1]:.4f}]" in md
+    assert "95% percentile bootstrap" in md and "Dev cells have no interval" in md
 
 
 METRIC_COLUMNS = ["dev_accuracy", "dev_weighted_f1", "dev_macro_f1", "test_accuracy", "test_weighted_f1", "test_macro_f1"]

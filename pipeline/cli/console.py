@@ -50,14 +50,22 @@ def print_results(results: dict, title: str = "best checkpoint") -> None:
     console.print(split_table(results["splits"], f"{title} (epoch {results['best_epoch']}, selected on dev accuracy)"))
 
 
+def metric_cell(m: dict, key: str) -> str:
+    """``0.7311``, then `` [0.7102, 0.7520]`` when the split holds its 95% interval (``ci95``)."""
+    ci = m.get("ci95", {}).get(key)
+    return f"{m[key]:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+
+
 def split_table(splits: dict[str, dict], title: str | None = None) -> Table:
-    """Accuracy and F1 per split; an unlabelled split shows as predictions only."""
-    t = Table(title=title)
+    """Accuracy and F1 per split (with [95% CI] where the split holds one, named in the caption); an unlabelled split
+    shows as predictions only."""
+    methods = sorted({f"{name}: {m['ci95_method']}" for name, m in splits.items() if "ci95_method" in m})
+    t = Table(title=title, caption="[95% CI] " + "; ".join(methods) if methods else None)
     for col in ("split", "n", "accuracy", "weighted F1", "macro F1"):
         t.add_column(col, justify="right" if col != "split" else "left")
     for name, m in splits.items():
         if "accuracy" in m:
-            t.add_row(name, str(m["n"]), f"{m['accuracy']:.4f}", f"{m['weighted_f1']:.4f}", f"{m['macro_f1']:.4f}")
+            t.add_row(name, str(m["n"]), *[metric_cell(m, k) for k in ("accuracy", "weighted_f1", "macro_f1")])
         else:
             t.add_row(name, str(m["n"]), "-", "-", "predictions only")
     return t
@@ -86,10 +94,13 @@ def json_file(out: Path) -> bool:
 
 
 def print_metrics(metrics: dict, title: str) -> None:
-    t = Table(title=title)
+    caption = None
+    if "ci95_method" in metrics:
+        caption = f"[95% CI]: {metrics['ci95_method']}; it covers which rows were drawn (on a split that selected the checkpoint, the score itself is optimistic)"
+    t = Table(title=title, caption=caption)
     for c in ("accuracy", "weighted F1", "macro F1"):
         t.add_column(c, justify="right")
-    t.add_row(f"{metrics['accuracy']:.4f}", f"{metrics['weighted_f1']:.4f}", f"{metrics['macro_f1']:.4f}")
+    t.add_row(*[metric_cell(metrics, k) for k in ("accuracy", "weighted_f1", "macro_f1")])
     console.print(t)
     pc = Table(title="per class")
     for c in ("class", "precision", "recall", "F1", "support"):

@@ -152,14 +152,18 @@ def ensemble(
 ) -> None:
     """Average the class probabilities of several runs; metrics on every labelled split, predictions for every split."""
     from ..stage2.ensemble import ensemble as run_ensemble
+    from ..stage2.sweeps import cell
 
     res = run_ensemble(runs, cache, out, device)
     console.print(split_table(res["splits"], f"ensemble of {len(res['members'])} runs (mean class probabilities)"))
-    single = Table(title="the members alone: mean ± std")
+    single = Table(
+        title="the members alone: mean ± std",
+        caption="[95% CI] of the members' mean, held-out split only: the same resampled rows for every member (paired bootstrap, as above)",
+    )
     for col in ("split", "accuracy", "weighted F1", "macro F1"):
         single.add_column(col, justify="right" if col != "split" else "left")
     for name, m in res["members_mean"].items():
-        single.add_row(name, *[f"{m[k]['mean']:.4f} ± {m[k]['std']:.4f}" for k in ("accuracy", "weighted_f1", "macro_f1")])
+        single.add_row(name, *[cell(m[k]["mean"], m[k]["std"], ci=m[k].get("ci95")) for k in ("accuracy", "weighted_f1", "macro_f1")])
     console.print(single)
     if "cv" in res:
         cvd = res["cv"]

@@ -70,6 +70,10 @@ def evaluate(
     model, cfg = model_from_checkpoint(ckpt, dev)
     data = fc.load(split)
     metrics, pred = evaluate_split(model, data, cfg.train.eval_batch_size, dev, ckpt["classes"])
+    if metrics is not None:
+        from ..stage2.intervals import report_interval
+
+        metrics.update(report_interval(data.labels[data.rows], pred["pred"], len(ckpt["classes"])))
     results = {
         "checkpoint": str(checkpoint),
         "cache": str(cache),

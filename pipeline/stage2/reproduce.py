@@ -27,8 +27,10 @@ from ..cache import FeatureCache
 from ..config import Config, ConfigError
 from .cv import CVResult, cross_validate
 from .cv import table_cells as cv_cells
-from .ensemble import seed_ensembles
+from .ensemble import ensemble_cell, seed_ensembles
+from .stats import bootstrap_method
 from .sweeps import Execution, SweepResult, cell, config_slug, run_configs
+from .sweeps.tables import missing_intervals
 
 PAPER_COLUMNS = {"mvsa-single": "MVSA-S", "mvsa-multiple": "MVSA-M", "hfm": "HFM"}
 
@@ -198,6 +200,12 @@ def reproduce(
     return Reproduction(table, spec, dataset, column, rows, result, markdown, files, ensembles, warning)
 
 
+def _cell(s: dict, col: str) -> str:
+    """``mean ± std [95% CI] (n=3)``: the interval where the summary holds one (test columns, see sweeps/tables.py)."""
+    lo, hi = s.get(f"{col}_ci95_low"), s.get(f"{col}_ci95_high")
+    return cell(s[f"{col}_mean"], s[f"{col}_std"], s["n"], ci=(lo, hi) if lo is not None else None)
+
+
 def _has_test(rows: list[tuple[Variant, dict]]) -> bool:
     return any(s.get("test_accuracy_mean") is not None for _, s in rows)
 
@@ -221,11 +229,11 @@ def table_cells(
         if column:
             acc, f = v.paper.get(dataset, (None, None))
             paper = ["-" if acc is None else f"{acc:.4f}", "-" if f is None else f"{f:.4f}"]
-        body.append([v.label, *paper, *[cell(s[f"{split}_{m}_mean"], s[f"{split}_{m}_std"], s["n"]) for m in ("accuracy", f1)]])
+        body.append([v.label, *paper, *[_cell(s, f"{split}_{m}") for m in ("accuracy", f1)]])
         ens = (ensembles or {}).get(s.get("config"))
         if ens is not None:
             m = ens["splits"][split]
-            body.append([f"{v.label}: ensemble of its {len(ens['members'])} seeds", *(["", ""] if column else []), f"{m['accuracy']:.4f}", f"{m[f1]:.4f}"])
+            body.append([f"{v.label}: ensemble of its {len(ens['members'])} seeds", *(["", ""] if column else []), ensemble_cell(m, "accuracy"), ensemble_cell(m, f1)])
     return head, body
 
 
@@ -235,9 +243,12 @@ def _notes(spec: PaperTable, dataset: str, column: str | None, result: SweepResu
         f"Ours: mean ± sample std (ddof=1; 0 when n=1) over seeds {', '.join(map(str, result.seeds))}; n = seeds averaged; "
         f"each run's best dev checkpoint; F1 = {f1_name}; ensemble rows average the seeds' class probabilities. "
         + (
-            "Scored on test, which took no part in training or selection."
+            f"Scored on test, which took no part in training or selection. [95% CI]: {bootstrap_method()} of the test split, "
+            "the same resampled rows for every seed and the seed mean per resample (paired); it covers which test rows were "
+            "drawn, not the seeds (their spread is the ± std); an ensemble row's interval is its own bootstrap."
             if test
-            else "The test split has no labels here, so the cells are dev, the split the models were selected on: optimistic."
+            else "The test split has no labels here, so the cells are dev, the split the models were selected on: optimistic; "
+            "no interval is given for them."
         )
     )
     paper = (
@@ -247,6 +258,8 @@ def _notes(spec: PaperTable, dataset: str, column: str | None, result: SweepResu
     )
     notes = [f"WARNING: {warning}"] if warning else []
     notes += [ours, paper]
+    if test and missing_intervals(result.summary):
+        notes.append(missing_intervals(result.summary))
     if spec.note:
         notes.append(spec.note)
     failed = [r for r in result.rows if r["status"] != "ok"]
