@@ -27,9 +27,11 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 
 class _State:
-    """Set by --debug (or SPPSCL_DEBUG=1): errors then show their traceback too."""
+    """Set by --debug (or SPPSCL_DEBUG=1): errors then show their traceback too; and the argument list."""
 
     debug = False
+    # the command line being run (sweep, cv and reproduce record it in their folder's commands.txt)
+    argv: list[str] = []
 
 
 state = _State()

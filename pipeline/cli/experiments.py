@@ -10,7 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..config import ConfigError
-from .console import DEFAULT_SEEDS, DEVICE_HELP, STORAGE_HELP, console, err_console, split_table
+from ..report import record_command
+from .console import DEFAULT_SEEDS, DEVICE_HELP, STORAGE_HELP, console, err_console, split_table, state
 from .options import train_config
 
 sweep_app = typer.Typer(
@@ -55,6 +56,7 @@ def sweep(
     execution = Execution(jobs, parse_devices(devices), runs_per_device, storage, study, heartbeat)
     out = out or (Path("sweeps") / study if study else default_sweep_dir(cache, config, set_, grid, space, random_, sampler))
     console.print(f"sweep directory: {out}" + (f" (study {study} in {storage})" if storage else ""))
+    record_command(out, state.argv)
     result = run_sweep(cache, cfg, out, grid, space, random_, sampler, parse_seeds(seeds), execution, progress=not quiet, console=err_console)
     ensembles = seed_ensembles(result, cache, out / "ensembles")
     write_ensemble_summary(out, result, ensembles)
@@ -67,6 +69,7 @@ def sweep(
         for b in body:
             t.add_row(*[escape(x) for x in b])
         console.print(t)
+    folder_report(out)
     if result.failed:
         raise typer.Exit(code=1)
 
@@ -86,6 +89,21 @@ def sweep_summary(
     print_summary(result, console, trained=False)
     if result.failed:
         raise typer.Exit(code=1)
+
+
+def folder_report(folder: Path) -> None:
+    """report.html in a sweep, cv or reproduce folder, after its tables. The tables are written by then, so a report
+    that cannot be made is a warning naming the command that rebuilds it, not a failed command."""
+    from ..report import REPORT_FILE, write_report
+
+    try:
+        path = write_report([folder], folder / REPORT_FILE)
+    except Exception as e:  # noqa: BLE001 - any failure here must not turn finished runs into a failed command
+        if state.debug:
+            raise
+        err_console.print(f"[yellow]warning:[/] no report ({escape(str(e))}); rebuild it with: sppscl report {folder} --out {folder / REPORT_FILE}", highlight=False)
+        return
+    console.print(f"report: {path}", highlight=False)
 
 
 def reproduce(
@@ -109,8 +127,10 @@ def reproduce(
     # another base configuration gets its own directory, so runs of different bases never mix
     out = out or (Path("sweeps") / f"{cache.stem}-paper" if not (config or set_) else default_sweep_dir(cache, "paper", config, set_))
     console.print(f"reproduce directory: {out}")
+    record_command(out, state.argv)
     rep = run_reproduce(table, cache, cfg, out, parse_seeds(seeds), Execution(jobs), progress=not quiet, console=err_console, cv=cv)
     print_reproduction(rep, console)
+    folder_report(out)
     if rep.sweep.failed:
         raise typer.Exit(code=1)
 
@@ -138,8 +158,10 @@ def cv(
     d = default_sweep_dir(cache, "cv", folds, config, set_)
     out = out or d.with_name(f"{cache.stem}-cv{folds}-{d.name.rsplit('-', 1)[1]}")
     console.print(f"cv directory: {out}")
+    record_command(out, state.argv)
     result = cross_validate(cache, cfg, out, folds, parse_seeds(seeds), execution=Execution(jobs), progress=not quiet, console=err_console)
     print_cv(result, console)
+    folder_report(out)
     if result.sweep.failed:
         raise typer.Exit(code=1)
 

@@ -49,6 +49,8 @@ app.command()(experiments.cv)
 app.command()(experiments.ensemble)
 app.command()(use.predict)
 app.command()(use.analyze)
+app.command()(use.report)
+app.command()(use.serve)
 
 
 @app.callback(invoke_without_command=True)
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     The one place where errors become messages and exit codes (see the module docstring).
     """
     state.debug = os.environ.get("SPPSCL_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    state.argv = list(argv if argv is not None else sys.argv[1:])
     try:
         # in non-standalone mode click returns an Exit's code instead of raising it
         code = app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)

@@ -1,4 +1,4 @@
-"""``sppscl predict``, ``analyze``, ``checkpoint convert`` and ``demo``: using trained models."""
+"""``sppscl predict``, ``analyze``, ``report``, ``serve``, ``checkpoint convert`` and ``demo``: using trained models."""
 
 from __future__ import annotations
 
@@ -124,3 +124,46 @@ def demo(
 
     keep_freed_memory()
     run_demo(out, cache, epochs, console, err_console)
+
+
+def report(
+    paths: list[Path] = typer.Argument(None, help="Run, sweep, cv or reproduce folders; several runs are compared side by side."),
+    out: Path = typer.Option(Path("report.html"), "--out", "-o", help="The HTML file to write (self-contained: it loads nothing)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="A sweep's study storage, e.g. postgresql://USER@HOST/DB (with --study)."),
+    study: Optional[str] = typer.Option(None, "--study", help="With --storage: the study's name; its tables always, curves for the runs reachable here."),
+    title: Optional[str] = typer.Option(None, help="The page's title (default: what it shows)."),
+) -> None:
+    """One self-contained HTML page: the tables (sortable), dev curves per configuration, confusion matrices, seed
+    ensembles, references, provenance and commands of runs, a sweep, a cv or a reproduce folder."""
+    from ..report import write_report
+
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise ConfigError(f"--out {out}: must end in .html")
+    check_writable_dir(out.parent, "the report")
+    path = write_report(list(paths or []), out, storage, study, title)
+    console.print(f"report: {path}", highlight=False)
+
+
+def serve(
+    run: Path = typer.Argument(..., help="A run folder (its best checkpoint) or a checkpoint file."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000, min=0, max=65535, help="Port to listen on."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    max_body: int = typer.Option(16 * 1024 * 1024, "--max-body", min=1, help="Largest request body in bytes; larger is answered 413."),
+    allow_download: bool = typer.Option(False, "--allow-download", help=ALLOW_DOWNLOAD_HELP),
+) -> None:
+    """Answer predictions over HTTP: POST /predict (one pair), POST /predict/batch, GET /health, GET /model. The
+    encoders load once; each request is predicted on its own, exactly as `predict` predicts it."""
+    from ..allocator import keep_freed_memory
+    from ..serve import create_app, load_model
+    from ..stage1.encoders import allow_downloads
+
+    keep_freed_memory()
+    try:
+        import uvicorn
+    except ImportError:
+        raise ConfigError("sppscl serve needs the 'serve' extra: pip install 'sppscl[serve]'") from None
+    with allow_downloads(allow_download):
+        model = load_model(run, device)
+    console.print(f"serving {run} on http://{host}:{port} (classes: {', '.join(model.classes)}; fusion {model.fusion})", highlight=False)
+    uvicorn.run(create_app(run, model=model, max_body=max_body), host=host, port=port, log_level="info")

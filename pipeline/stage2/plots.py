@@ -42,12 +42,20 @@ def plot_curves(metrics_path: Path, out: Path) -> Path:
     """curves.png: the total loss, its terms on their own scale, dev accuracy and F1, and the step-2 firing rate per
     epoch (epochs from 1). The total is λ·CE plus the contrastive terms, so beside them it would flatten them."""
     plt = _pyplot()
+    fig = plt.figure(figsize=(18, 4.2), layout="constrained")
+    draw_curves(fig, read_metrics(metrics_path))
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def draw_curves(fig, rows: list[dict]) -> None:
+    """The four panels of curves.png on ``fig``, from metrics.jsonl's rows."""
     from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-    rows = read_metrics(metrics_path)
     epochs = [r["epoch"] for r in rows]
     mk = _marker(len(rows))
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2), layout="constrained")
+    axes = fig.subplots(1, 4)
     axes[0].plot(epochs, [r["loss_total"] for r in rows], marker=mk, color="black")
     axes[0].set_title("total training loss")
     axes[0].set_ylabel("loss (mean over batches)")
@@ -74,9 +82,6 @@ def plot_curves(metrics_path: Path, out: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     axes[2].legend(fontsize=8)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
 
 
 def row_shares(m: np.ndarray) -> np.ndarray:
