@@ -17,9 +17,9 @@ is reproducible to the last digit.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from scipy import stats as _scipy_stats
