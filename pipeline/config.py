@@ -80,7 +80,7 @@ class ExtractConfig:
     num_workers: int = -1
     dtype: str = "float16"
     device: str = "auto"
-    # the encoders' compute precision: bf16/fp16 run them under autocast (README: when bf16 is right)
+    # the encoders' compute precision: bf16/fp16 run them under autocast (docs/performance.md: when bf16 is right)
     precision: str = "fp32"
 
 

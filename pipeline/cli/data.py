@@ -14,7 +14,7 @@ from ..errors import EXIT_FAILED
 
 DATA_DIR_HELP = (
     "Dataset folder (relative to the current directory); overrides the preset's data_dir. "
-    "The public layouts (CLMLF files, HFM's and MVSA's releases) are recognised: README, Datasets."
+    "The public layouts (CLMLF files, HFM's and MVSA's releases) are recognised: docs/datasets.md."
 )
 
 data_app = typer.Typer(no_args_is_help=True, help="Inspect and check datasets before extraction.")
@@ -81,7 +81,7 @@ def extract(
     from ..stage1.encoders import allow_downloads
     from ..stage1.extract import extract as run_extract
 
-    # the commands that run the encoders set the allocator up first (README, performance notes); train does not
+    # the commands that run the encoders set the allocator up first (docs/performance.md); train does not
     keep_freed_memory()
     ranks = Ranks.from_env()
     console.quiet = not ranks.is_zero  # one report per job: rank 0's

@@ -247,7 +247,7 @@ def extract(
     if precision == "fp16" and dev.type == "cpu":
         raise ExtractionError(
             "--precision fp16 on the CPU: autocast emulates float16 there (5x slower than fp32 in our measurement); "
-            "use fp32, or bf16 (README, performance notes), or fp16 with --device cuda"
+            "use fp32, or bf16 (docs/performance.md), or fp16 with --device cuda"
         )
 
     def claim() -> CacheLock:

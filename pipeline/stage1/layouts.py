@@ -35,7 +35,7 @@ LAYOUTS_HELP = (
     "  - HFM's release: text/train.txt, text/valid2.txt, text/test2.txt, images in dataset_image/\n"
     "  - the raw MVSA release: labelResultAll.txt and data/<id>.jpg|txt\n"
     "  or the CLMLF repository's root (dataset/data/<NAME>/ is used). Another layout: set dataset.format and "
-    "dataset.splits in your own YAML file (README: Datasets)."
+    "dataset.splits in your own YAML file (docs/datasets.md)."
 )
 
 
