@@ -53,7 +53,7 @@ def extract(
     out: Optional[Path] = typer.Option(None, help="Cache file to write (default: cache/<dataset>.h5)."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP + " (preset: extract.device)"),
     batch_size: Optional[int] = typer.Option(None, min=1, help="Samples per encoder batch (preset: extract.batch_size)."),
-    limit: Optional[int] = typer.Option(None, min=1, help="Only the first N samples of each split (quick trials)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="At most N samples of each split, drawn stratified by label with a fixed seed (quick trials; recorded in the cache)."),
     on_error: str = typer.Option("stop", help="Bad sample: 'stop' (error naming file and id) or 'skip' (recorded in the cache, counted)."),
     force: bool = typer.Option(False, help="Rebuild even if a complete or different cache exists at --out."),
     workers: Optional[int] = typer.Option(
@@ -107,7 +107,9 @@ def extract(
 
 def _print_extract_summary(s) -> None:
     for note in s.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        err_console.print(f"[yellow]note:[/] {note}")
+    for warning in s.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if s.status == "up-to-date":
         console.print(f"{s.path} is complete and matches this request: nothing to do (use --force to rebuild).")
     console.print(rows_table(s.rows, f"cache {s.path} ({s.status})"))
