@@ -199,3 +199,140 @@ def test_report_from_a_study_names_the_runs_not_reachable(swept, tmp_path):
         shutil.move(str(gone), out / "runs")
     html = (tmp_path / "away.html").read_text()
     assert len(Page(html).tables[0]) == 2 and "Runs not reachable here (4)" in html and not Page(html).images
+
+
+# ------------------------------------------------------------------------------------ in a real browser
+
+
+class DevTools:
+    """Headless Chromium driven over the DevTools protocol (one websocket, flattened target sessions)."""
+
+    FLAGS = ["--headless", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+             "--no-default-browser-check", "--remote-debugging-port=0"]
+
+    def __init__(self, binary: str, profile):
+        import os
+        import subprocess
+        import time
+
+        import websocket
+
+        flags = [*self.FLAGS, f"--user-data-dir={profile}"]
+        if os.geteuid() == 0:
+            flags.append("--no-sandbox")  # Chromium refuses to start as root with its sandbox
+        self.proc = subprocess.Popen([binary, *flags, "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 60
+        while not (port_file.is_file() and len(port_file.read_text().splitlines()) >= 2):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError("chromium did not open its DevTools port")
+            time.sleep(0.1)
+        port, path = port_file.read_text().splitlines()[:2]
+        self.ws = websocket.create_connection(f"ws://127.0.0.1:{port}{path}", timeout=60, suppress_origin=True)
+        self.next_id = 0
+        self.events: list[dict] = []
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+
+    def call(self, method: str, session: str | None = None, **params) -> dict:
+        self.next_id += 1
+        msg = {"id": self.next_id, "method": method, "params": params}
+        if session:
+            msg["sessionId"] = session
+        self.ws.send(json.dumps(msg))
+        while True:
+            reply = json.loads(self.ws.recv())
+            if reply.get("id") == self.next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+            self.events.append(reply)
+
+    def page(self, method: str, **params) -> dict:
+        return self.call(method, self.session, **params)
+
+    def wait_for(self, method: str) -> dict:
+        for e in self.events:
+            if e.get("method") == method:
+                return e
+        while True:
+            e = json.loads(self.ws.recv())
+            self.events.append(e)
+            if e.get("method") == method:
+                return e
+
+    def evaluate(self, expression: str):
+        res = self.page("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        assert "exceptionDetails" not in res, res["exceptionDetails"]
+        return res["result"].get("value")
+
+    def close(self) -> None:
+        if getattr(self, "ws", None) is not None:
+            self.ws.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except Exception:  # noqa: BLE001 - a browser that will not stop is killed
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (make test installs Debian's chromium when run as root)")
+def test_report_in_headless_chromium_renders_sorts_and_loads_nothing(swept, tmp_path):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pytest.importorskip("websocket", reason="websocket-client (the test extra) is needed to talk to chromium")
+    out, _, _ = swept
+    report = out / "report.html"
+    summary = _csv(out / "summary.csv")
+    browser = DevTools(_chromium(), tmp_path / "profile")
+    try:
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            browser.page(f"{domain}.enable")
+        browser.page("Emulation.setDeviceMetricsOverride", width=1280, height=1600, deviceScaleFactor=1, mobile=False)
+        browser.page("Page.navigate", url=report.as_uri())
+        browser.wait_for("Page.loadEventFired")
+        # the expected table rows, as the browser's DOM has them
+        rows = browser.evaluate("[...document.querySelector('table.sortable').tBodies[0].rows].map(r => [...r.cells].map(c => c.textContent.trim()))")
+        assert [r[0] for r in rows] == [s["lr"] for s in summary]
+        # every chart decoded (an image that failed to load has naturalWidth 0)
+        widths = browser.evaluate("[...document.images].map(i => i.complete ? i.naturalWidth : -1)")
+        assert len(widths) == 3 and all(w > 100 for w in widths), widths
+        # the sortable table: clicking 'lr' sorts ascending as numbers, a second click descending
+        browser.evaluate("document.querySelector('table.sortable th').click()")
+        asc = browser.evaluate("[...document.querySelector('table.sortable').tBodies[0].rows].map(r => r.cells[0].textContent)")
+        browser.evaluate("document.querySelector('table.sortable th').click()")
+        desc = browser.evaluate("[...document.querySelector('table.sortable').tBodies[0].rows].map(r => r.cells[0].textContent)")
+        assert [float(x) for x in asc] == sorted(float(s["lr"]) for s in summary) and desc == asc[::-1]
+        # a screenshot that is not blank: many colours, and not one flat background
+        shot = browser.page("Page.captureScreenshot", format="png")["data"]
+        pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(shot))).convert("RGB"))
+        assert pixels.shape[0] >= 1000 and pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
+        problems = [e for e in browser.events if e.get("method") in ("Runtime.exceptionThrown",)
+                    or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))
+                    or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
+        assert not problems, problems
+        # nothing fetched but the page itself and its data: images
+        fetched = [e["params"]["request"]["url"] for e in browser.events if e.get("method") == "Network.requestWillBeSent"]
+        assert report.as_uri() in fetched
+        assert all(u == report.as_uri() or u.startswith("data:") for u in fetched), [u[:60] for u in fetched]
+        # and the page's CSP is enforced: a load its script attempts is refused before any request leaves
+        before = len(browser.events)
+        browser.evaluate("new Promise(done => { const i = new Image(); i.onerror = done; i.onload = done; i.src = 'http://127.0.0.1:9/x.png'; })")
+        browser.evaluate("new Promise(done => setTimeout(done, 200))")
+        later = browser.events[before:]
+        ids = {e["params"]["requestId"] for e in later if e.get("method") == "Network.requestWillBeSent" and "127.0.0.1:9" in e["params"]["request"]["url"]}
+        blocked = {e["params"]["requestId"] for e in later if e.get("method") == "Network.loadingFailed" and e["params"].get("blockedReason") == "csp"}
+        assert ids and ids <= blocked, later
+        assert not [e for e in later if e.get("method") == "Network.responseReceived" and e["params"]["requestId"] in ids]
+    finally:
+        browser.close()
