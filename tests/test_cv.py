@@ -188,6 +188,9 @@ def test_ensemble_averages_the_members_probabilities(two_runs, tmp_path):
         assert res["splits"][split]["n"] == len(got)
     singles = [json.loads((root / s / "results.json").read_text())["splits"]["dev"]["accuracy"] for s in ("s1", "s2")]
     assert res["members_mean"]["dev"]["accuracy"]["mean"] == pytest.approx(np.mean(singles))
+    # the pictures a single run gets: a confusion matrix per labelled split
+    labelled = [s for s, m in res["splits"].items() if "confusion_matrix" in m]
+    assert labelled and sorted(p.name for p in (tmp_path / "e").glob("confusion-*.png")) == sorted(f"confusion-{s}.png" for s in labelled)
     # the held-out split gets 95% intervals: the ensemble's own bootstrap, the members' mean a paired one; dev none
     from sppscl.stage2.stats import bootstrap_interval
 

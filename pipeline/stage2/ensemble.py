@@ -23,6 +23,7 @@ from .folds import FoldView, fold_view
 from .intervals import report_interval
 from .metrics import classification_report
 from .stats import METRICS, bootstrap_interval, bootstrap_method
+from .plots import plot_confusions
 from .runs import RunError, resolve_checkpoint, compatible, load_checkpoint, model_from_checkpoint, predict_split, write_predictions
 
 CV_KEYS = ("cv_folds", "cv_fold", "cv_seed", "cv_val_fraction")
@@ -126,6 +127,8 @@ def ensemble(runs: list[Path], cache: Path | FeatureCache, out: Path | None = No
                     results["members_mean"][name][k]["ci95"] = list(paired[k])
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
+        # the pictures a single run gets: a confusion matrix per labelled split (counts, row shares)
+        plot_confusions(results["splits"], classes, Path(out), f"ensemble of {len(members)} runs")
         (Path(out) / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
