@@ -117,7 +117,7 @@ class Service:
         """One prediction in write_output's JSONL words, plus the class order."""
         if pred.error is not None:
             return {"id": pred.id, "error": _one_line(pred.error)}
-        return {"id": pred.id, "pred": pred.label, "classes": self.classes, "probabilities": {c: float(x) for c, x in zip(self.classes, pred.probs)}}
+        return {"id": pred.id, "pred": pred.pred, "classes": self.classes, "probabilities": {c: pred.probs[c] for c in self.classes}}
 
     def predict(self, uploads: list[Upload], single: bool) -> list[dict]:
         """Predict these pairs together, in order, as ``predict`` predicts a file of them (one pair: a batch of one).

@@ -13,13 +13,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, SppsclError, atomic_write, disk_full, is_disk_full
+from ..errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, SppsclError, disk_full, is_disk_full
 
 # one default for sweep and reproduce: every mean they print is over the same three seeds unless told otherwise
 DEFAULT_SEEDS = "1,2,3"
 DEVICE_HELP = "cpu, cuda, cuda:N or auto (the GPU when there is one)."
 ALLOW_DOWNLOAD_HELP = "Let missing encoder weights download (torchvision, Hugging Face hub); also SPPSCL_ALLOW_DOWNLOAD=1."
 OUT_JSON_HELP = "Print the results as one JSON document on stdout (and nothing else there)."
+WHICH_HELP = "For a run folder: its best checkpoint (selected on dev) or its last (the last epoch's)."
 STORAGE_HELP = "A shared Optuna study storage, e.g. postgresql://USER@HOST/DB: any number of machines run the same command, each run trains once."
 
 console = Console(stderr=False)
@@ -49,7 +50,12 @@ def rows_table(rows: dict[str, int], title: str) -> Table:
 
 
 def print_results(results: dict, title: str = "best checkpoint") -> None:
+    """A finished run's table, then the baselines its dev accuracy is read against."""
+    from ..stage2.baselines import baseline_lines
+
     console.print(split_table(results["splits"], f"{title} (epoch {results['best_epoch']}, selected on dev accuracy)"))
+    for line in baseline_lines(results):
+        console.print(f"reference: {line}", highlight=False, soft_wrap=True)
 
 
 def metric_cell(m: dict, key: str) -> str:
@@ -77,18 +83,6 @@ def emit_json(obj: dict) -> None:
     """Machine-readable results: one JSON document on stdout, nothing else there."""
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
     sys.stdout.flush()
-
-
-def save_results(out: Path, results: dict, what: str) -> Path:
-    """``out`` ending in .json: the results there, alone. Otherwise ``out`` is a folder: results.json and a
-    confusion-<split>.png per labelled split. Returns the JSON's path."""
-    from ..stage2.plots import plot_confusions
-
-    path = out if json_file(out) else out / "results.json"
-    atomic_write(path, json.dumps(results, indent=2), "the results")
-    if not json_file(out):
-        plot_confusions(results["splits"], results["classes"], out, what)
-    return path
 
 
 def json_file(out: Path) -> bool:

@@ -77,22 +77,19 @@ def extract(
 
     Under torchrun (--nproc-per-node, --nnodes) the ranks fill one cache together."""
     from ..allocator import keep_freed_memory
-    from ..stage1.distributed import PeerFailed, Ranks, Shard
-    from ..stage1.encoders import allow_downloads
-    from ..stage1.extract import extract as run_extract
+    from ..api import extract as run_extract
+    from ..stage1.distributed import PeerFailed, Ranks
 
     # the commands that run the encoders set the allocator up first (docs/performance.md); train does not
     keep_freed_memory()
     ranks = Ranks.from_env()
     console.quiet = not ranks.is_zero  # one report per job: rank 0's
     try:
-        cfg = stage1_config(config, set_, **{"encoders.image": image_encoder, "encoders.text": text_encoder, "extract.precision": precision})
-        out = out or Path("cache") / f"{cfg.dataset.name}.h5"
-        part = Shard.parse(shard) if shard else None
-        with allow_downloads(allow_download):
-            s = run_extract(
-                cfg, out, data_dir, device, batch_size, limit, on_error, force, workers, progress=not quiet, console=err_console, shard=part
-            )
+        s = run_extract(
+            config, out, overrides=set_, data_dir=data_dir, limit=limit, device=device, batch_size=batch_size, on_error=on_error, force=force,
+            workers=workers, precision=precision, image_encoder=image_encoder, text_encoder=text_encoder, allow_download=allow_download,
+            progress=not quiet, console=err_console, shard=shard,
+        )
     except BaseException as e:  # noqa: BLE001 - under torchrun, say which rank failed (main() handles a single process)
         if not ranks.distributed:
             raise

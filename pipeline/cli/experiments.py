@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..config import ConfigError
 from ..report import record_command
-from .console import DEFAULT_SEEDS, DEVICE_HELP, STORAGE_HELP, console, err_console, split_table, state
+from .console import DEFAULT_SEEDS, DEVICE_HELP, STORAGE_HELP, WHICH_HELP, console, err_console, split_table, state
 from .options import train_config
 
 sweep_app = typer.Typer(
@@ -46,20 +46,22 @@ def sweep(
     """Many stage-two runs from one cache: a grid or a random/TPE search, x seeds, resumable; tables mean ± std over seeds."""
     if ctx.invoked_subcommand is not None:
         return
-    from ..stage2.ensemble import ensemble_table, seed_ensembles, write_ensemble_summary
+    from ..api import sweep as run_sweep
+    from ..stage2.ensemble import ensemble_table
     from ..stage2.sweeps import Execution, default_sweep_dir, parse_devices, parse_seeds, print_summary
-    from ..stage2.sweeps import sweep as run_sweep
 
     if cache is None:
         raise ConfigError("sppscl sweep needs --cache (or: sppscl sweep summary ... for the tables of a finished sweep)")
-    cfg = train_config(cache, config, set_, None, device, "sweep")
+    cfg = train_config(cache, config, set_, None, device, "sweep")  # a bad --set stops here, before the folder is made
     execution = Execution(jobs, parse_devices(devices), runs_per_device, storage, study, heartbeat)
     out = out or (Path("sweeps") / study if study else default_sweep_dir(cache, config, set_, grid, space, random_, sampler))
     console.print(f"sweep directory: {out}" + (f" (study {study} in {storage})" if storage else ""))
     record_command(out, state.argv)
-    result = run_sweep(cache, cfg, out, grid, space, random_, sampler, parse_seeds(seeds), execution, progress=not quiet, console=err_console)
-    ensembles = seed_ensembles(result, cache, out / "ensembles")
-    write_ensemble_summary(out, result, ensembles)
+    result = run_sweep(
+        cache, out, grid=grid, space=space, n_random=random_, sampler=sampler, seeds=parse_seeds(seeds), config=cfg, execution=execution,
+        progress=not quiet, console=err_console,
+    )
+    ensembles = result.ensembles
     print_summary(result, console)
     if ensembles:
         head, body = ensemble_table(result, ensembles)
@@ -150,16 +152,19 @@ def cv(
 ) -> None:
     """Cross-validated estimate: K folds x seeds, each selected on a validation part of its training folds and scored on
     the held-out fold; mean ± std, seed ensembles, and the probe on the same folds."""
-    from ..stage2.cv import cross_validate, print_cv
+    from ..api import cv as run_cv
+    from ..stage2.cv import print_cv
     from ..stage2.sweeps import Execution, default_sweep_dir, parse_seeds
 
-    cfg = train_config(cache, config, set_, None, device, "cv")
+    cfg = train_config(cache, config, set_, None, device, "cv")  # a bad --set stops here, before the folder is made
     # seeds are not part of the name: rerunning with more seeds reuses the finished ones
     d = default_sweep_dir(cache, "cv", folds, config, set_)
     out = out or d.with_name(f"{cache.stem}-cv{folds}-{d.name.rsplit('-', 1)[1]}")
     console.print(f"cv directory: {out}")
     record_command(out, state.argv)
-    result = cross_validate(cache, cfg, out, folds, parse_seeds(seeds), execution=Execution(jobs), progress=not quiet, console=err_console)
+    result = run_cv(
+        cache, out, folds=folds, seeds=parse_seeds(seeds), config=cfg, execution=Execution(jobs), progress=not quiet, console=err_console,
+    )
     print_cv(result, console)
     folder_report(out)
     if result.sweep.failed:
@@ -167,16 +172,17 @@ def cv(
 
 
 def ensemble(
-    runs: list[Path] = typer.Argument(..., help="Run directories (their best checkpoint) or checkpoint files; same encoders and classes."),
+    runs: list[Path] = typer.Argument(..., help="Run directories (their best checkpoint, or --which last) or checkpoint files; same encoders and classes."),
     cache: Path = typer.Option(..., help="A cache extracted like the members' (for CV runs: the same cache, evaluated on their fold)."),
-    out: Optional[Path] = typer.Option(None, help="Write results.json and predictions-<split>.csv here."),
+    out: Optional[Path] = typer.Option(None, help="Write results.json, predictions-<split>.csv and the model card (README.md) here."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    which: str = typer.Option("best", "--which", help=WHICH_HELP),
 ) -> None:
     """Average the class probabilities of several runs; metrics on every labelled split, predictions for every split."""
     from ..stage2.ensemble import ensemble as run_ensemble
     from ..stage2.sweeps import cell
 
-    res = run_ensemble(runs, cache, out, device)
+    res = run_ensemble(runs, cache, out, device, which)
     console.print(split_table(res["splits"], f"ensemble of {len(res['members'])} runs (mean class probabilities)"))
     single = Table(
         title="the members alone: mean ± std",
@@ -191,4 +197,4 @@ def ensemble(
         cvd = res["cv"]
         console.print(f"cross-validation fold {cvd['fold']} of {cvd['folds']}: " + "; ".join(f"{k} = {v}" for k, v in cvd["splits"].items()), highlight=False)
     if out is not None:
-        console.print(f"written: {out / 'results.json'}, {out}/predictions-<split>.csv")
+        console.print(f"written: {out / 'results.json'}, {out}/predictions-<split>.csv, model card {out / 'README.md'}")

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..config import ConfigError
 from ..errors import check_writable_dir
-from .console import ALLOW_DOWNLOAD_HELP, DEVICE_HELP, console, err_console
+from .console import ALLOW_DOWNLOAD_HELP, DEVICE_HELP, WHICH_HELP, console, err_console
 
 checkpoint_app = typer.Typer(no_args_is_help=True, help="Checkpoints: convert the .pt files of older sppscl versions.")
 
@@ -19,7 +19,7 @@ checkpoint_app = typer.Typer(no_args_is_help=True, help="Checkpoints: convert th
 def predict(
     checkpoint: list[Path] = typer.Option(
         ...,
-        help="A run folder (its best checkpoint) or a checkpoint (RUN/best.safetensors; a legacy RUN/best.pt loads too); repeat it to average several "
+        help="A run folder (its best checkpoint, or --which last) or a checkpoint (RUN/best.safetensors; a legacy RUN/best.pt loads too); repeat it to average several "
         "(same encoders and classes) into an ensemble.",
     ),
     image: Optional[Path] = typer.Option(None, help="One pair: its image file (with --text)."),
@@ -35,6 +35,7 @@ def predict(
     ),
     allow_download: bool = typer.Option(False, "--allow-download", help=ALLOW_DOWNLOAD_HELP),
     quiet: bool = typer.Option(False, help="No progress bar."),
+    which: str = typer.Option("best", "--which", help=WHICH_HELP),
 ) -> None:
     """Predict new image-text pairs with the encoders that built the checkpoint's cache, then its heads."""
     from ..allocator import keep_freed_memory
@@ -54,7 +55,7 @@ def predict(
         check_writable_dir(out.parent, "the predictions")
     pairs = [Pair(image.name, text, image)] if single else read_pairs(input_)
     with allow_downloads(allow_download):
-        predictor = Predictor(checkpoint, device)
+        predictor = Predictor(checkpoint, device, which)
     note = predictor.fusion_note(single)
     if note:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
@@ -63,15 +64,15 @@ def predict(
         write_output(out, preds, predictor.classes)
     classes = predictor.classes
     if single and preds[0].error is None:
-        console.print(f"pred: [bold]{preds[0].label}[/]")
+        console.print(f"pred: [bold]{preds[0].pred}[/]")
     t = Table(title=f"predictions of {', '.join(map(str, checkpoint))}" + (" (mean class probabilities)" if len(checkpoint) > 1 else ""))
     for col in ("id", "pred", *classes, "error"):
         t.add_column(col, justify="right" if col in classes else "left")
     if single or out is None:
         for p in preds:
-            probs = [f"{x:.4f}" for x in p.probs] if p.error is None else [""] * len(classes)
+            probs = [f"{p.probs[c]:.4f}" for c in classes] if p.error is None else [""] * len(classes)
             error = "" if p.error is None else f"line {p.line}: {p.error}" if p.line else p.error
-            t.add_row(escape(p.id), p.label or "", *probs, escape(error))
+            t.add_row(escape(p.id), p.pred or "", *probs, escape(error))
         console.print(t)
     failed = sum(p.error is not None for p in preds)
     if out is not None:
@@ -81,18 +82,21 @@ def predict(
 
 
 def analyze(
-    checkpoint: Path = typer.Option(..., help="A run folder (its best checkpoint) or a checkpoint (RUN/best.safetensors; a legacy RUN/best.pt loads too)."),
+    checkpoint: Path = typer.Option(
+        ..., help="A run folder (its best checkpoint, or --which last) or a checkpoint (RUN/best.safetensors; a legacy RUN/best.pt loads too)."
+    ),
     cache: Path = typer.Option(..., help="A cache built with the checkpoint's encoders."),
     split: str = typer.Option("dev", help="A labelled split of the cache."),
     out: Optional[Path] = typer.Option(None, help="Folder for analysis.json and the PNGs (default: RUN/analysis-<split>)."),
     compare: Optional[Path] = typer.Option(None, help="A second checkpoint (e.g. an ablation) as the reference, instead of the untrained heads."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    which: str = typer.Option("best", "--which", help=WHICH_HELP + " Also for --compare."),
 ) -> None:
     """The paper's diagnostics: IID/TTD/ITD same-label distances, t-SNE of the fused features, step-2 firing rate."""
     from ..stage2.analyze import analyze as run_analyze
     from ..stage2.analyze import render_analysis
 
-    result = run_analyze(checkpoint, cache, split, out, compare, device)
+    result = run_analyze(checkpoint, cache, split, out, compare, device, which=which)
     render_analysis(result.report, console)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)

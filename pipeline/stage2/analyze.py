@@ -274,16 +274,17 @@ def analyze(
     compare: Path | None = None,
     device: str = "auto",
     tsne: bool = True,
+    which: str = "best",
 ) -> Analysis:
     """Distances, t-SNE, distance histograms and the step-2 firing rate for ``checkpoint`` on ``cache:split``,
     next to the untrained heads (or ``compare``). Writes ``analysis.json`` and PNGs into ``out_dir``
     (default ``<run dir>/analysis-<split>``)."""
-    checkpoint = resolve_checkpoint(checkpoint)  # a run folder means its best checkpoint
+    checkpoint = resolve_checkpoint(checkpoint, which)  # a run folder means its best (or last) checkpoint
     ckpt = load_checkpoint(checkpoint)
     fc = FeatureCache(cache)
     refs = [(checkpoint, ckpt)]
     if compare is not None:
-        compare = resolve_checkpoint(compare)
+        compare = resolve_checkpoint(compare, which)
         refs.append((compare, load_checkpoint(compare)))
     for path, c in refs:
         diffs = compatible(fc.provenance, c["cache_provenance"])

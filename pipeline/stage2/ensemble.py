@@ -19,6 +19,8 @@ import torch
 from ..cache import FeatureCache, SplitData, diff_provenance
 from ..config import Config
 from ..devices import resolve_device
+from ..errors import atomic_write, check_writable_dir
+from .card import write_ensemble_card
 from .folds import FoldView, fold_view
 from .intervals import report_interval
 from .metrics import classification_report
@@ -39,14 +41,15 @@ class Member:
     provenance: dict  # of the cache the member was trained on
 
 
-def load_members(runs: list[Path], device: torch.device, same_fold: bool = True) -> list[Member]:
-    """Every run's best checkpoint, refused together unless they see the same features and classes (and, when they
-    are to be evaluated on a cache, ``same_fold``: the same CV fold; models of different folds may predict new pairs)."""
+def load_members(runs: list[Path], device: torch.device, same_fold: bool = True, which: str = "best") -> list[Member]:
+    """Every run's ``which`` checkpoint (a checkpoint file is taken as it is), refused together unless they see the same
+    features and classes (and, when they are to be evaluated on a cache, ``same_fold``: the same CV fold; models of
+    different folds may predict new pairs)."""
     if not runs:
         raise RunError("an ensemble needs at least one run directory or checkpoint")
     members = []
     for run in runs:
-        path = resolve_checkpoint(run)
+        path = resolve_checkpoint(run, which)
         ckpt = load_checkpoint(path)
         model, cfg = model_from_checkpoint(ckpt, device)
         members.append(Member(path, model, cfg, list(ckpt["classes"]), ckpt["cache_provenance"]))
@@ -86,17 +89,22 @@ def average_probs(members: list[Member], split: SplitData, device: torch.device)
     return {"rows": split.rows, "probs": mean, "pred": mean.argmax(-1) if len(mean) else np.zeros(0, np.int64), "members": probs}
 
 
-def ensemble(runs: list[Path], cache: Path | FeatureCache, out: Path | None = None, device: str = "cpu") -> dict:
-    """Evaluate the average of ``runs`` on every labelled split of ``cache`` (or the members' CV fold of it); with
-    ``out``, write ``results.json`` and ``predictions-<split>.csv`` (the columns of a single run's) there."""
+def ensemble(runs: list[Path], cache: Path | FeatureCache, out: Path | None = None, device: str = "cpu", which: str = "best") -> dict:
+    """Evaluate the average of ``runs`` (their ``which`` checkpoints) on every labelled split of ``cache`` (or the
+    members' CV fold of it); with ``out``, write ``results.json``, ``predictions-<split>.csv`` (the columns of a single
+    run's) and the model card there."""
+    if out is not None:
+        check_writable_dir(Path(out), "the ensemble's results")
     dev = resolve_device(device)
-    members = load_members(runs, dev)
+    members = load_members(runs, dev, which=which)
     fc = cache if isinstance(cache, (FeatureCache, FoldView)) else FeatureCache(cache)
     view = member_view(fc.base if isinstance(fc, FoldView) else fc, members)
     classes = members[0].classes
+    first_provenance = members[0].provenance
     results: dict = {
         "members": [str(m.path) for m in members],
-        "how": "mean of the members' class probabilities; each member's best dev checkpoint",
+        "how": f"mean of the members' class probabilities; each member's {which} checkpoint"
+        + (" (selected on dev)" if which == "best" else " (of its last epoch)"),
         "classes": classes,
         "splits": {},
         "members_mean": {},
@@ -126,10 +134,10 @@ def ensemble(runs: list[Path], cache: Path | FeatureCache, out: Path | None = No
                 for k in METRICS:
                     results["members_mean"][name][k]["ci95"] = list(paired[k])
     if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
         # the pictures a single run gets: a confusion matrix per labelled split (counts, row shares)
         plot_confusions(results["splits"], classes, Path(out), f"ensemble of {len(members)} runs")
-        (Path(out) / "results.json").write_text(json.dumps(results, indent=2))
+        atomic_write(Path(out) / "results.json", json.dumps(results, indent=2), "the ensemble's results")
+        write_ensemble_card(Path(out), results, first_provenance)
     return results
 
 

@@ -80,3 +80,4 @@ def run_probe(cache_path, seed: int = 0, modalities: str = "both", c_grid=C_GRID
         else:
             out["splits"][name] = {"n": int(len(s.rows)), "labels": "none: predictions only"}
     return out
+

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ class SweepResult:
     failed: list[str]
     primary_f1: str
     seeds: list[int]
+    # configuration slug -> the ensemble of its seeds (``sppscl sweep``: ensembles/<slug>/, ensembles.md)
+    ensembles: dict[str, dict] = field(default_factory=dict)
 
 
 def read_run(run_dir: Path, status: str, error: str, wall_s: float | None) -> dict:
