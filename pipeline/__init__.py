@@ -5,7 +5,7 @@ The Python API (docs/api.md)::
     import sppscl
     model = sppscl.load("runs/my-run")                      # a run folder or a checkpoint file
     (p,) = model.predict([("photo.jpg", "what a day")])    # image: str, Path, bytes or a PIL image
-    p.pred, p.probs                                          # "positive", {"negative": 0.1, ...}
+    p.pred, p.probs                                          # "positive", {"positive": 0.91, "neutral": 0.06, ...}
 
 and the stages the ``sppscl`` command runs: ``extract``, ``train``, ``evaluate``, ``probe``, ``sweep``, ``cv``.
 Names are imported on first use, so ``import sppscl`` loads neither torch nor the encoders.
