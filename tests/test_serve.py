@@ -158,3 +158,11 @@ def test_streamed_body_over_the_limit_is_413(served):
 
     r = httpx.post(f"{url}/predict", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and "over the limit" in r.json()["detail"]
+
+
+def test_serve_command_refuses_a_missing_run_in_one_line(tmp_path, capsys):
+    from sppscl.cli import main
+
+    assert main(["serve", str(tmp_path / "nope"), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {tmp_path / 'nope'}: no such run folder or checkpoint"
