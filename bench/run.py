@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from . import caching, compute, extraction, loader, ranks, scale, serving, sweeps
+from . import caching, compute, extraction, loader, ranks, scale, sweeps
 from .common import Context, Section, default_threads, load_average, machine_info, markdown, rich_table, write_json
 from .profiles import FULL, QUICK
 
@@ -33,10 +33,9 @@ RUNNERS = {
     "scale": scale.run,
     "compute": compute.run,
     "sweeps": sweeps.run,
-    "serve": serving.run,
 }
 # Table order: the issue's.
-TABLE_ORDER = ["caching", "extraction", "ranks", "loader", "scale", "compute", "sweeps", "serve"]
+TABLE_ORDER = ["caching", "extraction", "ranks", "loader", "scale", "compute", "sweeps"]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -106,8 +106,11 @@ def check_writable_dir(folder: Path, what: str) -> None:
         raise OutputError(f"cannot write {what} in {folder}: {p} is not writable. Choose another location or fix its permissions.")
 
 
-def atomic_write(path: Path, data: bytes | str, what: str, resume: str = "rerun the same command") -> None:
+def atomic_write(path: Path, data: bytes | str, what: str, resume: str = "rerun the same command", shared: bool = False) -> None:
     """Write ``data`` to ``path`` all or nothing: a temporary file, fsync, then rename over ``path``.
+
+    ``shared``: several processes may write ``path`` at once (a runs folder's cache record, a probe result shared
+    by two commands): each gets its own temporary file, so neither renames the other's away.
 
     On any write failure the temporary file is removed (so no stray file confuses the next run), the old
     ``path`` is untouched, and the error names ``path``; a full disk says how many bytes were needed.
@@ -115,7 +118,7 @@ def atomic_write(path: Path, data: bytes | str, what: str, resume: str = "rerun 
     path = Path(path)
     # a lone surrogate (from JSON's \\ud800) is written escaped rather than failing the whole file
     raw = data.encode("utf-8", errors="backslashreplace") if isinstance(data, str) else data
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp" if shared else path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:

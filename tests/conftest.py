@@ -47,6 +47,25 @@ def tiny_cache(tmp_path_factory) -> tuple[Path, Config]:
     return root / "tiny.h5", cfg
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for the shared-study tests, in a temporary folder, stopped at the end (skips when
+    PostgreSQL is not installed)."""
+    import sys
+
+    sys.path.insert(0, str(REPO))  # bench/ is not installed with the package
+    from bench.postgres import PostgresUnavailable, TempPostgres
+
+    pg = TempPostgres()
+    try:
+        pg.start()
+    except PostgresUnavailable as e:
+        pg.stop()
+        pytest.skip(f"PostgreSQL tests skipped: {e}")
+    yield pg.url
+    pg.stop()
+
+
 def interrupt_on_call(monkeypatch, module, name: str, n: int):
     """Make ``module.name`` raise KeyboardInterrupt on its ``n``-th call (a crash at a chosen point of a run);
     returns the real function, to put back with ``monkeypatch.setattr(module, name, real)``."""

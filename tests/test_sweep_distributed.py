@@ -33,22 +33,6 @@ SMALL = ["--grid", "fusion=batch,concat", "--seeds", "1,2", "--set", "epochs=4"]
 SMALL_RUNS = {f"fusion-{f}-seed{s}" for f in ("batch", "concat") for s in (1, 2)}
 
 
-@pytest.fixture(scope="module")
-def postgres():
-    """A PostgreSQL server for this module's tests, in a temporary folder, stopped at the end."""
-    sys.path.insert(0, str(REPO))  # bench/ is not installed with the package
-    from bench.postgres import PostgresUnavailable, TempPostgres
-
-    pg = TempPostgres()
-    try:
-        pg.start()
-    except PostgresUnavailable as e:
-        pg.stop()
-        pytest.skip(f"PostgreSQL tests skipped: {e}")
-    yield pg.url
-    pg.stop()
-
-
 @pytest.fixture
 def preset(tiny_cache, tmp_path):
     path, cfg = tiny_cache
@@ -76,7 +60,7 @@ def _trained(study: optuna.Study) -> dict[str, list]:
 
 
 def test_grid_sampler_hands_one_point_twice_and_claim_keeps_one(postgres):
-    """GridSampler gives a running point to the next worker once every point has started; only the first trains it."""
+    """Two trials holding one run (two machines queued it, or a search drew it twice): only the first trains it."""
     storage = open_storage(postgres, Path("."), heartbeat=1)
     study = optuna.create_study(storage=storage, study_name="claim-rule", sampler=optuna.samplers.GridSampler({"seed": [7]}))
     first, second = study.ask(), study.ask()
@@ -144,7 +128,11 @@ def test_killed_process_run_is_trained_again_by_the_other(postgres, preset, tmp_
             trials = optuna.load_study(study_name="kill-one", storage=storage).get_trials(deepcopy=False)
         except KeyError:
             continue  # not created yet
-        mine = [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("pid") == victim.pid]
+        # training for real (not a duplicate trial about to step aside): its run folder has its configuration
+        mine = [
+            t for t in trials
+            if t.state == TrialState.RUNNING and t.user_attrs.get("pid") == victim.pid and (tmp_path / "a" / "runs" / t.user_attrs["run"] / "config.json").exists()
+        ]
         if mine:
             killed_run = mine[0].user_attrs["run"]
             victim.send_signal(signal.SIGKILL)
@@ -155,9 +143,13 @@ def test_killed_process_run_is_trained_again_by_the_other(postgres, preset, tmp_
     study = optuna.load_study(study_name="kill-one", storage=storage)
     trained = _trained(study)
     assert set(trained) == SMALL_RUNS and all(len(ts) == 1 for ts in trained.values())
-    # the killed trial was failed by the heartbeat check and retried, by the survivor
-    retries = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") is not None]
-    assert any(t.user_attrs["run"] == killed_run for t in retries)
+    # the killed trial was failed by the heartbeat check (not by a timer) and its run queued again as a new named trial
+    trials = study.get_trials()
+    (killed,) = [t for t in trials if t.user_attrs.get("pid") == victim.pid and t.user_attrs.get("run") == killed_run]
+    assert killed.state == TrialState.FAIL and "status" not in killed.user_attrs
+    assert any(t.user_attrs["run"] == killed_run and t.number > killed.number and "fixed_params" in t.system_attrs for t in trials), [
+        (t.number, t.state.name, t.user_attrs.get("run"), t.user_attrs.get("pid"), t.user_attrs.get("duplicate_of")) for t in trials
+    ]
     assert trained[killed_run][0].user_attrs["pid"] == survivor.pid
 
 

@@ -17,8 +17,7 @@ import numpy as np
 
 from ..cache import SKIPPED, WRITTEN, CacheError, CacheFiller, FeatureShapes, SplitPlan, create_cache, diff_provenance, finalize_cache, read_provenance
 from ..progress import make_progress
-from .distributed import Shard
-from .lock import CacheLock
+from .distributed import CacheLock, Shard
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """Running a sweep: the study, the worker processes (on CPU cores or GPUs), one progress bar, the tables.
 
 Each (configuration, seed) is one ``train`` run in ``<runs>/<config-slug>-seed<N>/`` and one trial of the
-sweep's Optuna study. Rerunning the same command trains only what is missing: finished runs are kept, failed
-ones and ones an interrupted sweep left running are trained again. Any number of machines can run the same
-command against one ``--storage`` study; each run is trained once across all of them.
+sweep's Optuna study, queued with its name before any worker starts. Rerunning the same command trains only
+what is missing: finished runs are kept; every failed run, every one an interrupted sweep left running and
+every one never started is queued again by that one command. Any number of machines can run the same command
+against one ``--storage`` study; each run is trained once across all of them. Run directories shared by
+several sweeps (the tables of ``reproduce``, ``cv``) have one owner at a time (``stage2/ownership.py``).
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from rich.markup import escape
 
 from ...cache import FeatureCache, default_memory_budget, diff_provenance
 from ...config import Config, ConfigError
+from ...errors import atomic_write
 from ...progress import make_progress
 from .plans import ListPlan, SearchPlan, run_name
 from .spec import SweepError, run_config
-from .study import DEFAULT_HEARTBEAT, LOCAL_STUDY_FILE, all_trials, by_run, fail_running, open_storage, open_study, outcome, requeue_unfinished
+from .study import DEFAULT_HEARTBEAT, LOCAL_STUDY_FILE, all_trials, by_run, fail_running, open_storage, open_study, outcome, requeue
 from .tables import SweepResult, aggregate, first_line, study_rows, write_csv, write_summary
 from .worker import PLACEMENT_KEYS, SharedCache, WorkerSpec, check_finished_run, cpu_count, work, worker_main
 
@@ -108,8 +111,8 @@ def check_cache(runs_dir: Path, cache: FeatureCache) -> None:
         if diffs:
             raise SweepError(f"{runs_dir} holds runs trained on another cache than {cache.path}:\n  " + "\n  ".join(diffs) + "\nuse another --out")
         return
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"path": str(cache.path), "provenance": cache.provenance}, indent=2))
+    # atomic: two commands starting on one runs folder (two tables, cv beside reproduce --cv) may both write it
+    atomic_write(record, json.dumps({"path": str(cache.path), "provenance": cache.provenance}, indent=2), "the runs folder's cache record", shared=True)
 
 
 def study_meta(plan: ListPlan | SearchPlan, base_cfg: Config, cache: FeatureCache, keys: list[str], primary: str) -> dict:
@@ -156,7 +159,8 @@ def run_configs(
         if local:
             # this folder's lock is ours: whatever its study says is running was left by a sweep that died
             fail_running(study, "the sweep running this run was interrupted (killed or crashed) before it finished")
-        requeue_unfinished(study, local, lambda t: plan.params(t.user_attrs["overrides"], t.user_attrs["seed"]))
+        # what a rerun does: every run not finished and not held by a live trial is queued again, each as one trial
+        requeue(study, plan, local, include_failed=True)
         invocation = uuid.uuid4().hex
         trials = all_trials(study)
         todo = sum(t.state.name == "WAITING" for t in trials) + plan.fresh(trials)
@@ -177,6 +181,10 @@ def run_configs(
                     work(replace(spec, device=device, threads=0), cache, after_trial=report)
                 else:
                     _run_processes(spec, n_workers, execution.devices, study, local, report)
+            if local:
+                # every worker is gone and the folder is ours: a trial still running lost its worker between taking
+                # the trial and saying who it is; it is recorded failed (the table says so) and the next command retries it
+                fail_running(study, "the worker running this run died before it recorded its outcome")
             report()
         trials = all_trials(study)
 

@@ -1,8 +1,10 @@
-"""What a sweep's study samples: a list of configurations (a grid, a paper table) or draws over a search space.
+"""What a sweep runs: a list of configurations (a grid, a paper table) or draws over a search space, times seeds.
 
-A plan says how a trial picks its run (configuration and seed), which sampler hands out configurations, how
-many runs there are still to start, and in which order the runs form the table. Both plans are picklable, so
-the worker processes get the same one.
+A plan says which runs exist (``ordered``: every one the study knows of, in table order; ``study.requeue``
+queues each as one named trial), how a trial reads or picks its run (``choose``), which sampler draws new
+configurations, and how many draws are still to make (``fresh``). A list plan's runs are all known up front,
+so every one of its trials is queued with its run named; only a search makes trials with a sampler (its
+draws). Both plans are picklable, so the worker processes get the same one.
 """
 
 from __future__ import annotations
@@ -14,19 +16,15 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from .spec import SAMPLERS, SpaceDim, config_slug
-from .study import by_run, is_queued
-
-
-def run_name(overrides: dict[str, Any], seed: int) -> str:
-    return f"{config_slug(overrides)}-seed{seed}"
+from .spec import SAMPLERS, SpaceDim, config_slug, run_name
+from .study import is_queued
 
 
 class ListPlan:
-    """Every configuration of a list times every seed, each (configuration, seed) one grid point of Optuna's GridSampler.
+    """Every configuration of a list times every seed, each (configuration, seed) one run queued as its own trial.
 
-    The grid is over the configuration's index and the seed, so any list (a grid's product, a paper table's
-    variants) is a grid to the sampler. Configurations that are equal (same overrides) are kept once."""
+    Any list (a grid's product, a paper table's variants, CV folds) is run the same way. Configurations that are
+    equal (same overrides) are kept once. A trial's params are the configuration's index and the seed."""
 
     kind = "grid"
 
@@ -43,10 +41,11 @@ class ListPlan:
         return "grid-" + hashlib.sha1(json.dumps(self.meta(), sort_keys=True, default=str).encode()).hexdigest()[:10]
 
     def sampler(self, worker: int) -> optuna.samplers.BaseSampler:
-        # the same seed in every process: GridSampler's shuffled order (trial number -> point) must agree everywhere
-        return optuna.samplers.GridSampler({"config": list(range(len(self.configs))), "seed": self.seeds}, seed=0)
+        # every trial is queued with fixed params: the sampler never chooses anything
+        return optuna.samplers.RandomSampler(seed=worker)
 
     def choose(self, trial: Trial, frozen: FrozenTrial) -> tuple[dict, int, bool]:
+        """The run a queued trial was created for (its params are recorded for the study's readers)."""
         index = trial.suggest_categorical("config", list(range(len(self.configs))))
         return self.configs[index], trial.suggest_categorical("seed", self.seeds), False
 
@@ -54,12 +53,10 @@ class ListPlan:
         return {"config": self.configs.index(overrides), "seed": seed}
 
     def surplus(self, number: int, trials: list[FrozenTrial]) -> bool:
-        return False  # a grid trial beyond the grid picks a point already held, and claim() steps it aside
+        return True  # a trial the sampler made (two workers asked for the last queued one): it holds no run
 
     def fresh(self, trials: list[FrozenTrial]) -> int:
-        """Runs no trial has taken yet."""
-        held = by_run(trials)
-        return sum(run_name(c, s) not in held for c, s in self.runs)
+        return 0  # nothing is drawn: every run is queued by study.requeue
 
     def total(self, trials: list[FrozenTrial]) -> int:
         return len(self.runs)
@@ -73,7 +70,8 @@ class SearchPlan:
 
     A drawn trial runs the first seed and queues the others (so they train in parallel); every run's value is its
     dev accuracy, so TPE sees each seed as one observation of its configuration. A configuration drawn twice
-    shares the runs of the first draw."""
+    shares the runs of the first draw. A draw that dies before it has announced its run holds nothing and is
+    not counted: another draw replaces it."""
 
     kind = "search"
 
@@ -92,21 +90,22 @@ class SearchPlan:
 
     def sampler(self, worker: int) -> optuna.samplers.BaseSampler:
         # workers draw from different streams; the seed is fixed so a local one-worker search is reproducible
-        seed = (1009 * worker + 1) % 2**32
+        seed = (1009 * worker + 1) % 2**32  # `worker` is the worker's stream, offset by the study's progress
         return optuna.samplers.RandomSampler(seed=seed) if self.sampler_name == "random" else optuna.samplers.TPESampler(seed=seed)
 
     def choose(self, trial: Trial, frozen: FrozenTrial) -> tuple[dict, int, bool]:
+        # a queued trial's suggestions return its fixed params: the sampler sees it as an observation of its configuration
         overrides = {name: dim.suggest(trial) for name, dim in self.space.items()}
-        if is_queued(frozen) and "seed" in frozen.user_attrs:
-            return overrides, frozen.user_attrs["seed"], bool(frozen.user_attrs.get("draw"))
+        if is_queued(frozen):
+            return overrides, frozen.user_attrs["seed"], False
         return overrides, self.seeds[0], True
 
     def params(self, overrides: dict, seed: int) -> dict:
         return dict(overrides)
 
     def _draws(self, trials: list[FrozenTrial]) -> list[FrozenTrial]:
-        # sampler-made trials are draws, except those given up before choosing a configuration
-        return [t for t in trials if not is_queued(t) and not (t.state == TrialState.FAIL and "run" not in t.user_attrs)]
+        # sampler-made trials that announced a run, or are still choosing one; one that died choosing is no draw
+        return [t for t in trials if not is_queued(t) and ("run" in t.user_attrs or t.state == TrialState.RUNNING)]
 
     def surplus(self, number: int, trials: list[FrozenTrial]) -> bool:
         """Trial ``number`` was made after the n-th draw (two workers asked at once for the last one)."""
@@ -122,6 +121,6 @@ class SearchPlan:
         """Drawn configurations in the order of their first draw, seeds inner."""
         configs: dict[str, dict] = {}
         for t in sorted(trials, key=lambda t: t.number):
-            if t.user_attrs.get("draw") and "overrides" in t.user_attrs:
+            if t.user_attrs.get("draw") and "run" in t.user_attrs:  # "run" is announced last: the rest is there
                 configs.setdefault(config_slug(t.user_attrs["overrides"]), t.user_attrs["overrides"])
         return [(c, s) for c in configs.values() for s in self.seeds]

@@ -154,6 +154,11 @@ def config_slug(overrides: dict[str, Any]) -> str:
     return slug
 
 
+def run_name(overrides: dict[str, Any], seed: int) -> str:
+    """A run's name and directory: ``<config slug>-seed<N>``."""
+    return f"{config_slug(overrides)}-seed{seed}"
+
+
 def run_config(base: Config | dict, overrides: dict[str, Any], seed: int) -> Config:
     """The resolved configuration of one run: the sweep's base, its overrides, its seed."""
     base = Config.from_dict(base) if isinstance(base, dict) else base

@@ -1,21 +1,32 @@
 """The Optuna study behind every sweep: its storage, its definition, and which trial runs which (configuration, seed).
 
-Each trial of a sweep's study is one run, named ``<config-slug>-seed<N>`` in its ``run`` user attribute, with the
-results (dev/test metrics, best epoch, run dir, host, wall time, error) stored beside it. The study is both the
-work queue (Optuna's samplers hand out configurations, ``enqueue_trial`` queues retries) and the record that
-``sppscl sweep summary`` reads.
+The run is the unit of the queue. Each trial of a sweep's study is one run, named ``<config-slug>-seed<N>`` in
+its ``run`` user attribute, with the results (dev/test metrics, best epoch, run dir, host, wall time, error)
+stored beside it. Every run a plan knows of is queued up front (``requeue``: ``enqueue_trial`` with the run's
+name in the new trial's user attributes), so a trial holds its run from the instant it exists and no fault at
+any instant leaves a run that no trial holds. The only trials made by a sampler are a search's draws: a draw
+holds nothing until it has chosen its configuration, and a draw that dies before that is simply drawn again.
+The study is both the work queue and the record that ``sppscl sweep summary`` reads.
+
+What a rerun does: every run of the plan that is neither finished nor held by a live trial (failed, interrupted,
+never queued, or, locally, whose run directory lost its results.json) is queued again, all at once (``requeue``
+with ``include_failed``). While a command runs, only runs whose trial died without a recorded outcome (a lost
+machine failed by the heartbeat check) are queued again; a run that failed with an error waits for the next
+command, so a run that always fails is not retried forever.
 
 Storage: without ``--storage``, a journal file ``<sweep dir>/study.log`` (Optuna's ``JournalFileBackend``). Its
 operations are appended under a file lock and replayed in one order by every process, so the worker processes
 of a sweep share it safely, popping a queued trial is atomic, and no server is needed. SQLite is not used: Optuna
 warns it off for concurrent writers, and its trial-queue pop is not atomic there. With ``--storage URL``
-(PostgreSQL), Optuna's ``RDBStorage`` with heartbeats: a trial whose worker stopped beating (machine lost,
-``kill -9``) is failed after the grace period and queued again by ``RetryHeartbeatStaleTrialCallback``.
+(PostgreSQL), Optuna's ``RDBStorage`` with heartbeats: a trial whose worker stopped beating for
+``GRACE_BEATS`` heartbeats (machine lost, ``kill -9``) is failed by any live worker's heartbeat check, and
+its run queued again by ``requeue``. Every "is that worker dead?" question on a shared study is answered by
+that one check, never by a separate timer.
 
-Exactly once: a sampler may hand the same point to two workers (``GridSampler`` picks among unvisited points,
-and two workers can pick the same one; once every point is started it hands out running ones again), and two
-machines may queue the same retry. Trial numbers are given by the storage in creation order, so ``claim`` lets
-the lowest-numbered live trial of a run train it and every other one step aside (state PRUNED, ``duplicate_of``).
+Exactly once: two machines may queue the same run (both saw it missing), and a search may draw one
+configuration twice. Trial numbers are given by the storage in creation order, so ``claim`` lets the
+lowest-numbered live trial of a run train it and every other one step aside (state PRUNED, ``duplicate_of``).
+The run directory itself has one owner at a time across every process and command (``stage2/ownership.py``).
 """
 
 from __future__ import annotations
@@ -33,12 +44,14 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ...cache import diff_provenance
-from .spec import SweepError
+from .spec import SweepError, config_slug, run_name
 
 LOCAL_STUDY_FILE = "study.log"
 DEFAULT_HEARTBEAT = 10  # seconds between a running trial's heartbeats (--storage only)
-# A trial is created before the sampler has chosen its run; after this long undecided, its worker is taken for dead.
-UNDECIDED_GRACE = 30.0
+GRACE_BEATS = 4  # a trial whose worker missed this many heartbeats is failed and its run queued again
+# Local sweeps have no heartbeat: a search draw still choosing its configuration after this long belongs to a
+# worker that died (the parent fails a dead worker's announced trials by pid; this covers a draw not yet announced).
+LOCAL_UNDECIDED_GRACE = 30.0
 META_KEY = "sppscl"
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported by the sweep itself, with their errors
@@ -61,8 +74,8 @@ def open_storage(url: str | None, out: Path, heartbeat: int = DEFAULT_HEARTBEAT)
                     url,
                     engine_kwargs={"pool_pre_ping": True},
                     heartbeat_interval=heartbeat,
-                    grace_period=4 * heartbeat,
-                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+                    grace_period=GRACE_BEATS * heartbeat,
+                    # no retry callback: `requeue` queues the run of a failed trial again (with its name), one mechanism for every retry
                 )
         except ModuleNotFoundError as e:
             raise SweepError(f"--storage {url}: the database driver is not installed ({e}); for PostgreSQL: pip install 'sppscl[postgres]'") from None
@@ -114,7 +127,7 @@ def all_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def is_queued(t: FrozenTrial) -> bool:
-    """A trial created with its run already fixed (a retry or a seed queued by a draw), not by the sampler."""
+    """A trial created with its run already fixed (queued by ``requeue``), not by the sampler."""
     return "fixed_params" in t.system_attrs or "failed_trial" in t.system_attrs
 
 
@@ -142,12 +155,23 @@ def outcome(trials: list[FrozenTrial], local: bool) -> FrozenTrial | None:
     return max(failed, key=lambda t: t.number) if failed else None
 
 
-def claim(study: optuna.Study, number: int, run: str, local: bool, grace: float = UNDECIDED_GRACE) -> int | None:
+def check_stale(study: optuna.Study) -> None:
+    """Fail the trials of a shared study whose worker stopped beating (Optuna's heartbeat check); a no-op locally."""
+    if getattr(study._storage, "get_heartbeat_interval", lambda: None)() is None:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def claim(study: optuna.Study, number: int, run: str, local: bool, heartbeat: int = DEFAULT_HEARTBEAT) -> int | None:
     """Whether trial ``number`` trains ``run``: None if it does, else the number of the trial that has it.
 
     A run belongs to the lowest-numbered trial holding it that is queued, running or done; a failed holder gives
-    it up (that is a retry). Trials still choosing their run (created, not yet announced) with a lower number are
-    waited for, so two trials racing for one run never both see the other as absent."""
+    it up (that is a retry). Draws still choosing their configuration (running, no ``run`` yet) with a lower
+    number are waited for, so two draws of one configuration never both see the other as absent. A draw whose
+    worker died is failed by the heartbeat check on a shared study, and after ``LOCAL_UNDECIDED_GRACE`` locally."""
+    checked = time.monotonic()
     while True:
         undecided = []
         for t in all_trials(study):
@@ -155,7 +179,7 @@ def claim(study: optuna.Study, number: int, run: str, local: bool, grace: float 
                 continue
             held = t.user_attrs.get("run")
             if held is None:
-                if t.number < number and t.state == TrialState.RUNNING:
+                if t.number < number and t.state == TrialState.RUNNING and not is_queued(t):
                     undecided.append(t)
                 continue
             if held != run:
@@ -166,22 +190,45 @@ def claim(study: optuna.Study, number: int, run: str, local: bool, grace: float 
                 return t.number
         if not undecided:
             return None
-        now = datetime.now()
-        for t in undecided:
-            if t.datetime_start is not None and (now - t.datetime_start).total_seconds() > grace:
-                study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        if local:
+            now = datetime.now()
+            for t in undecided:
+                if t.datetime_start is not None and (now - t.datetime_start).total_seconds() > LOCAL_UNDECIDED_GRACE:
+                    study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        elif time.monotonic() - checked >= heartbeat:
+            checked = time.monotonic()
+            check_stale(study)
         time.sleep(0.1)
 
 
-def requeue_unfinished(study: optuna.Study, local: bool, params_of: Callable[[FrozenTrial], dict]) -> list[str]:
-    """Queue again every run that failed (or, locally, whose run directory lost its results) and nobody holds now."""
+def _settled(trials: list[FrozenTrial]) -> bool:
+    """The run has a recorded outcome: its newest finished trial (duplicates set aside) completed or failed with an error."""
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+    if not finished:
+        return False
+    last = max(finished, key=lambda t: t.number)
+    return last.state == TrialState.COMPLETE or "status" in last.user_attrs
+
+
+def requeue(study: optuna.Study, plan, local: bool, include_failed: bool, trials: list[FrozenTrial] | None = None) -> list[str]:
+    """Queue every run of ``plan`` that no trial has finished or holds live, each as one trial named after its run.
+
+    ``include_failed`` (at the start of a command: what a rerun does): also runs that failed with an error, were
+    interrupted, or (locally) lost their results.json. Without it (while a command runs): only runs never queued
+    or whose trial died without an outcome. Returns the runs queued, in the plan's order."""
+    trials = all_trials(study) if trials is None else trials
+    held = by_run(trials)
     queued = []
-    for run, ts in by_run(all_trials(study)).items():
+    for overrides, seed in plan.ordered(trials):
+        name = run_name(overrides, seed)
+        ts = held.get(name, [])
         if any(is_done(t, local) or t.state in (TrialState.WAITING, TrialState.RUNNING) for t in ts):
             continue
-        last = max(ts, key=lambda t: t.number)
-        study.enqueue_trial(params_of(last), user_attrs=announcement(last.user_attrs), skip_if_exists=False)
-        queued.append(run)
+        if not include_failed and _settled(ts):
+            continue
+        attrs = {"config": config_slug(overrides), "overrides": overrides, "seed": seed, "draw": False, "run": name}
+        study.enqueue_trial(plan.params(overrides, seed), user_attrs=attrs, skip_if_exists=False)
+        queued.append(name)
     return queued
 
 
@@ -196,11 +243,3 @@ def fail_running(study: optuna.Study, reason: str, only: Callable[[FrozenTrial],
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             n += 1
     return n
-
-
-ANNOUNCED = ("run", "config", "overrides", "seed", "draw")
-
-
-def announcement(attrs: dict[str, Any]) -> dict[str, Any]:
-    """The attributes that say which run a trial is (not its results)."""
-    return {k: attrs[k] for k in ANNOUNCED if k in attrs}

@@ -1,8 +1,9 @@
 """The worker side of a sweep: a process that opens the cache once and trains the study's runs one after another.
 
-A worker joins the sweep's study and runs ``study.optimize``: every trial it is given (a fresh one the sampler
-fills in, or a queued retry) names one (configuration, seed); the worker claims it (``study.claim``), trains it
-(or reuses a finished run directory), and stores the results on the trial. It keeps the cache's splits for all
+A worker joins the sweep's study and runs ``study.optimize``: every trial it is given names one (configuration,
+seed): a queued trial from its creation, a search's draw once it has drawn; the worker claims it
+(``study.claim``), takes the run directory's ownership (``stage2/ownership.py``: it waits while another process
+trains that run), trains it (or reuses a finished run directory), and stores the results on the trial. It keeps the cache's splits for all
 its runs, so a sweep reads the cache once per worker, not once per run. A worker started by a sweep process dies
 with it (``die_with_parent``): a killed sweep leaves no training processes behind.
 """
@@ -12,14 +13,12 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import shutil
 import signal
 import socket
 import sys
 import threading
 import time
 import traceback
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +29,11 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from ...cache import FeatureCache, SplitData, diff_provenance
 from ...config import Config
+from ..ownership import clear_run, own_run
 from ..train import train
 from .plans import ListPlan, SearchPlan, run_name
 from .spec import SweepError, config_slug, run_config
-from .study import all_trials, by_run, claim, is_done, is_queued, open_storage
+from .study import all_trials, check_stale, claim, is_queued, open_storage, requeue
 from .tables import read_run
 
 # placement, not configuration: a run trained on another device or thread count is the same run
@@ -121,7 +121,9 @@ def work(spec: WorkerSpec, cache: FeatureCache, after_trial: Callable[[], None] 
     storage = open_storage(spec.storage, Path(spec.out), spec.heartbeat)
     # on a shared study every process is worker 0 of its own machine: their samplers must not draw the same stream
     stream = spec.index if spec.storage is None else hash((socket.gethostname(), os.getpid(), spec.index)) % 2**31
-    study = optuna.load_study(study_name=spec.study, storage=storage, sampler=spec.plan.sampler(stream))
+    study = optuna.load_study(study_name=spec.study, storage=storage)
+    # the stream also depends on how far the study is: a rerun continues the search instead of replaying its first draws
+    study.sampler = spec.plan.sampler(stream + 7919 * len(all_trials(study)))
     local = spec.storage is None
 
     def stop_when_done(study: optuna.Study, _trial: FrozenTrial) -> None:
@@ -135,13 +137,16 @@ def work(spec: WorkerSpec, cache: FeatureCache, after_trial: Callable[[], None] 
 
 
 def work_left(study: optuna.Study, plan, local: bool, heartbeat: int) -> bool:
-    """Whether to ask for another trial: a run is queued or not yet started.
+    """Whether to ask for another trial: a run is queued, or a draw is still to make.
 
-    On a shared study, runs still running elsewhere are waited for: if their worker dies, Optuna's heartbeat
-    check (run here every heartbeat interval) fails them and queues them again, and this worker takes them."""
+    Runs whose trial died without an outcome (or that were never queued) are queued first. On a shared study,
+    runs still running elsewhere are waited for: if their worker dies, Optuna's heartbeat check (run here every
+    heartbeat interval) fails them, ``requeue`` queues them again, and this worker takes them."""
     checked = time.monotonic()
     while True:
         trials = all_trials(study)
+        if requeue(study, plan, local, include_failed=False, trials=trials):
+            return True
         if any(t.state == TrialState.WAITING for t in trials) or plan.fresh(trials) > 0:
             return True
         if local or not any(t.state == TrialState.RUNNING for t in trials):
@@ -149,9 +154,7 @@ def work_left(study: optuna.Study, plan, local: bool, heartbeat: int) -> bool:
         time.sleep(min(1.0, heartbeat))
         if time.monotonic() - checked >= heartbeat:
             checked = time.monotonic()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
+            check_stale(study)
 
 
 class Objective:
@@ -165,21 +168,30 @@ class Objective:
     def __call__(self, trial: Trial) -> float:
         study, plan = self.study, self.spec.plan
         frozen = study._storage.get_trial(trial._trial_id)
-        if not is_queued(frozen) and plan.surplus(trial.number, all_trials(study)):
+        queued = is_queued(frozen)
+        # who holds it: a dead local worker's trials are found by its pid
+        who = {"host": self.host, "pid": os.getpid(), "invocation": self.spec.invocation}
+        if not queued and plan.surplus(trial.number, all_trials(study)):
             trial.set_user_attr("surplus", True)
             raise optuna.TrialPruned()
         overrides, seed, draw = plan.choose(trial, frozen)
         name = run_name(overrides, seed)
-        # who holds it, from the start: a dead local worker's runs are found by its pid
-        who = {"host": self.host, "pid": os.getpid(), "invocation": self.spec.invocation}
-        for key, value in {"run": name, "config": config_slug(overrides), "overrides": overrides, "seed": seed, "draw": draw, **who}.items():
-            trial.set_user_attr(key, value)
-        owner = claim(study, trial.number, name, self.local)
+        if queued:
+            if frozen.user_attrs.get("run") != name:
+                raise SweepError(f"trial {trial.number} was queued for run {frozen.user_attrs.get('run')!r} but its params say {name!r}")
+            for key, value in who.items():
+                trial.set_user_attr(key, value)
+        else:
+            # a draw announces its run, "run" last: a trial that has "run" has the rest (plans.SearchPlan.ordered)
+            for key, value in {"config": config_slug(overrides), "overrides": overrides, "seed": seed, "draw": draw, **who, "run": name}.items():
+                trial.set_user_attr(key, value)
+        owner = claim(study, trial.number, name, self.local, self.spec.heartbeat)
         if owner is not None:
             trial.set_user_attr("duplicate_of", owner)
             raise optuna.TrialPruned()
         if draw:
-            self._queue_other_seeds(overrides, seed)
+            # the draw's other seeds, queued now so other workers train them in parallel
+            requeue(study, plan, self.local, include_failed=False)
         row = self._run(overrides, seed, name)
         for key, value in row.items():
             trial.set_user_attr(key, value)
@@ -187,38 +199,30 @@ class Objective:
             raise RunFailed(row["error"])
         return row["dev_accuracy"]
 
-    def _queue_other_seeds(self, overrides: dict, seed: int) -> None:
-        held = by_run(all_trials(self.study))
-        for s in self.spec.plan.seeds:
-            name = run_name(overrides, s)
-            live = any(is_done(t, self.local) or t.state in (TrialState.WAITING, TrialState.RUNNING) for t in held.get(name, []))
-            if s != seed and not live:
-                attrs = {"run": name, "config": config_slug(overrides), "overrides": overrides, "seed": s, "draw": False}
-                self.study.enqueue_trial(self.spec.plan.params(overrides, s), user_attrs=attrs, skip_if_exists=False)
-
     def _run(self, overrides: dict, seed: int, name: str) -> dict:
         """Train the run (never raises: a failure comes back as its error, with the traceback in error.txt)."""
         run_dir = Path(self.spec.runs_dir) / name
         about = {"run_dir": str(run_dir.resolve()), "host": self.host, "pid": os.getpid(), "invocation": self.spec.invocation, "reused": False}
         t0 = time.perf_counter()
-        try:
-            cfg = run_config(self.spec.base, overrides, seed)
-            if self.spec.device is not None:
-                cfg.train.device = self.spec.device
-            if (run_dir / "results.json").exists():
-                check_finished_run(run_dir, cfg)  # finished before (another sweep in this folder): reuse it
-                return {**read_run(run_dir, "ok", "", None), **about, "reused": True}
-            if run_dir.exists():
-                shutil.rmtree(run_dir)  # interrupted or failed: rerun from scratch
-            train(self.cache, cfg, run_dir, progress=False)
-        except Exception as e:
-            error = f"{type(e).__name__}: {e}"
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "error.txt").write_text(error + "\n\n" + traceback.format_exc())
-            return {**read_run(run_dir, "failed", error, time.perf_counter() - t0), **about}
-        wall = time.perf_counter() - t0
-        (run_dir / "sweep-run.json").write_text(json.dumps({"wall_s": wall, "pid": os.getpid(), "host": self.host}))
-        return {**read_run(run_dir, "ok", "", wall), **about}
+        # one owner per run directory across every process and command: wait while another one trains this run
+        with own_run(run_dir, wait=True, what=f"sweep worker, invocation {self.spec.invocation}"):
+            try:
+                cfg = run_config(self.spec.base, overrides, seed)
+                if self.spec.device is not None:
+                    cfg.train.device = self.spec.device
+                if (run_dir / "results.json").exists():
+                    check_finished_run(run_dir, cfg)  # finished before (another sweep or table sharing these runs): reuse it
+                    return {**read_run(run_dir, "ok", "", None), **about, "reused": True}
+                clear_run(run_dir)  # interrupted or failed: rerun from scratch
+                train(self.cache, cfg, run_dir, progress=False)
+            except Exception as e:
+                error = f"{type(e).__name__}: {e}"
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "error.txt").write_text(error + "\n\n" + traceback.format_exc())
+                return {**read_run(run_dir, "failed", error, time.perf_counter() - t0), **about}
+            wall = time.perf_counter() - t0
+            (run_dir / "sweep-run.json").write_text(json.dumps({"wall_s": wall, "pid": os.getpid(), "host": self.host}))
+            return {**read_run(run_dir, "ok", "", wall), **about}
 
 
 def _identity(cfg: Config) -> dict:
