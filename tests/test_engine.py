@@ -168,6 +168,16 @@ def test_a_sweep_waits_for_the_live_owner_of_a_run_and_never_clears_it(base, tmp
     assert (folder / "metrics.jsonl").stat().st_mtime >= float(released[2]) and not (folder / "holder-was-here").exists()
 
 
+def test_cv_workers_is_refused_pointing_at_jobs(tmp_path, capsys):
+    """--workers means image decoding everywhere; cv decodes none, so it is refused, not taken for --jobs."""
+    from sppscl.cli import main
+
+    assert main(["cv", "--cache", str(tmp_path / "c.h5"), "--workers", "3", "--out", str(tmp_path / "cv")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "image-decoding" in err and "--jobs 3" in err
+    assert not (tmp_path / "cv").exists()
+
+
 # ------------------------------------------------------------------------------------ concurrent commands (slow)
 
 
