@@ -22,10 +22,10 @@ from PIL import Image
 
 from sppscl.allocator import keep_freed_memory
 from sppscl.stage1.adapters import load_samples
+from sppscl.stage1.batching import fixed_batches
 from sppscl.stage1.extract import (
     decoding_workers,
     extract,
-    fixed_batches,
     pad_token_ids,
     precision_context,
     prepare_encoders,

@@ -60,6 +60,14 @@ class Profile:
     sweep_seeds: str = "1,2"
     sweep_epochs: int = 6
     sweep_stub_trials: int = 40
+    # serve: synthetic samples in the served run's cache, pairs sent, pairs per batch request, requests per client
+    # level (single and batch; at least one per client), and `predict` processes timed one pair each
+    serve_samples: int = 120
+    serve_pairs: int = 24
+    serve_batch: int = 8
+    serve_requests: int = 48
+    serve_batch_requests: int = 16
+    serve_predict_calls: int = 3
 
     def replace(self, **changes) -> "Profile":
         return dataclasses.replace(self, **changes)
@@ -127,6 +135,12 @@ QUICK = Profile(
     sweep_seeds="1",
     sweep_epochs=1,
     sweep_stub_trials=4,
+    serve_samples=60,
+    serve_pairs=8,
+    serve_batch=4,
+    serve_requests=4,
+    serve_batch_requests=2,
+    serve_predict_calls=1,
 )
 
 PROFILES = {"full": FULL, "quick": QUICK}

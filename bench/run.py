@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from . import caching, compute, extraction, loader, ranks, scale, sweeps
+from . import caching, compute, extraction, loader, ranks, scale, serving, sweeps
 from .common import Context, Section, default_threads, load_average, machine_info, markdown, rich_table, write_json
 from .profiles import FULL, QUICK
 
@@ -33,9 +33,10 @@ RUNNERS = {
     "scale": scale.run,
     "compute": compute.run,
     "sweeps": sweeps.run,
+    "serve": serving.run,
 }
 # Table order: the issue's.
-TABLE_ORDER = ["caching", "extraction", "ranks", "loader", "scale", "compute", "sweeps"]
+TABLE_ORDER = ["caching", "extraction", "ranks", "loader", "scale", "compute", "sweeps", "serve"]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

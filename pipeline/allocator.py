@@ -6,7 +6,7 @@ exceeds ``M_TRIM_THRESHOLD``. A CNN forward allocates and frees activations of t
 batch maps new pages that the kernel must zero on first touch: on EfficientNet-Lite0 + MiniLM-L6 that was
 ~26,000 minor page faults per sample and ~44% of the process's CPU time in the kernel. Fixing both thresholds
 high keeps freed blocks in the heap, where the next batch reuses them without a system call. The price: the
-process keeps its peak heap until it exits instead of shrinking between batches (README, performance notes).
+process keeps its peak heap until it exits instead of shrinking between batches (docs/performance.md).
 
 The setting is process-wide and applies to allocations made after it, so it is made once, where a command
 starts. It is a no-op off glibc, when another allocator (jemalloc, tcmalloc, mimalloc) is loaded, and for

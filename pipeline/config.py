@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import difflib
 import math
 import os
 import sys
@@ -80,7 +81,7 @@ class ExtractConfig:
     num_workers: int = -1
     dtype: str = "float16"
     device: str = "auto"
-    # the encoders' compute precision: bf16/fp16 run them under autocast (README: when bf16 is right)
+    # the encoders' compute precision: bf16/fp16 run them under autocast (docs/performance.md: when bf16 is right)
     precision: str = "fp32"
 
 
@@ -313,20 +314,44 @@ def resolve_key(key: str, sections: tuple[str, ...] | None = None, command: str 
         if section not in SECTIONS:
             raise ConfigError(f"unknown section {section!r} in key {key!r} (sections: {', '.join(SECTIONS)})")
         if name not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
-            raise ConfigError(f"unknown key {key!r}")
+            raise ConfigError(f"unknown key {key!r}{did_you_mean(key, allowed)}")
         if section not in allowed:
             raise ConfigError(_unused(key, allowed, command))
         return section, name
     hits = [s for s in allowed if key in {f.name for f in dataclasses.fields(SECTIONS[s])}]
     if not hits:
         elsewhere = [s for s, c in SECTIONS.items() if key in {f.name for f in dataclasses.fields(c)}]
-        raise ConfigError(_unused(f"{elsewhere[0]}.{key}", allowed, command) if elsewhere else f"unknown key {key!r}")
+        raise ConfigError(_unused(f"{elsewhere[0]}.{key}", allowed, command) if elsewhere else f"unknown key {key!r}{did_you_mean(key, allowed)}")
     if len(hits) > 1:
         # train is where sweeps and --set overrides live; the others need their section named
         if "train" in hits:
             return "train", key
         raise ConfigError(f"key {key!r} is ambiguous: write one of {', '.join(h + '.' + key for h in hits)}")
     return hits[0], key
+
+
+def config_keys(sections: tuple[str, ...] | None = None) -> dict[str, str]:
+    """Every key of ``sections`` (default: all), bare name -> ``section.name`` (train's name wins a clash, as in
+    :func:`resolve_key`)."""
+    keys: dict[str, str] = {}
+    for section in sections or tuple(SECTIONS):
+        for f in dataclasses.fields(SECTIONS[section]):
+            if f.name not in keys or section == "train":
+                keys[f.name] = f"{section}.{f.name}"
+    return keys
+
+
+def did_you_mean(key: str, sections: tuple[str, ...] | None = None) -> str:
+    """`` (did you mean 'epochs'?)`` for a mistyped key among ``sections``' keys, else the empty string."""
+    if "." in key:
+        section, name = key.split(".", 1)
+        names = [f.name for f in dataclasses.fields(SECTIONS[section])] if section in SECTIONS else []
+        close = [f"{section}.{c}" for c in difflib.get_close_matches(name, names, n=3, cutoff=0.6)]
+    else:
+        close = difflib.get_close_matches(key, list(config_keys(sections)), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)"
 
 
 def _unused(key: str, allowed: tuple[str, ...], command: str) -> str:

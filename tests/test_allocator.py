@@ -103,7 +103,7 @@ app()
 
 
 def test_train_keeps_glibc_defaults(tmp_path):
-    """Stage two measured no faster with the setting (README, performance notes), so train leaves malloc alone."""
+    """Stage two measured no faster with the setting (docs/performance.md), so train leaves malloc alone."""
     code = CHURN + """
 import sys
 import sppscl.stage2.train as t

@@ -168,3 +168,11 @@ def test_untrained_reference_is_the_runs_initial_weights(tiny_cache, tmp_path):
     assert not initial.training
     for (name, p), (_, q) in zip(trained.named_parameters(), initial.named_parameters()):
         assert torch.allclose(p, q, rtol=0, atol=1e-20), name
+
+
+def test_step2_fired_plots_the_epochs_as_logged(tmp_path):
+    """metrics.jsonl counts epochs from 1: a 5-epoch run is drawn at epochs 1-5 (it was drawn at 2-6)."""
+    from sppscl.stage2.analyze import plot_step2_fired
+
+    drawn = plot_step2_fired([("run", [(e, 0.5) for e in range(1, 6)])], tmp_path / "fired.png")
+    assert drawn == [[1, 2, 3, 4, 5]] and (tmp_path / "fired.png").stat().st_size > 0

@@ -19,7 +19,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.common import Row, Target, default_threads, fmt, markdown  # noqa: E402
-from bench.run import TABLE_ORDER, main  # noqa: E402
+from bench.run import RUNNERS, TABLE_ORDER, main  # noqa: E402
 
 SECTIONS = {"caching", "extraction", "ranks", "loader", "scale", "compute", "sweeps"}
 
@@ -32,7 +32,8 @@ def _quiet() -> Console:
 def quick_run(tmp_path_factory) -> tuple[int, Path, Path]:
     root = tmp_path_factory.mktemp("bench")
     out, work = root / "out", root / "work"
-    code = main(["--quick", "--scale", "40", "--out", str(out), "--workdir", str(work)], console=_quiet())
+    # serve's section starts sppscl processes and a server: its own slow test below
+    code = main(["--quick", "--scale", "40", "--only", ",".join(s for s in RUNNERS if s in SECTIONS), "--out", str(out), "--workdir", str(work)], console=_quiet())
     return code, out, work
 
 
@@ -140,3 +141,16 @@ def test_target_and_formatting():
     md = markdown([row], "header")
     assert "| thing [1] | 2 s | 10 min (alt) | 300× | ≥ 300× | yes |" in md
     assert md.rstrip().endswith("1. why")
+
+
+@pytest.mark.slow
+def test_serve_section_answers_equal_predict_alone(tmp_path):
+    """The serve section's code path at tiny sizes: its rows, and no answer under load differing from predict alone."""
+    out = tmp_path / "out"
+    assert main(["--quick", "--only", "serve", "--out", str(out), "--workdir", str(tmp_path / "work")], console=_quiet()) == 0
+    report = json.loads((out / "results.json").read_text())
+    keys = {r["key"] for r in report["rows"]}
+    assert keys == {"single_c1", "single_c4", "single_c16", "batch_c1", "batch_c4", "batch_c16", "equal"}
+    raw = report["sections"]["serve"]["raw"]
+    assert raw["mismatches_single"] == raw["mismatches_batch"] == 0 and raw["answers_checked"] >= 16 + 4 + 1 + 16 * 4
+    assert [lv["clients"] for lv in raw["single"]] == [1, 4, 16] and all(_positive(lv["p95_s"]) for lv in raw["single"] + raw["batch_levels"])

@@ -256,6 +256,10 @@ def test_probe_saves_and_prints_json(tiny_cache, tmp_path, capsys):
     dev = saved["splits"]["dev"]
     assert {"accuracy", "weighted_f1", "macro_f1", "per_class", "confusion_matrix"} <= set(dev)
     assert (tmp_path / "p" / "confusion-dev.png").exists()
+    # test, which neither fitted the probe nor chose C, gets its 95% interval; dev, which chose C, none
+    lo, hi = saved["splits"]["test"]["ci95"]["accuracy"]
+    assert lo <= saved["splits"]["test"]["accuracy"] <= hi and "bootstrap" in saved["splits"]["test"]["ci95_method"]
+    assert "ci95" not in dev
     # a name ending in .json is the results file itself
     assert main(["probe", "--cache", str(path), "--out", str(tmp_path / "probe.json")]) == 0
     assert json.loads((tmp_path / "probe.json").read_text()) == saved

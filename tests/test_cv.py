@@ -110,17 +110,31 @@ def test_cross_validate_rows_ensembles_probe_and_resume(tiny_cache, tmp_path):
     res = cross_validate(path, base, tmp_path / "cv", folds=3, seeds=[1, 2], variants=[("full", {}), ("w/o L_cl_m", {"use_inter": False})], execution=Execution(1), progress=False)
     kinds = [(r.label, r.kind, r.n) for r in res.rows]
     assert kinds == [
-        ("full", "runs", 6),
+        ("full", "runs", 3),
         ("full: ensemble of its seeds", "ensemble", 3),
-        ("w/o L_cl_m", "runs", 6),
+        ("w/o L_cl_m", "runs", 3),
         ("w/o L_cl_m: ensemble of its seeds", "ensemble", 3),
         ("logistic-regression probe (pooled image + [CLS])", "probe", 3),
     ]
-    # the runs' row is the mean of the runs' held-out ("test" of their fold) scores
+    # the runs' row: each fold's two seeds averaged, then mean, std and t interval over the 3 folds; seed sd apart
     runs_dir = tmp_path / "cv" / "runs"
-    accs = [json.loads((runs_dir / r["run"] / "results.json").read_text())["splits"]["test"]["accuracy"] for r in res.sweep.rows if "use_inter" not in r["run"]]
-    assert len(accs) == 6 and res.rows[0].stats["accuracy"][0] == pytest.approx(np.mean(accs))
-    assert res.rows[0].stats["accuracy"][1] == pytest.approx(np.std(accs, ddof=1))
+    acc = {(r["cv_fold"], r["seed"]): json.loads((runs_dir / r["run"] / "results.json").read_text())["splits"]["test"]["accuracy"]
+           for r in res.sweep.rows if "use_inter" not in r["run"]}
+    assert len(acc) == 6
+    fold_means = [(acc[(k, 1)] + acc[(k, 2)]) / 2 for k in range(3)]
+    e = res.rows[0].stats["accuracy"]
+    assert (e.mean, e.std) == pytest.approx((np.mean(fold_means), np.std(fold_means, ddof=1))) and (e.n_folds, e.seeds) == (3, (2, 2, 2))
+    half = 4.302652729911275 * np.std(fold_means, ddof=1) / np.sqrt(3)  # t(0.975, 2)
+    assert e.ci95 == pytest.approx((np.mean(fold_means) - half, np.mean(fold_means) + half))
+    assert e.seed_sd == pytest.approx(np.sqrt(np.mean([(acc[(k, 1)] - acc[(k, 2)]) ** 2 / 2 for k in range(3)])))
+    assert res.rows[0].stats["val_accuracy"].ci95 is None  # the selection split: no interval claimed
+    assert res.rows[-1].stats["accuracy"].seed_sd is None  # the probe has no seeds
+    table = _csv(tmp_path / "cv" / "cv.csv")
+    assert float(table[0]["accuracy_ci95_low"]) == pytest.approx(e.ci95[0]) and float(table[0]["accuracy_seed_sd"]) == pytest.approx(e.seed_sd)
+    assert table[0]["seeds_per_fold"] == "2" and table[0]["folds"] == "3" and table[0]["val_accuracy_ci95_low"] == ""
+    assert table[-1]["accuracy_seed_sd"] == ""
+    md = (tmp_path / "cv" / "cv.md").read_text()
+    assert f"{e.mean:.4f} ± {e.std:.4f} [{e.ci95[0]:.4f}, {e.ci95[1]:.4f}]" in md and "t interval over the folds" in md
     # each fold's ensemble is scored on the same held-out rows as its members
     ens = json.loads((tmp_path / "cv" / "ensembles" / "cv_fold-0__cv_folds-3" / "results.json").read_text())
     member = json.loads((runs_dir / "cv_fold-0__cv_folds-3-seed1" / "results.json").read_text())
@@ -174,6 +188,20 @@ def test_ensemble_averages_the_members_probabilities(two_runs, tmp_path):
         assert res["splits"][split]["n"] == len(got)
     singles = [json.loads((root / s / "results.json").read_text())["splits"]["dev"]["accuracy"] for s in ("s1", "s2")]
     assert res["members_mean"]["dev"]["accuracy"]["mean"] == pytest.approx(np.mean(singles))
+    # the pictures a single run gets: a confusion matrix per labelled split
+    labelled = [s for s, m in res["splits"].items() if "confusion_matrix" in m]
+    assert labelled and sorted(p.name for p in (tmp_path / "e").glob("confusion-*.png")) == sorted(f"confusion-{s}.png" for s in labelled)
+    # the held-out split gets 95% intervals: the ensemble's own bootstrap, the members' mean a paired one; dev none
+    from sppscl.stage2.stats import bootstrap_interval
+
+    classes = res["classes"]
+    idx = lambda rows, key: np.array([classes.index(r[key]) for r in rows])  # noqa: E731
+    got, a, b = (_csv(d / "predictions-test.csv") for d in (tmp_path / "e", root / "s1", root / "s2"))
+    want = bootstrap_interval(idx(got, "label"), idx(got, "pred"), len(classes))
+    assert res["splits"]["test"]["ci95"]["accuracy"] == pytest.approx(list(want["accuracy"]))
+    paired = bootstrap_interval(idx(a, "label"), np.stack([idx(a, "pred"), idx(b, "pred")]), len(classes))
+    assert res["members_mean"]["test"]["macro_f1"]["ci95"] == pytest.approx(list(paired["macro_f1"]))
+    assert "ci95" not in res["splits"]["dev"] and "ci95" not in res["members_mean"]["dev"]["accuracy"]
 
 
 def test_ensemble_refuses_other_encoders_and_other_folds(two_runs, tmp_path, capsys):
@@ -200,8 +228,9 @@ def test_predict_with_two_checkpoints_averages_them(two_runs):
     one = Predictor(root / "s1" / "best", "cpu").predict(pairs)
     two = Predictor(root / "s2" / "best", "cpu").predict(pairs)
     for b, x, y in zip(both, one, two):
-        np.testing.assert_allclose(b.probs, (x.probs + y.probs) / 2, atol=1e-6)
-        assert b.pred == int(np.argmax(b.probs))
+        assert list(b.probs) == list(x.probs) == list(y.probs)
+        np.testing.assert_allclose(list(b.probs.values()), [(x.probs[c] + y.probs[c]) / 2 for c in b.probs], atol=1e-6)
+        assert b.pred == max(b.probs, key=b.probs.get)
 
 
 # ------------------------------------------------------------------------------------ training options

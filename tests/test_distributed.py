@@ -20,8 +20,10 @@ from conftest import REPO, interrupt_on_call, tiny_config
 from sppscl.cache import PENDING, WRITTEN, CacheError, FeatureCache, file_contents
 from sppscl.cli import main
 from sppscl.stage1 import extract as extract_mod
-from sppscl.stage1.distributed import CacheLocked, Shard, deal
-from sppscl.stage1.extract import extract, fixed_batches
+from sppscl.stage1.batching import deal, fixed_batches
+from sppscl.stage1.distributed import Shard
+from sppscl.stage1.extract import extract
+from sppscl.stage1.lock import CacheLock, CacheLocked
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -85,15 +87,40 @@ def test_deal_gives_each_worker_whole_batches_once():
     assert max(rows) - min(rows) <= 8  # balanced to within a batch, short last batches included
 
 
-def test_torchrun_two_ranks_equal_a_single_process(tmp_path):
-    cfg, preset = _preset(tmp_path, size=60, batch_size=4)
+# torchrun runs this instead of `-m sppscl`: rank 1 goes on seconds late after rank 0 has laid the cache out (by
+# then rank 0 is writing), which is what a slower node or a late process start does.
+DELAYED_RANK = """
+import sys, time
+from sppscl.stage1 import distributed
+real = distributed.Ranks.on_zero
+def late(self, fn, share=True):
+    out = real(self, fn, share)
+    if self.rank == 1 and out in ("written", "resumed"):
+        time.sleep(4.0)
+    return out
+distributed.Ranks.on_zero = late
+from sppscl.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_torchrun_two_ranks_one_late_equal_a_single_process(tmp_path):
+    """Rank 1 reaches each step seconds after rank 0 has gone on and written: the ranks still encode the batches rank
+    0 found pending, each once, and the cache equals a single process's (before the fix rank 1 read the statuses
+    itself, after rank 0's first writes, dealt itself other batches, and the job failed with unwritten rows)."""
+    cfg, preset = _preset(tmp_path, size=60, batch_size=2)
     single, ranked = tmp_path / "single.h5", tmp_path / "ranked.h5"
     extract(cfg, single, progress=False)
-    done = subprocess.run(_torchrun(2, preset, ranked), env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    driver = tmp_path / "late_rank.py"
+    driver.write_text(DELAYED_RANK)
+    cmd = _torchrun(2, preset, ranked)
+    at = cmd.index("sppscl")
+    cmd[at - 1 : at + 1] = [str(driver)]  # `-m sppscl` -> the driver script
+    done = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     _assert_identical(single, ranked)
     assert done.stdout.count("(written)") == 1, done.stdout  # only rank 0 reports
-    assert "encoded 60 samples" in done.stdout  # ...for the whole job
+    assert "encoded 60 samples" in done.stdout  # ...for the whole job: every row once, over both ranks
     assert not Path(str(ranked) + ".lock").exists()
 
 
@@ -230,14 +257,12 @@ def test_lock_left_by_a_killed_process_blocks_nobody(tmp_path):
     """flock dies with its holder: a lock file left by kill -9 (with its holder's pid in it) is taken over."""
     target = tmp_path / "c.h5"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from sppscl.stage1.distributed import CacheLock; "
+        [sys.executable, "-c", "import sys, time; from sppscl.stage1.lock import CacheLock; "
          f"CacheLock.acquire({str(target)!r}); print('locked', flush=True); time.sleep(600)"],
         stdout=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "locked"
-        from sppscl.stage1.distributed import CacheLock
-
         with pytest.raises(CacheLocked, match=rf"pid {holder.pid}"):
             CacheLock.acquire(target)
     finally:

@@ -190,10 +190,74 @@ def test_unlabeled_split_is_extracted(tmp_path):
     assert len(test.rows) > 0 and not test.has_labels and (test.labels == -1).all()
 
 
-def test_limit_takes_first_rows_of_each_split(tmp_path):
-    cfg = tiny_config(tmp_path / "data", size=60)
-    s = extract(cfg, tmp_path / "c.h5", limit=5, progress=False)
-    assert s.rows == {"train": 5, "dev": 5, "test": 5}
+def _label_sorted_manifest(tmp_path, counts: dict[str, list[int]]):
+    """Splits sorted by label, as the published split files are: ``counts[split][c]`` rows of class c, in order."""
+    from sppscl.stage1.synthetic import make_image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for split, per_class in counts.items():
+        for label, n in enumerate(per_class):
+            for _ in range(n):
+                sid = f"{split}{len(rows)}"
+                make_image(["positive", "neutral", "negative"][label], rng, size=32).save(tmp_path / "imgs" / f"{sid}.jpg")
+                rows.append({"id": sid, "text": f"post {sid}", "image": f"imgs/{sid}.jpg", "label": label, "split": split})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config(tmp_path)
+    cfg.dataset.format = "manifest"
+    cfg.dataset.splits = {"all": "pairs.jsonl"}
+    return cfg
+
+
+def test_limit_per_split_is_stratified_seeded_and_keeps_file_order():
+    from sppscl.stage1.extract import limit_per_split
+    from sppscl.stage1.records import Sample
+
+    # train sorted by label (60/30/10), dev sorted and unbalanced with a class of 1 row, test unlabelled
+    samples = [Sample(f"t{i}", "x", None, 0 if i < 60 else 1 if i < 90 else 2, "train") for i in range(100)]
+    samples += [Sample(f"d{i}", "x", None, 0 if i < 18 else 1 if i < 19 else 2, "dev") for i in range(20)]
+    samples += [Sample(f"u{i}", "x", None, None, "test") for i in range(30)]
+    kept = limit_per_split(samples, 10)
+    by = {s: [x for x in kept if x.split == s] for s in ("train", "dev", "test")}
+    assert {s: len(v) for s, v in by.items()} == {"train": 10, "dev": 10, "test": 10}
+    # each class its share (60/30/10 of 10 -> 6/3/1); a one-row class still drawn
+    assert [sum(x.label == c for x in by["train"]) for c in range(3)] == [6, 3, 1]
+    assert {x.label for x in by["dev"]} == {0, 1, 2}
+    # not the first rows: the first 10 of train are all class 0
+    assert [x.id for x in by["train"]] != [f"t{i}" for i in range(10)]
+    # file order kept, and the same rows every time (a resumed cache continues with its rows)
+    index = {id(x): i for i, x in enumerate(samples)}
+    assert [index[id(x)] for x in kept] == sorted(index[id(x)] for x in kept)
+    assert [x.id for x in limit_per_split(samples, 10)] == [x.id for x in kept]
+    assert [x.id for x in limit_per_split(samples, 10, seed=1)] != [x.id for x in kept]
+    # a split no longer than the limit is kept whole; fewer slots than classes still gives exactly N rows
+    assert len(limit_per_split(samples, 200)) == len(samples)
+    assert sum(x.split == "train" for x in limit_per_split(samples, 2)) == 2
+
+
+def test_extract_limit_on_label_sorted_files_gets_every_class_and_records_how(tmp_path, capsys):
+    from sppscl.cli import main
+
+    cfg = _label_sorted_manifest(tmp_path, {"train": [8, 8, 8], "dev": [4, 4, 4], "test": [9, 0, 0]})
+    preset = tmp_path / "p.yaml"
+    import yaml
+
+    d = cfg.to_dict()
+    d.pop("source")
+    preset.write_text(yaml.safe_dump(d))
+    out = tmp_path / "c.h5"
+    assert main(["extract", "--config", str(preset), "--limit", "6", "--out", str(out), "--quiet"]) == 0
+    cache = FeatureCache(out)
+    for split in ("train", "dev"):
+        labels = cache.load(split).labels.tolist()
+        assert len(labels) == 6 and sorted(set(labels)) == [0, 1, 2], split
+    prov = cache.provenance["dataset"]
+    assert prov["limit_per_split"] == 6 and prov["limit_sampling"]["seed"] == 0
+    captured = capsys.readouterr()
+    # the test split is one class in the data itself: a warning on stderr naming the split, nothing on stdout
+    assert "split 'test' holds one class only (positive, 6 rows)" in captured.err
+    assert "one class" not in captured.out
 
 
 # ------------------------------------------------------------------------------------ precision (issue 13)

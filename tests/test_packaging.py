@@ -66,6 +66,8 @@ def test_wheel_carries_every_module_the_presets_and_py_typed(installed):
         # every module of the source tree (a sub-package missing from pyproject's list would be left out silently)
         modules = {f"sppscl/{p.relative_to(REPO / 'pipeline').as_posix()}" for p in (REPO / "pipeline").rglob("*.py")}
         assert modules <= names, sorted(modules - names)
+        # the report's page template, style and script travel with it
+        assert {"sppscl/report/template.html.j2", "sppscl/report/style.css", "sppscl/report/sort.js"} <= names
         for preset in sorted((REPO / "configs").glob("*.yaml")):
             # byte for byte the files users see in configs/
             assert z.read(f"sppscl/configs/{preset.name}") == preset.read_bytes()

@@ -53,9 +53,9 @@ def test_file_prediction_agrees_with_evaluate_on_the_cache(runs):
     preds = predictor.predict(pairs, source="dev.jsonl")
     ref = predict_split(predictor.model, split, predictor.eval_batch_size, predictor.device)
     assert [p.id for p in preds] == list(split.ids[split.rows])
-    np.testing.assert_allclose(np.stack([p.probs for p in preds]), ref["probs"], atol=1e-5)
-    assert [p.pred for p in preds] == ref["pred"].tolist()
-    assert [p.label for p in preds] == [predictor.classes[k] for k in ref["pred"]]
+    np.testing.assert_allclose([[p.probs[c] for c in predictor.classes] for p in preds], ref["probs"], atol=1e-5)
+    assert [p.index for p in preds] == ref["pred"].tolist()
+    assert [p.pred for p in preds] == [predictor.classes[k] for k in ref["pred"]]
 
 
 def test_cli_file_writes_one_row_per_input(runs, tmp_path):
@@ -83,13 +83,13 @@ def test_single_pair_is_a_batch_of_one(runs, capsys):
     (pred,) = predictor.predict([Pair("one", first.text, first.image)])
     # batch fusion on one pair: the cached row evaluated alone, as a batch of one
     alone = predict_split(predictor.model, replace(split, rows=split.rows[:1]), predictor.eval_batch_size, predictor.device)
-    np.testing.assert_allclose(pred.probs, alone["probs"][0], atol=1e-5)
-    assert pred.probs.sum() == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(list(pred.probs.values()), alone["probs"][0], atol=1e-5)
+    assert list(pred.probs) == predictor.classes and sum(pred.probs.values()) == pytest.approx(1.0, abs=1e-5)
 
     code = _cli(runs[2] / "batch" / "best.safetensors", "--image", first.image, "--text", first.text)
     out = capsys.readouterr().out
     assert code == 0
-    assert f"pred: {pred.label}" in out and "batch of one" in out
+    assert f"pred: {pred.pred}" in out and "batch of one" in out
     for c in predictor.classes:
         assert c in out
 
@@ -101,7 +101,7 @@ def test_sample_fusion_does_not_depend_on_the_batch(runs):
     together = predictor.predict(pairs)
     alone = [predictor.predict([p])[0] for p in pairs[:4]]
     for a, b in zip(alone, together):
-        np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
+        np.testing.assert_allclose(list(a.probs.values()), list(b.probs.values()), atol=1e-5)
 
 
 def _bad_input(tmp_path, data_dir):
@@ -155,8 +155,8 @@ def test_bad_rows_skip_reports_them_and_predicts_the_rest(runs, tmp_path):
     good = [r for r in rows if "pred" in r]
     clean = predictor.predict([p for p in read_pairs(path) if p.id in ("g1", "g2", "8")])
     for r, p in zip(good, clean):
-        assert r["pred"] == p.label
-        np.testing.assert_allclose([r["probabilities"][c] for c in predictor.classes], p.probs, atol=1e-6)
+        assert r["pred"] == p.pred
+        assert r["probabilities"] == pytest.approx(p.probs, abs=1e-6)
 
 
 def test_csv_input_rows(runs, tmp_path):
@@ -175,7 +175,7 @@ def test_csv_input_rows(runs, tmp_path):
     with pytest.raises(PredictError, match=r"line 3 \(id 'b'\): expected 3 fields"):
         predictor.predict(pairs, source=str(path))
     preds = predictor.predict(pairs, on_error="skip")
-    assert preds[0].label is not None and preds[1].label is None and preds[2].label is not None
+    assert preds[0].pred is not None and preds[1].pred is None and preds[2].pred is not None
 
 
 def test_encoders_that_differ_from_the_checkpoints_are_refused(runs, tmp_path, capsys):

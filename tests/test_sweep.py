@@ -69,6 +69,21 @@ def test_grid_times_seeds_rows_aggregates_and_one_cache_read(base, tmp_path, mon
     assert means == sorted(means, reverse=True)
     md = (tmp_path / "s" / "summary.md").read_text()
     assert "ddof=1" in md and md.count("±") >= 4 and f"**{res.summary[0]['fusion']}**" in md
+    # test columns carry the paired bootstrap interval of the seed mean, read back from the runs' prediction files
+    from sppscl.stage2.stats import bootstrap_interval
+
+    for fusion, s in summary.items():
+        files = [_csv(tmp_path / "s" / "runs" / f"fusion-{fusion}-seed{seed}" / "predictions-test.csv") for seed in (1, 2)]
+        classes = sorted({r["label"] for r in files[0]} | {r["pred"] for f in files for r in f})
+        cls = json.loads((tmp_path / "s" / "runs" / f"fusion-{fusion}-seed1" / "results.json").read_text())["classes"]
+        y = np.array([cls.index(r["label"]) for r in files[0]])
+        preds = np.array([[cls.index(r["pred"]) for r in f] for f in files])
+        assert set(classes) <= set(cls)
+        want = bootstrap_interval(y, preds, len(cls))
+        assert (float(s["test_accuracy_ci95_low"]), float(s["test_accuracy_ci95_high"])) == pytest.approx(want["accuracy"])
+        assert float(s["test_macro_f1_ci95_low"]) == pytest.approx(want["macro_f1"][0]) and s["test_ci95_note"] == ""
+        assert f"[{want['accuracy'][0]:.4f}, {want['accuracy'][1]:.4f}]" in md
+    assert "95% percentile bootstrap" in md and "Dev cells have no interval" in md
 
 
 METRIC_COLUMNS = ["dev_accuracy", "dev_weighted_f1", "dev_macro_f1", "test_accuracy", "test_weighted_f1", "test_macro_f1"]
@@ -242,11 +257,17 @@ def test_variants_reduce_to_their_difference_from_the_base(tiny_cache):
     assert alphas[2] == "base" and len(set(alphas)) == 5
 
 
-def test_fig5_plot_is_written(tmp_path):
-    rows = [(v, {"n": 2, "dev_accuracy_mean": 0.7 + i / 100, "dev_accuracy_std": 0.01, "dev_weighted_f1_mean": 0.6, "dev_weighted_f1_std": 0.02})
-            for i, v in enumerate(TABLES["fig5"].variants)]
-    png = plot_alpha(rows, tmp_path / "fig5.png", "tiny", "weighted")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_fig5_plot_is_written_with_the_tables_split_beside_dev(tmp_path):
+    from PIL import Image
+
+    dev = {"n": 2, "dev_accuracy_mean": 0.7, "dev_accuracy_std": 0.01, "dev_weighted_f1_mean": 0.6, "dev_weighted_f1_std": 0.02}
+    test = {"test_accuracy_mean": 0.65, "test_accuracy_std": 0.01, "test_weighted_f1_mean": 0.55, "test_weighted_f1_std": 0.02}
+    variants = TABLES["fig5"].variants
+    dev_only = plot_alpha([(v, dev) for v in variants], tmp_path / "dev.png", "tiny", "weighted")
+    assert dev_only.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # runs scored on test: table.md reports test, so the figure gets a test panel beside dev (it plotted dev alone)
+    both = plot_alpha([(v, {**dev, **test}) for v in variants], tmp_path / "both.png", "tiny", "weighted")
+    assert Image.open(both).width == 2 * Image.open(dev_only).width
 
 
 def test_bad_sweep_arguments_are_clear_errors():

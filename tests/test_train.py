@@ -168,6 +168,8 @@ def test_evaluate_matches_results_and_refuses_other_encoders(tiny_cache, tmp_pat
     assert f"{res['splits']['dev']['accuracy']:.4f}" in out
     # the saved results hold every metric of train's results.json for that split, per class and the confusion matrix
     saved = json.loads((ev / "results.json").read_text())
+    ci = saved["splits"]["dev"].pop("ci95")
+    method = saved["splits"]["dev"].pop("ci95_method")
     assert saved["splits"]["dev"] == res["splits"]["dev"] and saved["classes"] == res["classes"]
     assert (ev / "confusion-dev.png").stat().st_size > 0
     with open(ev / "predictions-dev.csv", newline="") as fh:
@@ -179,6 +181,13 @@ def test_evaluate_matches_results_and_refuses_other_encoders(tiny_cache, tmp_pat
     assert {r["pred"] for r in rows} <= set(res["classes"])
     acc = np.mean([r["label"] == r["pred"] for r in rows])
     assert acc == pytest.approx(res["splits"]["dev"]["accuracy"])
+    # with its 95% interval: the bootstrap over the rows it scored, recipe named in results.json and the caption
+    from sppscl.stage2.stats import bootstrap_interval
+
+    want = bootstrap_interval(np.array([res["classes"].index(r["label"]) for r in rows]), np.array([res["classes"].index(r["pred"]) for r in rows]), len(res["classes"]))
+    assert ci == {m: pytest.approx(list(want[m])) for m in want} and "2000 resamples" in method
+    assert f"{res['splits']['dev']['accuracy']:.4f} [{want['accuracy'][0]:.4f}, {want['accuracy'][1]:.4f}]" in out
+    saved["splits"]["dev"].update(ci95=ci, ci95_method=method)
 
     assert main(["evaluate", "--checkpoint", str(tmp_path / "r" / "best.safetensors"), "--cache", str(path), "--split", "dev", "--out", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text()) == saved

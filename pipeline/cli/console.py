@@ -13,13 +13,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, SppsclError, atomic_write, disk_full, is_disk_full
+from ..errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, SppsclError, disk_full, is_disk_full
 
 # one default for sweep and reproduce: every mean they print is over the same three seeds unless told otherwise
 DEFAULT_SEEDS = "1,2,3"
 DEVICE_HELP = "cpu, cuda, cuda:N or auto (the GPU when there is one)."
 ALLOW_DOWNLOAD_HELP = "Let missing encoder weights download (torchvision, Hugging Face hub); also SPPSCL_ALLOW_DOWNLOAD=1."
 OUT_JSON_HELP = "Print the results as one JSON document on stdout (and nothing else there)."
+WHICH_HELP = "For a run folder: its best checkpoint (selected on dev) or its last (the last epoch's)."
 STORAGE_HELP = "A shared Optuna study storage, e.g. postgresql://USER@HOST/DB: any number of machines run the same command, each run trains once."
 
 console = Console(stderr=False)
@@ -27,9 +28,11 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 
 class _State:
-    """Set by --debug (or SPPSCL_DEBUG=1): errors then show their traceback too."""
+    """Set by --debug (or SPPSCL_DEBUG=1): errors then show their traceback too; and the argument list."""
 
     debug = False
+    # the command line being run (sweep, cv and reproduce record it in their folder's commands.txt)
+    argv: list[str] = []
 
 
 state = _State()
@@ -47,17 +50,30 @@ def rows_table(rows: dict[str, int], title: str) -> Table:
 
 
 def print_results(results: dict, title: str = "best checkpoint") -> None:
+    """A finished run's table, then the baselines its dev accuracy is read against."""
+    from ..stage2.baselines import baseline_lines
+
     console.print(split_table(results["splits"], f"{title} (epoch {results['best_epoch']}, selected on dev accuracy)"))
+    for line in baseline_lines(results):
+        console.print(f"reference: {line}", highlight=False, soft_wrap=True)
+
+
+def metric_cell(m: dict, key: str) -> str:
+    """``0.7311``, then `` [0.7102, 0.7520]`` when the split holds its 95% interval (``ci95``)."""
+    ci = m.get("ci95", {}).get(key)
+    return f"{m[key]:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
 
 
 def split_table(splits: dict[str, dict], title: str | None = None) -> Table:
-    """Accuracy and F1 per split; an unlabelled split shows as predictions only."""
-    t = Table(title=title)
+    """Accuracy and F1 per split (with [95% CI] where the split holds one, named in the caption); an unlabelled split
+    shows as predictions only."""
+    methods = sorted({f"{name}: {m['ci95_method']}" for name, m in splits.items() if "ci95_method" in m})
+    t = Table(title=title, caption="[95% CI] " + "; ".join(methods) if methods else None)
     for col in ("split", "n", "accuracy", "weighted F1", "macro F1"):
         t.add_column(col, justify="right" if col != "split" else "left")
     for name, m in splits.items():
         if "accuracy" in m:
-            t.add_row(name, str(m["n"]), f"{m['accuracy']:.4f}", f"{m['weighted_f1']:.4f}", f"{m['macro_f1']:.4f}")
+            t.add_row(name, str(m["n"]), *[metric_cell(m, k) for k in ("accuracy", "weighted_f1", "macro_f1")])
         else:
             t.add_row(name, str(m["n"]), "-", "-", "predictions only")
     return t
@@ -69,27 +85,18 @@ def emit_json(obj: dict) -> None:
     sys.stdout.flush()
 
 
-def save_results(out: Path, results: dict, what: str) -> Path:
-    """``out`` ending in .json: the results there, alone. Otherwise ``out`` is a folder: results.json and a
-    confusion-<split>.png per labelled split. Returns the JSON's path."""
-    from ..stage2.plots import plot_confusions
-
-    path = out if json_file(out) else out / "results.json"
-    atomic_write(path, json.dumps(results, indent=2), "the results")
-    if not json_file(out):
-        plot_confusions(results["splits"], results["classes"], out, what)
-    return path
-
-
 def json_file(out: Path) -> bool:
     return out.suffix.lower() == ".json"
 
 
 def print_metrics(metrics: dict, title: str) -> None:
-    t = Table(title=title)
+    caption = None
+    if "ci95_method" in metrics:
+        caption = f"[95% CI]: {metrics['ci95_method']}; it covers which rows were drawn (on a split that selected the checkpoint, the score itself is optimistic)"
+    t = Table(title=title, caption=caption)
     for c in ("accuracy", "weighted F1", "macro F1"):
         t.add_column(c, justify="right")
-    t.add_row(f"{metrics['accuracy']:.4f}", f"{metrics['weighted_f1']:.4f}", f"{metrics['macro_f1']:.4f}")
+    t.add_row(*[metric_cell(metrics, k) for k in ("accuracy", "weighted_f1", "macro_f1")])
     console.print(t)
     pc = Table(title="per class")
     for c in ("class", "precision", "recall", "F1", "support"):

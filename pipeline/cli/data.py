@@ -14,7 +14,7 @@ from ..errors import EXIT_FAILED
 
 DATA_DIR_HELP = (
     "Dataset folder (relative to the current directory); overrides the preset's data_dir. "
-    "The public layouts (CLMLF files, HFM's and MVSA's releases) are recognised: README, Datasets."
+    "The public layouts (CLMLF files, HFM's and MVSA's releases) are recognised: docs/datasets.md."
 )
 
 data_app = typer.Typer(no_args_is_help=True, help="Inspect and check datasets before extraction.")
@@ -53,7 +53,7 @@ def extract(
     out: Optional[Path] = typer.Option(None, help="Cache file to write (default: cache/<dataset>.h5)."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP + " (preset: extract.device)"),
     batch_size: Optional[int] = typer.Option(None, min=1, help="Samples per encoder batch (preset: extract.batch_size)."),
-    limit: Optional[int] = typer.Option(None, min=1, help="Only the first N samples of each split (quick trials)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="At most N samples of each split, drawn stratified by label with a fixed seed (quick trials; recorded in the cache)."),
     on_error: str = typer.Option("stop", help="Bad sample: 'stop' (error naming file and id) or 'skip' (recorded in the cache, counted)."),
     force: bool = typer.Option(False, help="Rebuild even if a complete or different cache exists at --out."),
     workers: Optional[int] = typer.Option(
@@ -77,22 +77,19 @@ def extract(
 
     Under torchrun (--nproc-per-node, --nnodes) the ranks fill one cache together."""
     from ..allocator import keep_freed_memory
-    from ..stage1.distributed import PeerFailed, Ranks, Shard
-    from ..stage1.encoders import allow_downloads
-    from ..stage1.extract import extract as run_extract
+    from ..api import extract as run_extract
+    from ..stage1.distributed import PeerFailed, Ranks
 
-    # the commands that run the encoders set the allocator up first (README, performance notes); train does not
+    # the commands that run the encoders set the allocator up first (docs/performance.md); train does not
     keep_freed_memory()
     ranks = Ranks.from_env()
     console.quiet = not ranks.is_zero  # one report per job: rank 0's
     try:
-        cfg = stage1_config(config, set_, **{"encoders.image": image_encoder, "encoders.text": text_encoder, "extract.precision": precision})
-        out = out or Path("cache") / f"{cfg.dataset.name}.h5"
-        part = Shard.parse(shard) if shard else None
-        with allow_downloads(allow_download):
-            s = run_extract(
-                cfg, out, data_dir, device, batch_size, limit, on_error, force, workers, progress=not quiet, console=err_console, shard=part
-            )
+        s = run_extract(
+            config, out, overrides=set_, data_dir=data_dir, limit=limit, device=device, batch_size=batch_size, on_error=on_error, force=force,
+            workers=workers, precision=precision, image_encoder=image_encoder, text_encoder=text_encoder, allow_download=allow_download,
+            progress=not quiet, console=err_console, shard=shard,
+        )
     except BaseException as e:  # noqa: BLE001 - under torchrun, say which rank failed (main() handles a single process)
         if not ranks.distributed:
             raise
@@ -107,7 +104,9 @@ def extract(
 
 def _print_extract_summary(s) -> None:
     for note in s.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        err_console.print(f"[yellow]note:[/] {note}")
+    for warning in s.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if s.status == "up-to-date":
         console.print(f"{s.path} is complete and matches this request: nothing to do (use --force to rebuild).")
     console.print(rows_table(s.rows, f"cache {s.path} ({s.status})"))

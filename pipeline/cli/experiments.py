@@ -10,7 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..config import ConfigError
-from .console import DEFAULT_SEEDS, DEVICE_HELP, STORAGE_HELP, console, err_console, split_table
+from ..report import record_command
+from .console import DEFAULT_SEEDS, DEVICE_HELP, STORAGE_HELP, WHICH_HELP, console, err_console, split_table, state
 from .options import train_config
 
 sweep_app = typer.Typer(
@@ -45,19 +46,22 @@ def sweep(
     """Many stage-two runs from one cache: a grid or a random/TPE search, x seeds, resumable; tables mean ± std over seeds."""
     if ctx.invoked_subcommand is not None:
         return
-    from ..stage2.ensemble import ensemble_table, seed_ensembles, write_ensemble_summary
+    from ..api import sweep as run_sweep
+    from ..stage2.ensemble import ensemble_table
     from ..stage2.sweeps import Execution, default_sweep_dir, parse_devices, parse_seeds, print_summary
-    from ..stage2.sweeps import sweep as run_sweep
 
     if cache is None:
         raise ConfigError("sppscl sweep needs --cache (or: sppscl sweep summary ... for the tables of a finished sweep)")
-    cfg = train_config(cache, config, set_, None, device, "sweep")
+    cfg = train_config(cache, config, set_, None, device, "sweep")  # a bad --set stops here, before the folder is made
     execution = Execution(jobs, parse_devices(devices), runs_per_device, storage, study, heartbeat)
     out = out or (Path("sweeps") / study if study else default_sweep_dir(cache, config, set_, grid, space, random_, sampler))
     console.print(f"sweep directory: {out}" + (f" (study {study} in {storage})" if storage else ""))
-    result = run_sweep(cache, cfg, out, grid, space, random_, sampler, parse_seeds(seeds), execution, progress=not quiet, console=err_console)
-    ensembles = seed_ensembles(result, cache, out / "ensembles")
-    write_ensemble_summary(out, result, ensembles)
+    record_command(out, state.argv)
+    result = run_sweep(
+        cache, out, grid=grid, space=space, n_random=random_, sampler=sampler, seeds=parse_seeds(seeds), config=cfg, execution=execution,
+        progress=not quiet, console=err_console,
+    )
+    ensembles = result.ensembles
     print_summary(result, console)
     if ensembles:
         head, body = ensemble_table(result, ensembles)
@@ -67,6 +71,7 @@ def sweep(
         for b in body:
             t.add_row(*[escape(x) for x in b])
         console.print(t)
+    folder_report(out)
     if result.failed:
         raise typer.Exit(code=1)
 
@@ -86,6 +91,21 @@ def sweep_summary(
     print_summary(result, console, trained=False)
     if result.failed:
         raise typer.Exit(code=1)
+
+
+def folder_report(folder: Path) -> None:
+    """report.html in a sweep, cv or reproduce folder, after its tables. The tables are written by then, so a report
+    that cannot be made is a warning naming the command that rebuilds it, not a failed command."""
+    from ..report import REPORT_FILE, write_report
+
+    try:
+        path = write_report([folder], folder / REPORT_FILE)
+    except Exception as e:  # noqa: BLE001 - any failure here must not turn finished runs into a failed command
+        if state.debug:
+            raise
+        err_console.print(f"[yellow]warning:[/] no report ({escape(str(e))}); rebuild it with: sppscl report {folder} --out {folder / REPORT_FILE}", highlight=False)
+        return
+    console.print(f"report: {path}", highlight=False)
 
 
 def reproduce(
@@ -109,8 +129,10 @@ def reproduce(
     # another base configuration gets its own directory, so runs of different bases never mix
     out = out or (Path("sweeps") / f"{cache.stem}-paper" if not (config or set_) else default_sweep_dir(cache, "paper", config, set_))
     console.print(f"reproduce directory: {out}")
+    record_command(out, state.argv)
     rep = run_reproduce(table, cache, cfg, out, parse_seeds(seeds), Execution(jobs), progress=not quiet, console=err_console, cv=cv)
     print_reproduction(rep, console)
+    folder_report(out)
     if rep.sweep.failed:
         raise typer.Exit(code=1)
 
@@ -131,42 +153,52 @@ def cv(
 ) -> None:
     """Cross-validated estimate: K folds x seeds, each selected on a validation part of its training folds and scored on
     the held-out fold; mean ± std, seed ensembles, and the probe on the same folds."""
-    from ..stage2.cv import cross_validate, print_cv
+    from ..api import cv as run_cv
+    from ..stage2.cv import print_cv
     from ..stage2.sweeps import Execution, default_sweep_dir, parse_seeds
 
     if workers is not None:
         # one meaning everywhere: --workers is image decoding (extract, data verify); cv decodes no images
         raise ConfigError(f"cv --workers {workers}: --workers means image-decoding workers (extract, data verify), and cv decodes no images; give the number of parallel runs with --jobs {workers}")
-    cfg = train_config(cache, config, set_, None, device, "cv")
+    cfg = train_config(cache, config, set_, None, device, "cv")  # a bad --set stops here, before the folder is made
     # seeds are not part of the name: rerunning with more seeds reuses the finished ones
     d = default_sweep_dir(cache, "cv", folds, config, set_)
     out = out or d.with_name(f"{cache.stem}-cv{folds}-{d.name.rsplit('-', 1)[1]}")
     console.print(f"cv directory: {out}")
-    result = cross_validate(cache, cfg, out, folds, parse_seeds(seeds), execution=Execution(jobs), progress=not quiet, console=err_console)
+    record_command(out, state.argv)
+    result = run_cv(
+        cache, out, folds=folds, seeds=parse_seeds(seeds), config=cfg, execution=Execution(jobs), progress=not quiet, console=err_console,
+    )
     print_cv(result, console)
+    folder_report(out)
     if result.sweep.failed:
         raise typer.Exit(code=1)
 
 
 def ensemble(
-    runs: list[Path] = typer.Argument(..., help="Run directories (their best checkpoint) or checkpoint files; same encoders and classes."),
+    runs: list[Path] = typer.Argument(..., help="Run directories (their best checkpoint, or --which last) or checkpoint files; same encoders and classes."),
     cache: Path = typer.Option(..., help="A cache extracted like the members' (for CV runs: the same cache, evaluated on their fold)."),
-    out: Optional[Path] = typer.Option(None, help="Write results.json and predictions-<split>.csv here."),
+    out: Optional[Path] = typer.Option(None, help="Write results.json, predictions-<split>.csv and the model card (README.md) here."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    which: str = typer.Option("best", "--which", help=WHICH_HELP),
 ) -> None:
     """Average the class probabilities of several runs; metrics on every labelled split, predictions for every split."""
     from ..stage2.ensemble import ensemble as run_ensemble
+    from ..stage2.sweeps import cell
 
-    res = run_ensemble(runs, cache, out, device)
+    res = run_ensemble(runs, cache, out, device, which)
     console.print(split_table(res["splits"], f"ensemble of {len(res['members'])} runs (mean class probabilities)"))
-    single = Table(title="the members alone: mean ± std")
+    single = Table(
+        title="the members alone: mean ± std",
+        caption="[95% CI] of the members' mean, held-out split only: the same resampled rows for every member (paired bootstrap, as above)",
+    )
     for col in ("split", "accuracy", "weighted F1", "macro F1"):
         single.add_column(col, justify="right" if col != "split" else "left")
     for name, m in res["members_mean"].items():
-        single.add_row(name, *[f"{m[k]['mean']:.4f} ± {m[k]['std']:.4f}" for k in ("accuracy", "weighted_f1", "macro_f1")])
+        single.add_row(name, *[cell(m[k]["mean"], m[k]["std"], ci=m[k].get("ci95")) for k in ("accuracy", "weighted_f1", "macro_f1")])
     console.print(single)
     if "cv" in res:
         cvd = res["cv"]
         console.print(f"cross-validation fold {cvd['fold']} of {cvd['folds']}: " + "; ".join(f"{k} = {v}" for k, v in cvd["splits"].items()), highlight=False)
     if out is not None:
-        console.print(f"written: {out / 'results.json'}, {out}/predictions-<split>.csv")
+        console.print(f"written: {out / 'results.json'}, {out}/predictions-<split>.csv, model card {out / 'README.md'}")

@@ -18,7 +18,7 @@ import typer
 from rich.markup import escape
 
 from .. import __version__
-from ..errors import EXIT_FAILED, EXIT_INTERRUPTED
+from ..errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 from ..presets import app as presets_app
 from . import cache, data, experiments, training, use
 from .console import INTERRUPTED, console, err_console, error_exit, state
@@ -49,6 +49,8 @@ app.command()(experiments.cv)
 app.command()(experiments.ensemble)
 app.command()(use.predict)
 app.command()(use.analyze)
+app.command()(use.report)
+app.command()(use.serve)
 
 
 @app.callback(invoke_without_command=True)
@@ -63,12 +65,42 @@ def _root(
 
 
 
+def set_key_hint(e: Exception, argv: list[str]) -> str | None:
+    """For an unknown option that is a configuration key (``--epochs 3``): the ``--set`` to write instead."""
+    from ..config import STAGE_SECTIONS, config_keys
+
+    # typer carries its own copy of click's exceptions: NoSuchOption is matched by name
+    option = getattr(e, "option_name", None)
+    if type(e).__name__ != "NoSuchOption" or not isinstance(option, str) or not option.startswith("--"):
+        return None
+    key = option[2:].replace("-", "_")
+    full = config_keys().get(key)
+    if full is None:
+        return None
+    value = "VALUE"
+    for i, arg in enumerate(argv):
+        if arg == option and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value = argv[i + 1]
+        elif arg.startswith(option + "="):
+            value = arg.split("=", 1)[1]
+    names, ctx = [], getattr(e, "ctx", None)
+    while ctx is not None and ctx.parent is not None:  # the root's own name is the program's, whatever ran it
+        names.insert(0, ctx.info_name)
+        ctx = ctx.parent
+    command = f"`sppscl {' '.join(names)}`" if names else "this command"
+    stage = "extract" if command in ("`sppscl extract`", "`sppscl data verify`") else "train"
+    if full.split(".", 1)[0] not in STAGE_SECTIONS[stage]:
+        return f"no option {option} on {command}: {key} is a configuration key ({full}) of another stage, which {command} does not use"
+    return f"no option {option} on {command}: {key} is a configuration key ({full}); use --set {key}={value}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI on an explicit argument list; returns the exit code (for tests and ``python -m sppscl``).
 
     The one place where errors become messages and exit codes (see the module docstring).
     """
     state.debug = os.environ.get("SPPSCL_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    state.argv = list(argv if argv is not None else sys.argv[1:])
     try:
         # in non-standalone mode click returns an Exit's code instead of raising it
         code = app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
@@ -77,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else EXIT_FAILED if e.code else 0
     except typer.TyperException as e:  # usage errors: unknown option, bad type or range, missing value
+        hint = set_key_hint(e, state.argv)
+        if hint:
+            err_console.print(f"[bold red]error:[/] {escape(hint)}", highlight=False)
+            return EXIT_USAGE
         if hasattr(e, "show"):
             e.show()
         else:

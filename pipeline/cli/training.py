@@ -7,10 +7,7 @@ from typing import Optional
 
 import typer
 
-from ..config import ConfigError
-from ..errors import check_writable_dir
-from .console import DEVICE_HELP, OUT_JSON_HELP, console, emit_json, err_console, json_file, print_metrics, print_results, save_results, split_table
-from .options import train_config
+from .console import DEVICE_HELP, OUT_JSON_HELP, WHICH_HELP, console, emit_json, err_console, json_file, print_metrics, print_results, split_table
 
 
 def train(
@@ -19,39 +16,24 @@ def train(
     set_: list[str] = typer.Option([], "--set", help="Override a hyperparameter, e.g. --set lr=5e-5 --set fusion=sample. Unknown keys are an error."),
     seed: Optional[int] = typer.Option(None, min=0, help="Random seed (preset: train.seed)."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP + " (preset: train.device)"),
-    out: Optional[Path] = typer.Option(None, help="Run directory (default: a new runs/<cache name>-<time>; one process trains into a folder at a time)."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<cache name>-<time>)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     quiet: bool = typer.Option(False, help="No live view."),
 ) -> None:
-    """Stage two: train the SPP-SCL heads from the cache, select on dev, evaluate the best checkpoint."""
-    from ..stage2.ownership import lock_path, new_run_dir
-    from ..stage2.train import train as run_train
+    """Stage two: train the SPP-SCL heads from the cache, select on dev, evaluate the best checkpoint, write the model card."""
+    from ..api import train as run_train
 
-    if resume and out is None:
-        raise ConfigError("--resume needs --out naming the run directory to continue")
-    cfg = train_config(cache, config, set_, seed, device)
-    made = out is None
-    # created exclusively: two trains started in the same second get two folders, never one
-    out = out or new_run_dir(Path("runs"), cache.stem)
-    # on --resume these may only change what keeps it one run (more epochs, threads, device); the rest is refused
-    overrides = [*set_, *([f"seed={seed}"] if seed is not None else []), *([f"device={device}"] if device is not None else [])]
-    try:
-        results = run_train(
-            cache, cfg, out, resume=resume, progress=not quiet, console=err_console, resume_overrides=overrides, resume_preset=config
-        )
-    except BaseException:
-        if made and out.is_dir() and not any(out.iterdir()):
-            # the folder (and its lock) this command made under a name no other process can have, and wrote nothing into
-            out.rmdir()
-            lock_path(out).unlink(missing_ok=True)
-        raise
-    console.print(f"run directory: {out}")
-    print_results(results)
+    run = run_train(cache, out, config=config, overrides=set_, seed=seed, device=device, resume=resume, progress=not quiet, console=err_console)
+    console.print(f"run directory: {run.path}")
+    print_results(run.results)
+    console.print(f"model card: {run.model_card}", highlight=False, soft_wrap=True)
 
 
 
 def evaluate(
-    checkpoint: Path = typer.Option(..., help="A run folder (its best checkpoint) or a checkpoint (RUN/best.safetensors, RUN/last.safetensors; a legacy RUN/best.pt loads too)."),
+    checkpoint: Path = typer.Option(
+        ..., help="A run folder (its best checkpoint, or --which last) or a checkpoint (RUN/best.safetensors, RUN/last.safetensors; a legacy RUN/best.pt loads too)."
+    ),
     cache: Path = typer.Option(..., help="A cache built with the checkpoint's encoders."),
     split: str = typer.Option("test", help="Split to evaluate."),
     out: Optional[Path] = typer.Option(
@@ -61,43 +43,23 @@ def evaluate(
     ),
     json_: bool = typer.Option(False, "--json", help=OUT_JSON_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    which: str = typer.Option("best", "--which", help=WHICH_HELP),
 ) -> None:
     """Evaluate a checkpoint on one split of a matching cache (metrics if labelled, predictions always)."""
-    from ..cache import FeatureCache
-    from ..devices import resolve_device
-    from ..stage2.runs import RunError, compatible, resolve_checkpoint, evaluate_split, load_checkpoint, model_from_checkpoint, write_predictions
+    from ..api import evaluate as run_evaluate
 
+    results = run_evaluate(checkpoint, cache, split, which=which, out=out, device=device)
+    metrics = results["splits"][split]
     if out is not None:
-        check_writable_dir(out.parent if json_file(out) else out, "the results")
-    checkpoint = resolve_checkpoint(checkpoint)  # a run folder means its best checkpoint
-    ckpt = load_checkpoint(checkpoint)
-    fc = FeatureCache(cache)
-    diffs = compatible(fc.provenance, ckpt["cache_provenance"])
-    if diffs:
-        raise RunError(f"{cache} was not extracted like the checkpoint's cache; refusing. What differs:\n  " + "\n  ".join(diffs))
-    dev = resolve_device(device)
-    model, cfg = model_from_checkpoint(ckpt, dev)
-    data = fc.load(split)
-    metrics, pred = evaluate_split(model, data, cfg.train.eval_batch_size, dev, ckpt["classes"])
-    results = {
-        "checkpoint": str(checkpoint),
-        "cache": str(cache),
-        "epoch": ckpt["epoch"],
-        "classes": list(ckpt["classes"]),
-        "splits": {split: metrics if metrics is not None else {"n": int(len(data.rows)), "labels": "none: predictions only"}},
-    }
-    if out is not None:
-        path = save_results(out, results, f"{checkpoint} on {split}")
-        err_console.print(f"results: {path}", highlight=False)
+        err_console.print(f"results: {out if json_file(out) else out / 'results.json'}", highlight=False)
         if not json_file(out):
-            write_predictions(out / f"predictions-{split}.csv", data, pred, ckpt["classes"])
             err_console.print(f"predictions: {out / f'predictions-{split}.csv'}", highlight=False)
     if json_:
         emit_json(results)
-    elif metrics is None:
-        console.print(f"split {split} has no labels: {len(data.rows)} predictions, no metrics")
+    elif "accuracy" not in metrics:
+        console.print(f"split {split} has no labels: {metrics['n']} predictions, no metrics")
     else:
-        print_metrics(metrics, f"{checkpoint} on {cache}:{split} (n={metrics['n']})")
+        print_metrics(metrics, f"{results['checkpoint']} on {cache}:{split} (n={metrics['n']})")
 
 
 def probe(
@@ -109,17 +71,18 @@ def probe(
     ),
     json_: bool = typer.Option(False, "--json", help=OUT_JSON_HELP),
 ) -> None:
-    """Baseline: logistic regression on pooled image features + last-layer [CLS], C chosen on dev (scikit-learn, CPU)."""
-    from ..stage2.probe import run_probe
+    """Baseline: logistic regression on pooled image features + last-layer [CLS], C chosen on dev (scikit-learn, CPU).
 
+    The result (both modalities) is also recorded beside the cache as <cache stem>.probe.json, where `sppscl train`
+    on that cache finds it and prints the probe's dev accuracy beside its own."""
+    from ..api import probe as run_probe
+
+    results = run_probe(cache, modalities=modalities, seed=seed, out=out)
     if out is not None:
-        check_writable_dir(out.parent if json_file(out) else out, "the results")
-    res = run_probe(cache, seed=seed, modalities=modalities)
-    results = {"cache": str(cache), **res}
-    if out is not None:
-        path = save_results(out, results, f"probe C={res['C']}")
-        err_console.print(f"results: {path}", highlight=False)
+        err_console.print(f"results: {out if json_file(out) else out / 'results.json'}", highlight=False)
+    if results["probe_record"]:
+        err_console.print(f"recorded beside the cache for `sppscl train`: {results['probe_record']}", highlight=False)
     if json_:
         emit_json(results)
     else:
-        console.print(split_table(res["splits"], f"logistic-regression probe on {res['features']}, C={res['C']} (chosen on dev accuracy)"))
+        console.print(split_table(results["splits"], f"logistic-regression probe on {results['features']}, C={results['C']} (chosen on dev accuracy)"))

@@ -1,4 +1,4 @@
-"""``sppscl predict``, ``analyze``, ``checkpoint convert`` and ``demo``: using trained models."""
+"""``sppscl predict``, ``analyze``, ``report``, ``serve``, ``checkpoint convert`` and ``demo``: using trained models."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..config import ConfigError
 from ..errors import check_writable_dir
-from .console import ALLOW_DOWNLOAD_HELP, DEVICE_HELP, console, err_console
+from .console import ALLOW_DOWNLOAD_HELP, DEVICE_HELP, WHICH_HELP, console, err_console
 
 checkpoint_app = typer.Typer(no_args_is_help=True, help="Checkpoints: convert the .pt files of older sppscl versions.")
 
@@ -19,7 +19,7 @@ checkpoint_app = typer.Typer(no_args_is_help=True, help="Checkpoints: convert th
 def predict(
     checkpoint: list[Path] = typer.Option(
         ...,
-        help="A run folder (its best checkpoint) or a checkpoint (RUN/best.safetensors; a legacy RUN/best.pt loads too); repeat it to average several "
+        help="A run folder (its best checkpoint, or --which last) or a checkpoint (RUN/best.safetensors; a legacy RUN/best.pt loads too); repeat it to average several "
         "(same encoders and classes) into an ensemble.",
     ),
     image: Optional[Path] = typer.Option(None, help="One pair: its image file (with --text)."),
@@ -35,6 +35,7 @@ def predict(
     ),
     allow_download: bool = typer.Option(False, "--allow-download", help=ALLOW_DOWNLOAD_HELP),
     quiet: bool = typer.Option(False, help="No progress bar."),
+    which: str = typer.Option("best", "--which", help=WHICH_HELP),
 ) -> None:
     """Predict new image-text pairs with the encoders that built the checkpoint's cache, then its heads."""
     from ..allocator import keep_freed_memory
@@ -54,7 +55,7 @@ def predict(
         check_writable_dir(out.parent, "the predictions")
     pairs = [Pair(image.name, text, image)] if single else read_pairs(input_)
     with allow_downloads(allow_download):
-        predictor = Predictor(checkpoint, device)
+        predictor = Predictor(checkpoint, device, which)
     note = predictor.fusion_note(single)
     if note:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
@@ -63,15 +64,15 @@ def predict(
         write_output(out, preds, predictor.classes)
     classes = predictor.classes
     if single and preds[0].error is None:
-        console.print(f"pred: [bold]{preds[0].label}[/]")
+        console.print(f"pred: [bold]{preds[0].pred}[/]")
     t = Table(title=f"predictions of {', '.join(map(str, checkpoint))}" + (" (mean class probabilities)" if len(checkpoint) > 1 else ""))
     for col in ("id", "pred", *classes, "error"):
         t.add_column(col, justify="right" if col in classes else "left")
     if single or out is None:
         for p in preds:
-            probs = [f"{x:.4f}" for x in p.probs] if p.error is None else [""] * len(classes)
+            probs = [f"{p.probs[c]:.4f}" for c in classes] if p.error is None else [""] * len(classes)
             error = "" if p.error is None else f"line {p.line}: {p.error}" if p.line else p.error
-            t.add_row(escape(p.id), p.label or "", *probs, escape(error))
+            t.add_row(escape(p.id), p.pred or "", *probs, escape(error))
         console.print(t)
     failed = sum(p.error is not None for p in preds)
     if out is not None:
@@ -81,18 +82,21 @@ def predict(
 
 
 def analyze(
-    checkpoint: Path = typer.Option(..., help="A run folder (its best checkpoint) or a checkpoint (RUN/best.safetensors; a legacy RUN/best.pt loads too)."),
+    checkpoint: Path = typer.Option(
+        ..., help="A run folder (its best checkpoint, or --which last) or a checkpoint (RUN/best.safetensors; a legacy RUN/best.pt loads too)."
+    ),
     cache: Path = typer.Option(..., help="A cache built with the checkpoint's encoders."),
     split: str = typer.Option("dev", help="A labelled split of the cache."),
     out: Optional[Path] = typer.Option(None, help="Folder for analysis.json and the PNGs (default: RUN/analysis-<split>)."),
     compare: Optional[Path] = typer.Option(None, help="A second checkpoint (e.g. an ablation) as the reference, instead of the untrained heads."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    which: str = typer.Option("best", "--which", help=WHICH_HELP + " Also for --compare."),
 ) -> None:
     """The paper's diagnostics: IID/TTD/ITD same-label distances, t-SNE of the fused features, step-2 firing rate."""
     from ..stage2.analyze import analyze as run_analyze
     from ..stage2.analyze import render_analysis
 
-    result = run_analyze(checkpoint, cache, split, out, compare, device)
+    result = run_analyze(checkpoint, cache, split, out, compare, device, which=which)
     render_analysis(result.report, console)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
@@ -124,3 +128,46 @@ def demo(
 
     keep_freed_memory()
     run_demo(out, cache, epochs, console, err_console)
+
+
+def report(
+    paths: list[Path] = typer.Argument(None, help="Run, sweep, cv or reproduce folders; several runs are compared side by side."),
+    out: Path = typer.Option(Path("report.html"), "--out", "-o", help="The HTML file to write (self-contained: it loads nothing)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="A sweep's study storage, e.g. postgresql://USER@HOST/DB (with --study)."),
+    study: Optional[str] = typer.Option(None, "--study", help="With --storage: the study's name; its tables always, curves for the runs reachable here."),
+    title: Optional[str] = typer.Option(None, help="The page's title (default: what it shows)."),
+) -> None:
+    """One self-contained HTML page: the tables (sortable), dev curves per configuration, confusion matrices, seed
+    ensembles, references, provenance and commands of runs, a sweep, a cv or a reproduce folder."""
+    from ..report import write_report
+
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise ConfigError(f"--out {out}: must end in .html")
+    check_writable_dir(out.parent, "the report")
+    path = write_report(list(paths or []), out, storage, study, title)
+    console.print(f"report: {path}", highlight=False)
+
+
+def serve(
+    run: Path = typer.Argument(..., help="A run folder (its best checkpoint) or a checkpoint file."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000, min=0, max=65535, help="Port to listen on."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    max_body: int = typer.Option(16 * 1024 * 1024, "--max-body", min=1, help="Largest request body in bytes; larger is answered 413."),
+    allow_download: bool = typer.Option(False, "--allow-download", help=ALLOW_DOWNLOAD_HELP),
+) -> None:
+    """Answer predictions over HTTP: POST /predict (one pair), POST /predict/batch, GET /health, GET /model. The
+    encoders load once; each request is predicted on its own, exactly as `predict` predicts it."""
+    from ..allocator import keep_freed_memory
+    from ..serve import create_app, load_model
+    from ..stage1.encoders import allow_downloads
+
+    keep_freed_memory()
+    try:
+        import uvicorn
+    except ImportError:
+        raise ConfigError("sppscl serve needs the 'serve' extra: pip install 'sppscl[serve]'") from None
+    with allow_downloads(allow_download):
+        model = load_model(run, device)
+    console.print(f"serving {run} on http://{host}:{port} (classes: {', '.join(model.classes)}; fusion {model.fusion})", highlight=False)
+    uvicorn.run(create_app(run, model=model, max_body=max_body), host=host, port=port, log_level="info")

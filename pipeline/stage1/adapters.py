@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sppscl.config import Config
-from sppscl.errors import SppsclError
-from sppscl.stage1.records import LoadReport, Sample
+from sppscl.stage1.records import DataError, LoadReport, Sample  # DataError is raised from here too (and imported from here)
 
 # Dropping posts with these words turns HFM's 29,040 raw train rows into the standard 19,816 (SPEC §1).
 HFM_KEYWORDS = ("sarcasm", "sarcastic", "reposting", "<url>", "joke", "humor", "humour", "irony", "ironic", "exgag")
@@ -37,10 +36,6 @@ LABEL_KEYS_MMSD2 = ("emotion_label", "label")
 # MMSD2.0's released JSON names the id "image_id"
 ID_KEYS_MMSD2 = ("id", "image_id")
 INT_RE = re.compile(r"-?\d+")
-
-
-class DataError(SppsclError, ValueError):
-    """A dataset file is missing or structurally broken; the message names the file and the row or id."""
 
 
 def load_samples(cfg: Config, data_dir: Path | None = None) -> LoadReport:

@@ -1,5 +1,6 @@
-"""Extraction spread over processes: torchrun's ranks filling one cache, shards of the rows for machines that
-share no filesystem, and the lock that keeps uncoordinated writers of one cache apart.
+"""Extraction spread over processes: torchrun's ranks filling one cache, and shards of the rows for machines that
+share no filesystem. (The lock that keeps uncoordinated writers of one cache apart is ``sppscl.stage1.lock``; the
+fixed batches and their deal to workers are ``sppscl.stage1.batching``.)
 
 Under ``torchrun`` every rank plans the same run (samples, tokens, provenance: all deterministic), rank 0 alone
 touches the file's layout and metadata, and the ranks fill disjoint sets of the fixed batches with positioned
@@ -9,23 +10,18 @@ single-process run forms it, so the finished file is identical to that run's.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
-import socket
-import time
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from ..cache import CacheError
 from ..config import ConfigError
 from ..devices import resolve_device
 from ..errors import EXIT_FAILED, SppsclError
+from .batching import deal, fixed_batches
 
 T = TypeVar("T")
 
@@ -109,8 +105,12 @@ class Ranks:
             self._group = False
 
     def on_zero(self, fn: Callable[[], T], share: bool = True) -> T | None:
-        """Run ``fn`` on rank 0 only, then release the other ranks: a barrier that carries rank 0's result
-        (``share``) or its failure, so no rank goes on past a step rank 0 did not complete."""
+        """Run ``fn`` on rank 0 only, then release the other ranks with rank 0's result (``share``) or its failure,
+        so no rank goes on past a step rank 0 did not complete.
+
+        A broadcast, not a barrier: rank 0 may go on before a slow rank has even arrived. So anything every rank
+        must agree on (the pending batches) is read by rank 0 inside ``fn`` and shared, never read by each rank
+        after the call; ``all_done`` is the one real barrier."""
         if not self._group:
             return fn()
         result, error = None, None
@@ -138,21 +138,6 @@ class Ranks:
         everyone: list = [None] * self.world_size
         _collective(dist.all_gather_object, everyone, (samples, seconds))
         return sum(n for n, _ in everyone), max(s for _, s in everyone)
-
-
-def deal(batches: dict[str, list[list[int]]], index: int, count: int) -> dict[str, list[list[int]]]:
-    """Worker ``index``'s share of all splits' batches, dealt in order to whichever of the ``count`` workers
-    (ranks or shards) has the fewest rows so far: disjoint, whole batches, balanced even where short last batches
-    of small splits would make a plain round-robin lopsided. Deterministic, so every worker computes the same deal."""
-    out: dict[str, list[list[int]]] = {split: [] for split in batches}
-    load = [0] * count
-    for split, bs in batches.items():
-        for b in bs:
-            w = min(range(count), key=lambda i: (load[i], i))
-            load[w] += len(b)
-            if w == index:
-                out[split].append(b)
-    return out
 
 
 # ------------------------------------------------------------------------------------------ shards
@@ -185,80 +170,5 @@ class Shard:
     @staticmethod
     def rows(record: dict) -> dict[str, list[int]]:
         """The rows (of the whole split, in order) a shard with this provenance record holds."""
-        from .extract import fixed_batches
-
         batches = {split: fixed_batches(n, record["batch_size"]) for split, n in record["split_rows"]}
         return {split: [i for b in bs for i in b] for split, bs in deal(batches, record["index"], record["count"]).items()}
-
-
-# -------------------------------------------------------------------------------------------- lock
-
-
-class CacheLocked(CacheError):
-    """Another process is writing this cache."""
-
-
-class CacheLock:
-    """An exclusive ``flock`` on ``<cache>.lock``, taken before the cache is opened for writing.
-
-    The kernel drops the lock when its holder exits, however it exits (``kill -9`` included), so a stale lock
-    file never blocks anyone. The holder writes its pid, host and start time into the file for the refusal
-    message. Removing the file on release races with a process that opened it just before: each acquirer
-    therefore checks that the file it locked is still the one at the path (the usual open-lock-stat loop).
-    On NFS, Linux implements ``flock`` with byte-range locks, so the lock holds across machines too.
-    """
-
-    def __init__(self, target: Path, fd: int, path: Path):
-        self.target, self._fd, self.path = target, fd, path
-
-    @classmethod
-    def acquire(cls, target: Path) -> "CacheLock":
-        target = Path(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        path = target.with_name(target.name + ".lock")
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _read_holder(fd)
-                os.close(fd)
-                raise CacheLocked(
-                    f"{target} is being written by another process ({holder}); refusing to touch it. Wait for that "
-                    f"process to finish (or stop it), then rerun: an unfinished cache continues where it stopped. Lock: {path}"
-                ) from None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)  # the holder removed the file between our open and our lock: take the new one
-        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")})
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info.encode(), 0)
-        return cls(target, fd, path)
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        os.close(self._fd)  # closing drops the flock
-        self._fd = None
-
-    def __enter__(self) -> "CacheLock":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _read_holder(fd: int) -> str:
-    try:
-        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        return f"pid {info['pid']} on host {info['host']}, since {info['since']}"
-    except (ValueError, KeyError, OSError):
-        return "holder not yet recorded: it has only just started"

@@ -5,7 +5,7 @@ in full (see ``sppscl.cache``). Batches are fixed index ranges of each split, so
 exactly the batches an uninterrupted run would have, and the finished file is byte-identical to it.
 Images are decoded in DataLoader worker processes while the encoders run in the main process.
 Under ``torchrun`` the ranks share the batches of one file, and ``--shard I/N`` writes a share of them to a
-file of its own (``sppscl.stage1.distributed``).
+file of its own (``sppscl.stage1.distributed``, ``sppscl.stage1.batching``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import os
 import time
-from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,9 +43,11 @@ from ..config import Config, ConfigError
 from ..errors import OutputError, SppsclError, check_writable_dir, disk_full, free_bytes, is_disk_full, output_error
 from ..progress import make_progress
 from .adapters import load_samples
-from .distributed import CacheLock, Ranks, Shard, deal
+from .batching import deal, fixed_batches
+from .distributed import Ranks, Shard
 from .encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
 from .layouts import resolve_dataset
+from .lock import CacheLock
 from .records import NO_LABEL, Sample
 from .verify import ImageProblem, check_sample_image, empty_splits, max_image_pixels, open_image, sample_problem
 
@@ -73,6 +74,8 @@ class ExtractSummary:
     file_bytes: int = 0
     status: str = "written"  # written | resumed | up-to-date
     notes: list[str] = field(default_factory=list)
+    # what makes the cache a trap to train on (a labelled split of one class), said before any work
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def samples_per_second(self) -> float:
@@ -82,6 +85,60 @@ class ExtractSummary:
     def bytes_per_sample(self) -> float:
         n = sum(self.rows.values())
         return self.file_bytes / n if n else 0.0
+
+
+# --limit draws the same rows on every run (a resumed cache must continue with the rows it started with)
+LIMIT_SEED = 0
+
+
+def limit_per_split(samples: list[Sample], limit: int, seed: int = LIMIT_SEED) -> list[Sample]:
+    """At most ``limit`` rows of each split, drawn stratified by label with a fixed seed, in their file order.
+
+    The public split files are sorted by label, so the first N rows of a split are one class. Each class gets its
+    share of ``limit`` (largest remainder), and at least one row while ``limit`` allows, so a small class is not
+    lost; rows without a label (an unlabelled split) form one group. A split of at most ``limit`` rows is kept whole.
+    """
+    by_split: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_split.setdefault(s.split, []).append(i)
+    rng = np.random.default_rng(seed)
+    keep: list[int] = []
+    for split in sorted(by_split):
+        rows = by_split[split]
+        if len(rows) <= limit:
+            keep.extend(rows)
+            continue
+        groups: dict[object, list[int]] = {}
+        for i in rows:
+            groups.setdefault(samples[i].label, []).append(i)
+        keys = sorted(groups, key=lambda k: (k is None, k if k is not None else 0))
+        sizes = np.array([len(groups[k]) for k in keys], dtype=float)
+        quota = np.floor(sizes * limit / sizes.sum()).astype(int)
+        if limit >= len(keys):
+            quota = np.maximum(quota, 1)
+        # hand out what is left by largest remainder, then take back from the largest groups if the floor of 1 overshot
+        remainder = sizes * limit / sizes.sum() - np.floor(sizes * limit / sizes.sum())
+        for j in np.argsort(-remainder, kind="stable"):
+            if quota.sum() >= limit:
+                break
+            if quota[j] < sizes[j]:
+                quota[j] += 1
+        while quota.sum() > limit:
+            quota[int(np.argmax(quota))] -= 1
+        for k, q in zip(keys, quota):
+            members = groups[k]
+            keep.extend(members[j] for j in rng.choice(len(members), size=int(q), replace=False))
+    return [samples[i] for i in sorted(keep)]
+
+
+def one_class_splits(by_split: dict[str, list[Sample]], classes: list[str]) -> list[str]:
+    """Labelled splits whose rows all carry one class: a model scored there looks perfect (warned by extract)."""
+    found = []
+    for split, rows in by_split.items():
+        labels = {s.label for s in rows if s.label is not None}
+        if len(labels) == 1 and len(rows) > 1:
+            found.append(f"split {split!r} holds one class only ({classes[labels.pop()]}, {len(rows)} rows)")
+    return found
 
 
 def plan_samples(
@@ -156,6 +213,8 @@ def build_provenance(
             "split_files_sha256": split_files,
             "samples_sha256": _samples_digest(by_split),
             "limit_per_split": limit,
+            # how --limit chose its rows: the split files are often sorted by label, so the first N would be one class
+            **({"limit_sampling": {"method": "stratified by label, order kept", "seed": LIMIT_SEED}} if limit is not None else {}),
         },
         "encoders": {"image": image_enc.provenance(), "text": text_enc.provenance()},
         "dtype": dtype,
@@ -215,11 +274,6 @@ def prepare_encoders(image_enc: ImageEncoder, dev: torch.device) -> None:
         image_enc.to(memory_format=torch.channels_last)
 
 
-def fixed_batches(n: int, batch_size: int) -> list[list[int]]:
-    """Index ranges [k*bs, (k+1)*bs): fixed, so a resumed run forms exactly the batches a clean run forms."""
-    return [list(range(k, min(k + batch_size, n))) for k in range(0, n, batch_size)]
-
-
 def extract(
     cfg: Config,
     out: Path,
@@ -250,7 +304,7 @@ def extract(
     if precision == "fp16" and dev.type == "cpu":
         raise ExtractionError(
             "--precision fp16 on the CPU: autocast emulates float16 there (5x slower than fp32 in our measurement); "
-            "use fp32, or bf16 (README, performance notes), or fp16 with --device cuda"
+            "use fp32, or bf16 (docs/performance.md), or fp16 with --device cuda"
         )
 
     def claim() -> CacheLock:
@@ -264,7 +318,7 @@ def extract(
     ranks.start(dev)
     try:
         # Rank 0 holds the lock for the whole job, taken before anything is opened for writing; the other ranks
-        # write only between the barriers rank 0 releases them at.
+        # write only after rank 0 has shared the pending batches, and rank 0 waits for them in all_done.
         with ranks.on_zero(claim, share=False) or nullcontext():
             return _extract(
                 cfg, out, data_dir, dev, batch_size, limit, on_error, force, num_workers, progress, console, shard, ranks, precision
@@ -289,13 +343,7 @@ def _extract(
         )
     samples = report.samples
     if limit is not None:
-        per_split: Counter = Counter()
-        kept = []
-        for s in samples:
-            if per_split[s.split] < limit:
-                kept.append(s)
-                per_split[s.split] += 1
-        samples = kept
+        samples = limit_per_split(samples, limit)
     by_split, skipped = plan_samples(samples, len(cfg.dataset.classes), on_error)
     all_skipped = sorted({split for split, _, _ in skipped} - set(by_split))
     if all_skipped:
@@ -321,6 +369,14 @@ def _extract(
     summary = ExtractSummary(
         out, {k: len(v) for k, v in by_split.items()}, list(skipped), {k: len(v) for k, v in report.dropped.items()}, notes=list(report.notes)
     )
+    summary.warnings.extend(
+        f"{w}: its accuracy says nothing about a model"
+        + (" (--limit drew a stratified sample; the split has one class in all)" if limit is not None else "")
+        for w in one_class_splits(by_split, list(cfg.dataset.classes))
+    )
+    if console is not None and ranks.is_zero:
+        for w in summary.warnings:
+            console.print(f"[yellow]warning:[/] {w}", highlight=False)
     if shard is not None:
         summary.notes.append(f"{out} is shard {shard} (its rows only); when every shard is done, join them: sppscl cache merge SHARD_FILES... --out WHOLE.h5")
     # (a shard can hold no rows of a small split)
@@ -388,11 +444,9 @@ def _extract(
     transform = image_enc.preprocess()
     shape = (3, 224, 224)
     np_dtype = np.dtype(dtype)
-    pending = {
-        split: [b for b in fixed_batches(len(rows), bs) if (filler.status(split)[b] == PENDING).any()]
-        for split, rows in by_split.items()
-    }
-    # every rank read the same statuses (nobody writes before all have passed the barrier in on_zero above)
+    # Rank 0 reads the row statuses, before any rank writes, and hands every rank the same pending batches: a rank
+    # that read them itself could read them after a faster rank had begun writing, and deal itself other batches.
+    pending = ranks.on_zero(lambda: pending_batches(filler, by_split, bs))
     todo = deal(pending, ranks.rank, ranks.world_size)
     total = sum(len(b) for bs_ in todo.values() for b in bs_)
     start = time.perf_counter()
@@ -447,6 +501,14 @@ def _extract(
 
     summary.rows, summary.skipped, summary.file_bytes = ranks.on_zero(finish)
     return summary
+
+
+def pending_batches(filler: CacheFiller, by_split: dict[str, list[Sample]], batch_size: int) -> dict[str, list[list[int]]]:
+    """The fixed batches of each split that still hold a row not yet written (a resumed run encodes only these)."""
+    return {
+        split: [b for b in fixed_batches(len(rows), batch_size) if (filler.status(split)[b] == PENDING).any()]
+        for split, rows in by_split.items()
+    }
 
 
 def _fill_failed(out: Path, e: OSError) -> SppsclError:

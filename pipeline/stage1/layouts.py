@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from sppscl.config import Config
-from sppscl.stage1.adapters import DataError
+from sppscl.stage1.records import DataError
 
 CLMLF_FOLD_DIR = "10-flod-1"  # sic: the CLMLF repository's spelling
 IMAGE_DIRS = ("dataset_image", "images", "data")
@@ -35,7 +35,7 @@ LAYOUTS_HELP = (
     "  - HFM's release: text/train.txt, text/valid2.txt, text/test2.txt, images in dataset_image/\n"
     "  - the raw MVSA release: labelResultAll.txt and data/<id>.jpg|txt\n"
     "  or the CLMLF repository's root (dataset/data/<NAME>/ is used). Another layout: set dataset.format and "
-    "dataset.splits in your own YAML file (README: Datasets)."
+    "dataset.splits in your own YAML file (docs/datasets.md)."
 )
 
 

@@ -17,7 +17,8 @@ import numpy as np
 
 from ..cache import SKIPPED, WRITTEN, CacheError, CacheFiller, FeatureShapes, SplitPlan, create_cache, diff_provenance, finalize_cache, read_provenance
 from ..progress import make_progress
-from .distributed import CacheLock, Shard
+from .distributed import Shard
+from .lock import CacheLock
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The normalised sample record every data adapter produces, and the report of what an adapter dropped."""
+"""The normalised sample record every data adapter produces, the report of what an adapter dropped, and the error
+a broken dataset file raises (shared by the adapters and the layout detection, which imports no adapter)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sppscl.errors import SppsclError
+
 NO_LABEL = -1  # how "no label" is stored in the cache and in tensors
+
+
+class DataError(SppsclError, ValueError):
+    """A dataset file is missing or structurally broken; the message names the file and the row or id."""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ a split with no rows.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections import Counter
@@ -72,31 +73,43 @@ def max_image_pixels() -> int:
     return MAX_IMAGE_PIXELS
 
 
-def open_image(path: Path) -> Image.Image:
-    """The image at ``path`` decoded and converted to RGB (``to_rgb``), as extraction and prediction use it.
+def open_image(image: str | Path | bytes | Image.Image) -> Image.Image:
+    """An image decoded and converted to RGB (``to_rgb``), as extraction and prediction use it.
 
-    Raises :class:`ImageProblem` for a missing file, one PIL cannot decode, and one above the pixel limit
-    (checked from the header, before any pixel is decoded).
+    ``image`` is a file path (``str`` or ``Path``), the bytes of an image file, or a PIL image (the Python API
+    takes all of them). Raises :class:`ImageProblem` for a missing file, one PIL cannot decode, and one above the
+    pixel limit (checked from the header, before any pixel is decoded).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ImageProblem(MISSING_IMAGE, str(path))
     limit = max_image_pixels()
+
+    def check_size(size: tuple[int, int], what: str) -> None:
+        w, h = size
+        if w * h > limit:
+            raise ImageProblem(
+                OVERSIZED_IMAGE,
+                f"{what}: {w}x{h} = {w * h / 1e6:.1f} megapixels, above the limit of {limit / 1e6:.1f} "
+                "(refused, not decoded: a possible decompression bomb). Downscale the image, or raise SPPSCL_MAX_IMAGE_PIXELS.",
+            )
+
+    if isinstance(image, Image.Image):
+        check_size(image.size, "the PIL image")
+        return to_rgb(image)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        what, source = f"image bytes ({len(image)} bytes)", io.BytesIO(bytes(image))
+    else:
+        path = Path(image)
+        if not path.is_file():
+            raise ImageProblem(MISSING_IMAGE, str(path))
+        what, source = str(path), path
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if w * h > limit:
-                raise ImageProblem(
-                    OVERSIZED_IMAGE,
-                    f"{path}: {w}x{h} = {w * h / 1e6:.1f} megapixels, above the limit of {limit / 1e6:.1f} "
-                    "(refused, not decoded: a possible decompression bomb). Downscale the image, or raise SPPSCL_MAX_IMAGE_PIXELS.",
-                )
+        with Image.open(source) as im:
+            check_size(im.size, what)
             im.load()
             return to_rgb(im)
     except ImageProblem:
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error...: all mean "cannot decode"
-        raise ImageProblem(UNDECODABLE_IMAGE, f"{path}: {type(e).__name__}: {e}") from None
+        raise ImageProblem(UNDECODABLE_IMAGE, f"{what}: {type(e).__name__}: {e}") from None
 
 
 def _image_problem(path: Path, decode: bool = True) -> tuple[str, str] | None:

@@ -220,12 +220,14 @@ def read_step2_fired(metrics_path: Path) -> list[tuple[int, float]] | None:
     return [(int(r["epoch"]), float(r["step2_fired"])) for r in rows if "step2_fired" in r]
 
 
-def plot_step2_fired(series: list[tuple[str, list[tuple[int, float]]]], path: Path) -> None:
-    """Per-epoch firing rate of Algorithm 1's step 2 (the gate's decision), one line per run."""
+def plot_step2_fired(series: list[tuple[str, list[tuple[int, float]]]], path: Path) -> list[list[int]]:
+    """Per-epoch firing rate of Algorithm 1's step 2 (the gate's decision), one line per run; returns the epochs
+    drawn for each line."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for label, points in series:
-        ax.plot([e + 1 for e, _ in points], [f for _, f in points], marker="o", markersize=3, label=label)
+        # metrics.jsonl counts epochs from 1 (checkpoint format 2), so the epochs are plotted as written
+        ax.plot([e for e, _ in points], [f for _, f in points], marker="o", markersize=3, label=label)
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -236,7 +238,9 @@ def plot_step2_fired(series: list[tuple[str, list[tuple[int, float]]]], path: Pa
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    drawn = [[int(x) for x in line.get_xdata()] for line in ax.get_lines()]
     plt.close(fig)
+    return drawn
 
 
 # ------------------------------------------------------------------------------------ the analysis
@@ -270,16 +274,17 @@ def analyze(
     compare: Path | None = None,
     device: str = "auto",
     tsne: bool = True,
+    which: str = "best",
 ) -> Analysis:
     """Distances, t-SNE, distance histograms and the step-2 firing rate for ``checkpoint`` on ``cache:split``,
     next to the untrained heads (or ``compare``). Writes ``analysis.json`` and PNGs into ``out_dir``
     (default ``<run dir>/analysis-<split>``)."""
-    checkpoint = resolve_checkpoint(checkpoint)  # a run folder means its best checkpoint
+    checkpoint = resolve_checkpoint(checkpoint, which)  # a run folder means its best (or last) checkpoint
     ckpt = load_checkpoint(checkpoint)
     fc = FeatureCache(cache)
     refs = [(checkpoint, ckpt)]
     if compare is not None:
-        compare = resolve_checkpoint(compare)
+        compare = resolve_checkpoint(compare, which)
         refs.append((compare, load_checkpoint(compare)))
     for path, c in refs:
         diffs = compatible(fc.provenance, c["cache_provenance"])

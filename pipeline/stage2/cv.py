@@ -2,8 +2,10 @@
 
 A model selected as the best of many epochs on a 450-post dev split is selected partly for luck, so its dev
 score overstates what it does on new data. Here each fold's model is selected on a validation part carved from
-the training folds and scored on the held-out fold, which took no part in training or selection; the mean ±
-std over folds × seeds estimates the score on new data, with its spread. The cache's test split is never read.
+the training folds and scored on the held-out fold, which took no part in training or selection. Each fold's
+seeds are averaged first (they share its rows); the mean ± std over the folds of those seed means, with a t
+interval over the folds, estimates the score on new data; the seeds' own spread is reported apart
+(``stats.over_folds``, docs/statistics.md). The cache's test split is never read.
 
 It is a sweep: every (configuration, fold, seed) is an ordinary ``train`` run (``cv_folds``/``cv_fold`` in its
 configuration, see ``folds.py``) in ``<runs>/``, resumable and parallel. Beside the single runs: for every
@@ -14,7 +16,7 @@ selected the same way on the same folds, so all of them are compared on identica
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,8 @@ from .folds import FoldView
 from .metrics import classification_report
 from .ownership import own_run
 from .probe import pooled_features, select_probe
-from .sweeps import Execution, SweepResult, cell, config_slug, mean_std, run_configs
+from .stats import FoldEstimate, over_folds
+from .sweeps import Execution, SweepResult, cell, config_slug, run_configs
 from .sweeps.worker import SharedCache
 
 METRICS = ("accuracy", "weighted_f1", "macro_f1")
@@ -41,8 +44,8 @@ METRICS = ("accuracy", "weighted_f1", "macro_f1")
 class CVRow:
     label: str
     kind: str  # runs | ensemble | probe
-    n: int  # estimates averaged (folds x seeds for runs, folds for ensembles and the probe)
-    stats: dict[str, tuple[float | None, float | None]]  # metric -> (mean, std) on the held-out folds
+    n: int  # folds with a result (each fold's seeds averaged first)
+    stats: dict[str, FoldEstimate | None]  # metric -> over the held-out folds (None: no fold has a value)
     overrides: dict[str, Any]
     note: str = ""
 
@@ -63,13 +66,18 @@ def fold_config(overrides: dict[str, Any], folds: int, fold: int) -> dict[str, A
     return {**overrides, "cv_folds": folds, "cv_fold": fold}
 
 
-def _stats(reports: list[dict], classes: list[str], extra: dict[str, list[float]] | None = None) -> dict[str, tuple]:
-    """mean ± std (ddof=1) of accuracy, weighted/macro F1 and every class's F1 over ``reports`` (held-out folds)."""
-    values: dict[str, list[float]] = {m: [r[m] for r in reports] for m in METRICS}
+def _stats(by_fold: list[list[dict]], classes: list[str], extra: dict[str, list[list[float]]] | None = None) -> dict[str, FoldEstimate | None]:
+    """Accuracy, weighted/macro F1 and every class's F1 over the held-out folds: ``by_fold[k]`` holds fold k's reports
+    (one per seed; one for an ensemble or the probe), averaged per fold, then over folds (``stats.over_folds``)."""
+    values: dict[str, list[list[float]]] = {m: [[r[m] for r in fold] for fold in by_fold] for m in METRICS}
     for c in classes:
-        values[f"f1_{c}"] = [r["per_class"][c]["f1"] for r in reports]
-    values.update(extra or {})
-    return {k: (mean_std(v) if v else (None, None)) for k, v in values.items()}
+        values[f"f1_{c}"] = [[r["per_class"][c]["f1"] for r in fold] for fold in by_fold]
+    out = {k: over_folds(v) for k, v in values.items()}
+    for k, v in (extra or {}).items():
+        e = over_folds(v)
+        # the selection split's score, not a held-out one: its spread is shown, no interval claimed
+        out[k] = replace(e, ci95=None) if e is not None else None
+    return out
 
 
 def probe_folds(cache: FeatureCache, folds: int, cv_seed: int, val_fraction: float, seed: int = 0) -> list[dict]:
@@ -139,30 +147,32 @@ def cross_validate(
 
     ens_cache = SharedCache(cache_path)
     for label, o in variants:
-        reports, val_acc, ens = [], [], []
+        reports: list[list[dict]] = [[] for _ in range(folds)]
+        val_acc: list[list[float]] = [[] for _ in range(folds)]
+        ens: list[list[dict]] = [[] for _ in range(folds)]
         for k in range(folds):
             slug = config_slug(fold_config(o, folds, k))
             ok = [r for r in result.rows if r["config"] == slug and r["status"] == "ok"]
             for r in ok:
                 res = json.loads((runs_dir / r["run"] / "results.json").read_text())
-                reports.append(res["splits"]["test"])
-                val_acc.append(res["splits"]["dev"]["accuracy"])
+                reports[k].append(res["splits"]["test"])
+                val_acc[k].append(res["splits"]["dev"]["accuracy"])
             if len(ok) >= 2:
                 with own_run(out / "ensembles" / slug, wait=True, what="cv seed ensemble"):
                     e = cached_ensemble([runs_dir / r["run"] for r in ok], ens_cache, out / "ensembles" / slug)
-                ens.append(e["splits"]["test"])
-        rows.append(CVRow(label, "runs", len(reports), _stats(reports, classes, {"val_accuracy": val_acc}), o))
-        if ens:
-            rows.append(CVRow(f"{label}: ensemble of its seeds", "ensemble", len(ens), _stats(ens, classes), o, f"{len(seeds)} seeds per fold"))
+                ens[k].append(e["splits"]["test"])
+        rows.append(CVRow(label, "runs", sum(1 for f in reports if f), _stats(reports, classes, {"val_accuracy": val_acc}), o))
+        if any(ens):
+            rows.append(CVRow(f"{label}: ensemble of its seeds", "ensemble", sum(1 for f in ens if f), _stats(ens, classes), o, f"{len(seeds)} seeds per fold"))
     if probe_res is not None:
-        rows.append(CVRow("logistic-regression probe (pooled image + [CLS])", "probe", len(probe_res), _stats([p["test"] for p in probe_res], classes), {}))
+        rows.append(CVRow("logistic-regression probe (pooled image + [CLS])", "probe", len(probe_res), _stats([[p["test"]] for p in probe_res], classes), {}))
 
     primary = result.primary_f1
     cv = CVResult(out, folds, seeds, classes, primary, rows, result, "")
     cv.markdown = render_markdown(cv)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cv.md").write_text(cv.markdown)
-    (out / "cv.json").write_text(json.dumps([{**r.__dict__, "stats": {k: list(v) for k, v in r.stats.items()}} for r in rows], indent=2))
+    (out / "cv.json").write_text(json.dumps([{**r.__dict__, "stats": {k: _estimate_dict(v) for k, v in r.stats.items()}} for r in rows], indent=2))
     _write_csv(out / "cv.csv", rows, classes)
     return cv
 
@@ -171,13 +181,41 @@ def _columns(classes: list[str]) -> list[tuple[str, str]]:
     return [("accuracy", "ACC"), ("weighted_f1", "weighted F1"), ("macro_f1", "macro F1"), *[(f"f1_{c}", f"F1 {c}") for c in classes]]
 
 
+def _estimate_dict(e: FoldEstimate | None) -> dict | None:
+    """A FoldEstimate as cv.json stores it (the CSV's column names without the metric prefix)."""
+    if e is None:
+        return None
+    lo, hi = e.ci95 or (None, None)
+    return {"mean": e.mean, "std": e.std, "n_folds": e.n_folds, "ci95_low": lo, "ci95_high": hi, "seed_sd": e.seed_sd, "seeds_per_fold": list(e.seeds)}
+
+
+def estimate_cell(e: FoldEstimate | None, interval: bool = True) -> str:
+    """``mean ± std [95% CI lo, hi]`` of a fold estimate ("-" when there is none)."""
+    if e is None:
+        return "-"
+    return cell(e.mean, e.std, ci=e.ci95 if interval else None)
+
+
+def _seeds(r: CVRow) -> str:
+    """Seeds averaged per fold: one number when every fold has the same, else fold by fold."""
+    e = r.stats.get("accuracy")
+    if e is None:
+        return "-"
+    return str(e.seeds[0]) if len(set(e.seeds)) == 1 else ",".join(map(str, e.seeds))
+
+
+def _seed_sd(r: CVRow) -> str:
+    e = r.stats.get("accuracy")
+    return "-" if e is None or e.seed_sd is None else f"{e.seed_sd:.4f}"
+
+
 def table_cells(cv: CVResult) -> tuple[list[str], list[list[str]]]:
     cols = _columns(cv.classes)
-    head = ["model", "n", *[f"held-out {name}" for _, name in cols], "validation ACC (selection)"]
+    head = ["model", "folds", "seeds per fold", *[f"held-out {name}" for _, name in cols], "seed sd of held-out ACC", "validation ACC (selection)"]
     body = []
     for r in cv.rows:
-        val = r.stats.get("val_accuracy", (None, None))
-        body.append([r.label, str(r.n), *[cell(*r.stats[k]) for k, _ in cols], cell(*val) if val[0] is not None else "-"])
+        val = r.stats.get("val_accuracy")
+        body.append([r.label, str(r.n), _seeds(r), *[estimate_cell(r.stats[k]) for k, _ in cols], _seed_sd(r), estimate_cell(val, interval=False)])
     return head, body
 
 
@@ -187,9 +225,12 @@ def notes(cv: CVResult) -> list[str]:
         f"{cv.folds}-fold stratified cross-validation over the labelled train+dev rows (the cache's test split is not used); "
         f"seeds {', '.join(map(str, cv.seeds))}. Each run is selected on a stratified validation part of its training folds "
         "(best validation accuracy, ties by the primary F1) and scored on the held-out fold.",
-        "Cells: mean ± sample std (ddof=1) over n estimates: folds × seeds for single runs, folds for seed ensembles "
-        "(mean of the seeds' class probabilities) and for the probe (standardised and C chosen on the same validation parts).",
-        "The validation column is the score the selection saw: its excess over the held-out score is the optimism of selecting on it.",
+        "Cells: mean ± sample std (ddof=1) over the folds of each fold's seed mean (seeds of one fold share its rows, so "
+        "they are averaged first), then [95% CI]: Student's t interval over the folds, mean ± t(0.975, folds-1)·std/√folds. "
+        "Seed ensembles average the seeds' class probabilities; the probe is standardised and its C chosen on the same validation parts.",
+        "Seed sd: the seeds' spread within a fold, sqrt of the mean over folds of the seeds' variance (ddof=1); '-' with one seed.",
+        "The validation column is the score the selection saw (no interval: it is not held out); its excess over the held-out "
+        "score is the optimism of selecting on it.",
     ]
     if failed:
         out.append(f"{len(failed)} runs failed (rerun the same command to retry): " + "; ".join(f"{r['run']}: {r['error']}" for r in failed))
@@ -205,21 +246,29 @@ def render_markdown(cv: CVResult, title: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+CSV_STATS = ("mean", "std", "ci95_low", "ci95_high", "seed_sd")
+
+
 def _write_csv(path: Path, rows: list[CVRow], classes: list[str]) -> None:
+    """One row per model: ``<metric>_{mean,std,ci95_low,ci95_high,seed_sd}`` for every held-out metric, then the
+    validation accuracy (no interval); empty cells where a value does not exist (one seed: no seed_sd)."""
     import csv
 
     keys = [k for k, _ in _columns(classes)] + ["val_accuracy"]
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["model", "kind", "n", *[f"{k}_{s}" for k in keys for s in ("mean", "std")]])
+        w.writerow(["model", "kind", "folds", "seeds_per_fold", *[f"{k}_{s}" for k in keys for s in CSV_STATS]])
         for r in rows:
-            vals = [r.stats.get(k, (None, None)) for k in keys]
-            w.writerow([r.label, r.kind, r.n, *["" if x is None else x for v in vals for x in v]])
+            cells = []
+            for k in keys:
+                d = _estimate_dict(r.stats.get(k)) or {}
+                cells += ["" if d.get(s) is None else d[s] for s in CSV_STATS]
+            w.writerow([r.label, r.kind, r.n, _seeds(r), *cells])
 
 
 def print_cv(cv: CVResult, console: Console, title: str | None = None) -> None:
     head, body = table_cells(cv)
-    t = Table(title=title or f"{cv.folds}-fold cross-validation: held-out scores, mean ± std")
+    t = Table(title=title or f"{cv.folds}-fold cross-validation: held-out scores, mean ± std over folds [95% CI, t over folds]")
     for i, h in enumerate(head):
         t.add_column(h, justify="left" if i == 0 else "right")
     for b in body:

@@ -19,11 +19,17 @@ import torch
 from ..cache import FeatureCache, SplitData, diff_provenance
 from ..config import Config
 from ..devices import resolve_device
+from ..errors import atomic_write, check_writable_dir
+from .card import write_ensemble_card
 from .folds import FoldView, fold_view
+from .intervals import report_interval
 from .metrics import classification_report
+from .stats import METRICS, bootstrap_interval, bootstrap_method
+from .plots import plot_confusions
 from .runs import RunError, resolve_checkpoint, compatible, load_checkpoint, model_from_checkpoint, predict_split, write_predictions
 
 CV_KEYS = ("cv_folds", "cv_fold", "cv_seed", "cv_val_fraction")
+HELD_OUT = "test"  # the split no member saw in training or selection (a CV fold's held-out rows are its view's test)
 
 
 @dataclass
@@ -35,14 +41,15 @@ class Member:
     provenance: dict  # of the cache the member was trained on
 
 
-def load_members(runs: list[Path], device: torch.device, same_fold: bool = True) -> list[Member]:
-    """Every run's best checkpoint, refused together unless they see the same features and classes (and, when they
-    are to be evaluated on a cache, ``same_fold``: the same CV fold; models of different folds may predict new pairs)."""
+def load_members(runs: list[Path], device: torch.device, same_fold: bool = True, which: str = "best") -> list[Member]:
+    """Every run's ``which`` checkpoint (a checkpoint file is taken as it is), refused together unless they see the same
+    features and classes (and, when they are to be evaluated on a cache, ``same_fold``: the same CV fold; models of
+    different folds may predict new pairs)."""
     if not runs:
         raise RunError("an ensemble needs at least one run directory or checkpoint")
     members = []
     for run in runs:
-        path = resolve_checkpoint(run)
+        path = resolve_checkpoint(run, which)
         ckpt = load_checkpoint(path)
         model, cfg = model_from_checkpoint(ckpt, device)
         members.append(Member(path, model, cfg, list(ckpt["classes"]), ckpt["cache_provenance"]))
@@ -82,17 +89,22 @@ def average_probs(members: list[Member], split: SplitData, device: torch.device)
     return {"rows": split.rows, "probs": mean, "pred": mean.argmax(-1) if len(mean) else np.zeros(0, np.int64), "members": probs}
 
 
-def ensemble(runs: list[Path], cache: Path | FeatureCache, out: Path | None = None, device: str = "cpu") -> dict:
-    """Evaluate the average of ``runs`` on every labelled split of ``cache`` (or the members' CV fold of it); with
-    ``out``, write ``results.json`` and ``predictions-<split>.csv`` (the columns of a single run's) there."""
+def ensemble(runs: list[Path], cache: Path | FeatureCache, out: Path | None = None, device: str = "cpu", which: str = "best") -> dict:
+    """Evaluate the average of ``runs`` (their ``which`` checkpoints) on every labelled split of ``cache`` (or the
+    members' CV fold of it); with ``out``, write ``results.json``, ``predictions-<split>.csv`` (the columns of a single
+    run's) and the model card there."""
+    if out is not None:
+        check_writable_dir(Path(out), "the ensemble's results")
     dev = resolve_device(device)
-    members = load_members(runs, dev)
+    members = load_members(runs, dev, which=which)
     fc = cache if isinstance(cache, (FeatureCache, FoldView)) else FeatureCache(cache)
     view = member_view(fc.base if isinstance(fc, FoldView) else fc, members)
     classes = members[0].classes
+    first_provenance = members[0].provenance
     results: dict = {
         "members": [str(m.path) for m in members],
-        "how": "mean of the members' class probabilities; each member's best dev checkpoint",
+        "how": f"mean of the members' class probabilities; each member's {which} checkpoint"
+        + (" (selected on dev)" if which == "best" else " (of its last epoch)"),
         "classes": classes,
         "splits": {},
         "members_mean": {},
@@ -112,11 +124,20 @@ def ensemble(runs: list[Path], cache: Path | FeatureCache, out: Path | None = No
         singles = [classification_report(y, p.argmax(-1), classes) for p in pred["members"]]
         results["members_mean"][name] = {
             k: {"mean": float(np.mean([s[k] for s in singles])), "std": float(np.std([s[k] for s in singles], ddof=1)) if len(singles) > 1 else 0.0}
-            for k in ("accuracy", "weighted_f1", "macro_f1")
+            for k in METRICS
         }
+        if name == HELD_OUT:
+            # intervals for the held-out split only: dev selected the members' checkpoints, train fitted them
+            results["splits"][name].update(report_interval(y, pred["pred"], len(classes)))
+            paired = bootstrap_interval(y, np.stack([p.argmax(-1) for p in pred["members"]]), len(classes))
+            if paired is not None:
+                for k in METRICS:
+                    results["members_mean"][name][k]["ci95"] = list(paired[k])
     if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "results.json").write_text(json.dumps(results, indent=2))
+        # the pictures a single run gets: a confusion matrix per labelled split (counts, row shares)
+        plot_confusions(results["splits"], classes, Path(out), f"ensemble of {len(members)} runs")
+        atomic_write(Path(out) / "results.json", json.dumps(results, indent=2), "the ensemble's results")
+        write_ensemble_card(Path(out), results, first_provenance)
     return results
 
 
@@ -126,7 +147,9 @@ def cached_ensemble(runs: list[Path], cache, out: Path, device: str = "cpu") -> 
     members = [str(resolve_checkpoint(r)) for r in runs]
     if done.exists():
         res = json.loads(done.read_text())
-        if res.get("members") == members:
+        held_out = res.get("splits", {}).get(HELD_OUT, {})
+        # a result from before the intervals were recorded is computed again
+        if res.get("members") == members and ("accuracy" not in held_out or "ci95" in held_out):
             return res
     return ensemble(runs, cache, out, device)
 
@@ -158,8 +181,8 @@ def seed_ensembles(result, cache_path: Path, out: Path, min_seeds: int = 2) -> d
 
 def ensemble_table(result, ensembles: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     """The "ensemble of its seeds" rows of a sweep, in its summary's order: each beside that configuration's mean ± std."""
-    from .sweeps import cell
     from .sweeps.spec import fmt
+    from .sweeps.tables import summary_cell
 
     splits = [s for s in ("dev", "test") if any(s in e["splits"] and "accuracy" in e["splits"][s] for e in ensembles.values())]
     head = [*(result.keys or ["config"]), "seeds", *[f"{s} {m}" for s in splits for m in ("acc", "weighted F1", "macro F1")]]
@@ -170,11 +193,18 @@ def ensemble_table(result, ensembles: dict[str, dict]) -> tuple[list[str], list[
             continue
         names = [fmt(s[k]) for k in result.keys] or [s["config"]]
         for kind, values in (
-            ("mean ± std of the runs", [cell(s[f"{sp}_{m}_mean"], s[f"{sp}_{m}_std"]) for sp in splits for m in ("accuracy", "weighted_f1", "macro_f1")]),
-            ("ensemble of the runs", [f"{e['splits'][sp][m]:.4f}" for sp in splits for m in ("accuracy", "weighted_f1", "macro_f1")]),
+            ("mean ± std of the runs", [summary_cell(s, f"{sp}_{m}") for sp in splits for m in METRICS]),
+            ("ensemble of the runs", [ensemble_cell(e["splits"][sp], m) for sp in splits for m in METRICS]),
         ):
             body.append([*names, f"{len(e['members'])} ({kind})", *values])
     return head, body
+
+
+def ensemble_cell(split: dict, metric: str) -> str:
+    """One ensemble score, with `` [lo, hi]`` when its split holds a 95% interval (the held-out split)."""
+    text = f"{split[metric]:.4f}"
+    ci = split.get("ci95", {}).get(metric)
+    return text + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
 
 
 def write_ensemble_summary(out: Path, result, ensembles: dict[str, dict]) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 LOSS_TERMS = {
     "loss_total": "total",
     "loss_lambda_ce": "λ·CE",
@@ -32,62 +34,100 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
 
 
+def _marker(n: int) -> str | None:
+    return "." if n < 30 else None
+
+
 def plot_curves(metrics_path: Path, out: Path) -> Path:
-    """curves.png: the loss terms, dev accuracy and F1, and the step-2 firing rate per epoch (epochs from 1)."""
+    """curves.png: the total loss, its terms on their own scale, dev accuracy and F1, and the step-2 firing rate per
+    epoch (epochs from 1). The total is λ·CE plus the contrastive terms, so beside them it would flatten them."""
     plt = _pyplot()
-    rows = read_metrics(metrics_path)
+    fig = plt.figure(figsize=(18, 4.2), layout="constrained")
+    draw_curves(fig, read_metrics(metrics_path))
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def draw_curves(fig, rows: list[dict]) -> None:
+    """The four panels of curves.png on ``fig``, from metrics.jsonl's rows."""
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+
     epochs = [r["epoch"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
+    mk = _marker(len(rows))
+    axes = fig.subplots(1, 4)
+    axes[0].plot(epochs, [r["loss_total"] for r in rows], marker=mk, color="black")
+    axes[0].set_title("total training loss")
+    axes[0].set_ylabel("loss (mean over batches)")
     for key, label in LOSS_TERMS.items():
-        axes[0].plot(epochs, [r[key] for r in rows], label=label, marker="." if len(rows) < 30 else None)
-    axes[0].set_title("training losses (mean over batches)")
+        if key != "loss_total":
+            axes[1].plot(epochs, [r[key] for r in rows], label=label, marker=mk)
+    axes[1].set_title("loss terms, each its own line")
+    axes[1].set_ylabel("loss (mean over batches)")
     for key, label in (("dev_accuracy", "accuracy"), ("dev_weighted_f1", "weighted F1"), ("dev_macro_f1", "macro F1")):
-        axes[1].plot(epochs, [r[key] for r in rows], label=label, marker="." if len(rows) < 30 else None)
+        axes[2].plot(epochs, [r[key] for r in rows], label=label, marker=mk)
     best = rows[-1]["best_epoch"] if rows else 0
     if best:
-        axes[1].axvline(best, color="grey", linestyle=":", label=f"best epoch {best}")
-    axes[1].set_title("dev metrics")
-    axes[2].plot(epochs, [r["step2_fired"] for r in rows], color="tab:purple", marker="." if len(rows) < 30 else None)
-    axes[2].set_ylim(-0.02, 1.02)
-    axes[2].set_title("step 2 (inter-modal) fired: fraction of batches")
-    from matplotlib.ticker import MaxNLocator
-
+        axes[2].axvline(best, color="grey", linestyle=":", label=f"best epoch {best}")
+    axes[2].set_title("dev metrics")
+    axes[2].set_ylabel("score (0-1)")
+    axes[3].plot(epochs, [r["step2_fired"] for r in rows], color="tab:purple", marker=mk)
+    axes[3].set_ylim(-0.02, 1.02)
+    axes[3].yaxis.set_major_formatter(PercentFormatter(1.0))
+    axes[3].set_title("step 2 (inter-modal) fired")
+    axes[3].set_ylabel("share of the epoch's batches")
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    axes[2].legend(fontsize=8)
+
+
+def row_shares(m: np.ndarray) -> np.ndarray:
+    """Each row of a confusion matrix as shares of its true class (a row with no samples stays 0)."""
+    totals = m.sum(axis=1, keepdims=True)
+    return np.divide(m, totals, out=np.zeros(m.shape, dtype=np.float64), where=totals > 0)
+
+
+def confusion_axes(fig, ax, m: np.ndarray, classes: list[str], title: str) -> None:
+    """Draw a confusion matrix (rows true, columns predicted) on ``ax``: count and row share in every cell, colour
+    = row share (so classes of different sizes compare), with a colour bar."""
+    shares = row_shares(np.asarray(m))
+    im = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    for (i, j), v in np.ndenumerate(np.asarray(m)):
+        ax.text(j, i, f"{v}\n{shares[i, j]:.0%}", ha="center", va="center", fontsize=8, color="white" if shares[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title, fontsize=9)
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label("share of the true class (row)")
 
 
 def plot_confusion(matrix: list[list[int]], classes: list[str], title: str, out: Path) -> Path:
-    """A confusion matrix (rows true, columns predicted), counts in the cells."""
-    import numpy as np
-
+    """A confusion matrix with counts and row shares, colour bar included."""
     plt = _pyplot()
-    m = np.asarray(matrix)
     # drawn directly: sklearn's ConfusionMatrixDisplay costs ~1 s a figure, paid by every run of a sweep
-    fig, ax = plt.subplots(figsize=(1.0 * len(classes) + 2.5, 1.0 * len(classes) + 2), layout="constrained")
-    ax.imshow(m, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    for (i, j), v in np.ndenumerate(m):
-        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > m.max() / 2 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
+    fig, ax = plt.subplots(figsize=(1.1 * len(classes) + 3.2, 1.0 * len(classes) + 2.2), layout="constrained")
+    confusion_axes(fig, ax, np.asarray(matrix), classes, title)
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
 
 
+def short_name(what: str, width: int = 48) -> str:
+    """A long title part (a checkpoint path) cut in the middle to ``width`` characters, so a title is never clipped."""
+    return what if len(what) <= width else what[:14] + "…" + what[-(width - 15) :]
+
+
 def plot_confusions(splits: dict[str, dict], classes: list[str], out_dir: Path, what: str) -> list[Path]:
-    """confusion-<split>.png for every labelled split of a results dict."""
+    """confusion-<split>.png for every labelled split of a results dict; the title says what and which split on two lines."""
     return [
-        plot_confusion(m["confusion_matrix"], classes, f"{what}: {name} (n={m['n']}, acc {m['accuracy']:.4f})", Path(out_dir) / f"confusion-{name}.png")
+        plot_confusion(
+            m["confusion_matrix"], classes, f"{short_name(what)}\n{name} split: n={m['n']}, accuracy {m['accuracy']:.4f}", Path(out_dir) / f"confusion-{name}.png"
+        )
         for name, m in splits.items()
         if "confusion_matrix" in m
     ]

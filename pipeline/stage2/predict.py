@@ -23,13 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..cache import SplitData, diff_provenance
 from ..progress import make_progress
 from ..stage1.encoders import load_image_encoder, load_text_encoder
 from ..devices import resolve_device
 from ..errors import SppsclError, atomic_write
-from ..stage1.extract import encode_batch, fixed_batches, prepare_encoders
+from ..stage1.batching import fixed_batches
+from ..stage1.extract import encode_batch, prepare_encoders
 from ..stage1.verify import ImageProblem, open_image, unencodable_at
 from .ensemble import load_members
 from .runs import predict_split
@@ -46,25 +48,32 @@ class PredictError(SppsclError, RuntimeError):
 
 @dataclass
 class Pair:
-    """One input row. ``line`` is its line in the input file (0 for a pair given on the command line);
+    """One input row. ``image`` is a path (a ``str`` becomes a ``Path``), the bytes of an image file or a PIL image;
+    ``line`` is its line in the input file (0 for a pair given on the command line or through the Python API);
     ``error`` is set when the row could not even be parsed."""
 
     id: str
     text: str
-    image: Path | None
+    image: Path | bytes | Image.Image | None
     line: int = 0
     error: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image, str):
+            self.image = Path(self.image)
 
 
 @dataclass
 class Prediction:
-    """The outcome for one pair: a label and class probabilities, or an error (``label`` None)."""
+    """The outcome for one pair, in the words of the CLI's output: ``pred`` is the predicted class name, ``probs``
+    the probability of each class by name (in the checkpoint's class order), ``index`` the predicted class's
+    position in that order. A pair that could not be predicted has ``error`` set and ``pred`` None."""
 
     id: str
     line: int
-    label: str | None
-    pred: int | None
-    probs: np.ndarray | None
+    pred: str | None
+    index: int | None
+    probs: dict[str, float] | None
     error: str | None = None
 
 
@@ -80,12 +89,16 @@ def _where(source: str, pair: Pair) -> str:
 def _cheap_problem(pair: Pair) -> str | None:
     """What makes a parsed row unusable without decoding its image."""
     for what, value in (("id", pair.id), ("text", pair.text)):
-        at = unencodable_at(value)
+        at = unencodable_at(value) if isinstance(value, str) else None
         if at is not None:
             return f"{what} has a character UTF-8 cannot store at position {at} ({value[at]!r}: a lone surrogate)"
+    if not isinstance(pair.text, str):
+        return f"text must be a string, got {type(pair.text).__name__}"
     if not pair.text.strip():
         return "empty text"
-    if not pair.image.is_file():
+    if not isinstance(pair.image, (Path, bytes, bytearray, memoryview, Image.Image)):
+        return f"image must be a path, the bytes of an image file or a PIL image, got {type(pair.image).__name__}"
+    if isinstance(pair.image, Path) and not pair.image.is_file():
         return f"missing image: {pair.image}"
     return None
 
@@ -195,12 +208,12 @@ class Predictor:
     """A checkpoint's heads (or several checkpoints', whose class probabilities are averaged) plus the encoders and
     preprocessing that built its cache."""
 
-    def __init__(self, checkpoint: Path | list[Path], device: str = "auto"):
+    def __init__(self, checkpoint: Path | list[Path], device: str = "auto", which: str = "best"):
         paths = [Path(c) for c in checkpoint] if isinstance(checkpoint, (list, tuple)) else [Path(checkpoint)]
-        self.checkpoint = paths[0]
+        self.checkpoint = paths[0]  # as given (a run folder or a checkpoint); members[i].path is the file loaded
         self.device = resolve_device(device)
         # every member must read the same features (same encoders, dtype, classes): refused otherwise, saying what differs
-        self.members = load_members(paths, self.device, same_fold=False)
+        self.members = load_members(paths, self.device, same_fold=False, which=which)
         prov = self.members[0].provenance
         enc = prov["encoders"]
         tok = enc["text"]["tokenizer"]
@@ -289,10 +302,10 @@ class Predictor:
                 prog.advance(task, len(pending))
         return results  # type: ignore[return-value]
 
-    def _load_image(self, path: Path) -> tuple[torch.Tensor | None, str | None]:
+    def _load_image(self, image: Path | bytes | Image.Image) -> tuple[torch.Tensor | None, str | None]:
         """The preprocessed image as extraction makes it, or the reason it cannot be used."""
         try:
-            return self.transform(open_image(path)), None
+            return self.transform(open_image(image)), None
         except ImageProblem as e:
             return None, str(e)
 
@@ -323,7 +336,7 @@ class Predictor:
         probs = np.mean([predict_split(m.model, split, m.cfg.train.eval_batch_size, self.device)["probs"] for m in self.members], axis=0)
         for j, i in enumerate(idx):
             k = int(probs[j].argmax())
-            results[i] = Prediction(pairs[i].id, pairs[i].line, self.classes[k], k, probs[j])
+            results[i] = Prediction(pairs[i].id, pairs[i].line, self.classes[k], k, dict(zip(self.classes, map(float, probs[j]))))
 
 
 def in_memory_split(pairs: list[Pair], image: np.ndarray, tokens: list[np.ndarray]) -> SplitData:
@@ -359,7 +372,7 @@ def write_output(path: Path, preds: list[Prediction], classes: list[str]) -> Non
             if p.error is not None:
                 row = {"id": p.id, "line": p.line, "error": p.error}
             else:
-                row = {"id": p.id, "pred": p.label, "probabilities": {c: float(x) for c, x in zip(classes, p.probs)}}
+                row = {"id": p.id, "pred": p.pred, "probabilities": {c: p.probs[c] for c in classes}}
             buf.write(json.dumps(row) + "\n")
     else:
         w = csv.writer(buf)
@@ -368,5 +381,5 @@ def write_output(path: Path, preds: list[Prediction], classes: list[str]) -> Non
             if p.error is not None:
                 w.writerow([p.id, "", *[""] * len(classes), f"line {p.line}: {p.error}" if p.line else p.error])
             else:
-                w.writerow([p.id, p.label, *[f"{float(x):.6f}" for x in p.probs], ""])
+                w.writerow([p.id, p.pred, *[f"{p.probs[c]:.6f}" for c in classes], ""])
     atomic_write(path, buf.getvalue(), "the predictions")

@@ -13,8 +13,9 @@ from sklearn.preprocessing import StandardScaler
 
 from ..cache import FeatureCache, SplitData
 from ..config import ConfigError
-from .runs import RunError
+from .intervals import report_interval
 from .metrics import classification_report
+from .runs import RunError
 
 C_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 1.0)
 
@@ -72,7 +73,11 @@ def run_probe(cache_path, seed: int = 0, modalities: str = "both", c_grid=C_GRID
     out = {"C": c, "features": f"pooled image map + last-layer [CLS] ({modalities})", "classes": classes, "splits": {}}
     for name, s in splits.items():
         if s.has_labels:
-            out["splits"][name] = classification_report(y[name], clf.predict(scaler.transform(feats[name])), classes)
+            pred = clf.predict(scaler.transform(feats[name]))
+            out["splits"][name] = classification_report(y[name], pred, classes)
+            if name == "test":  # the one split that neither fitted the probe nor chose its C
+                out["splits"][name].update(report_interval(y[name], pred, len(classes)))
         else:
             out["splits"][name] = {"n": int(len(s.rows)), "labels": "none: predictions only"}
     return out
+

@@ -27,8 +27,10 @@ from ..cache import FeatureCache
 from ..config import Config, ConfigError
 from .cv import CVResult, cross_validate
 from .cv import table_cells as cv_cells
-from .ensemble import seed_ensembles
+from .ensemble import ensemble_cell, seed_ensembles
+from .stats import bootstrap_method
 from .sweeps import Execution, SweepResult, cell, config_slug, run_configs
+from .sweeps.tables import missing_intervals
 
 PAPER_COLUMNS = {"mvsa-single": "MVSA-S", "mvsa-multiple": "MVSA-M", "hfm": "HFM"}
 
@@ -198,8 +200,14 @@ def reproduce(
     return Reproduction(table, spec, dataset, column, rows, result, markdown, files, ensembles, warning)
 
 
+def _cell(s: dict, col: str) -> str:
+    """``mean ± std [95% CI] (n=3)``: the interval where the summary holds one (test columns, see sweeps/tables.py)."""
+    lo, hi = s.get(f"{col}_ci95_low"), s.get(f"{col}_ci95_high")
+    return cell(s[f"{col}_mean"], s[f"{col}_std"], s["n"], ci=(lo, hi) if lo is not None else None)
+
+
 def _has_test(rows: list[tuple[Variant, dict]]) -> bool:
-    return any(s["test_accuracy_mean"] is not None for _, s in rows)
+    return any(s.get("test_accuracy_mean") is not None for _, s in rows)
 
 
 def table_cells(
@@ -221,11 +229,11 @@ def table_cells(
         if column:
             acc, f = v.paper.get(dataset, (None, None))
             paper = ["-" if acc is None else f"{acc:.4f}", "-" if f is None else f"{f:.4f}"]
-        body.append([v.label, *paper, *[cell(s[f"{split}_{m}_mean"], s[f"{split}_{m}_std"], s["n"]) for m in ("accuracy", f1)]])
+        body.append([v.label, *paper, *[_cell(s, f"{split}_{m}") for m in ("accuracy", f1)]])
         ens = (ensembles or {}).get(s.get("config"))
         if ens is not None:
             m = ens["splits"][split]
-            body.append([f"{v.label}: ensemble of its {len(ens['members'])} seeds", *(["", ""] if column else []), f"{m['accuracy']:.4f}", f"{m[f1]:.4f}"])
+            body.append([f"{v.label}: ensemble of its {len(ens['members'])} seeds", *(["", ""] if column else []), ensemble_cell(m, "accuracy"), ensemble_cell(m, f1)])
     return head, body
 
 
@@ -235,9 +243,12 @@ def _notes(spec: PaperTable, dataset: str, column: str | None, result: SweepResu
         f"Ours: mean ± sample std (ddof=1; 0 when n=1) over seeds {', '.join(map(str, result.seeds))}; n = seeds averaged; "
         f"each run's best dev checkpoint; F1 = {f1_name}; ensemble rows average the seeds' class probabilities. "
         + (
-            "Scored on test, which took no part in training or selection."
+            f"Scored on test, which took no part in training or selection. [95% CI]: {bootstrap_method()} of the test split, "
+            "the same resampled rows for every seed and the seed mean per resample (paired); it covers which test rows were "
+            "drawn, not the seeds (their spread is the ± std); an ensemble row's interval is its own bootstrap."
             if test
-            else "The test split has no labels here, so the cells are dev, the split the models were selected on: optimistic."
+            else "The test split has no labels here, so the cells are dev, the split the models were selected on: optimistic; "
+            "no interval is given for them."
         )
     )
     paper = (
@@ -247,6 +258,8 @@ def _notes(spec: PaperTable, dataset: str, column: str | None, result: SweepResu
     )
     notes = [f"WARNING: {warning}"] if warning else []
     notes += [ours, paper]
+    if test and missing_intervals(result.summary):
+        notes.append(missing_intervals(result.summary))
     if spec.note:
         notes.append(spec.note)
     failed = [r for r in result.rows if r["status"] != "ok"]
@@ -328,29 +341,33 @@ def print_reproduction(rep: Reproduction, console: Console) -> None:
 
 
 def plot_alpha(rows: list[tuple[Variant, dict]], path: Path, dataset: str, primary_f1: str) -> Path:
-    """Fig. 5's layout: dev accuracy and dev F1 against α, mean with ± std error bars, n per point."""
+    """Fig. 5's layout: accuracy and F1 against α, mean with ± std error bars, n per point. One panel for dev (what
+    selected each run's checkpoint) and, when the runs were scored on test, one for test: the split table.md reports."""
     # the Agg canvas directly: no pyplot, so the caller's matplotlib backend is left alone
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     done = [(v, s) for v, s in rows if s["n"] > 0]
     xs = [v.overrides["alpha"] for v, _ in done]
-    fig = Figure(figsize=(5.5, 3.8), dpi=120)
+    splits = [("dev", "dev (selection)")] + ([("test", "test (scored: the table's split)")] if _has_test(rows) else [])
+    fig = Figure(figsize=(5.2 * len(splits), 4.0), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for metric, label, marker in (("accuracy", "dev ACC", "o"), (f"{primary_f1}_f1", f"dev {primary_f1} F1", "s")):
-        ys = [s[f"dev_{metric}_mean"] for _, s in done]
-        es = [s[f"dev_{metric}_std"] for _, s in done]
-        ax.errorbar(xs, ys, yerr=es, marker=marker, capsize=3, label=label)
-    for (v, s), x in zip(done, xs):
-        ax.annotate(f"n={s['n']}", (x, s["dev_accuracy_mean"]), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7)
-    ax.set_xticks([v.overrides["alpha"] for v, _ in rows], [v.label.split("= ")[1] for v, _ in rows])
-    ax.axvline(2 / 3, color="grey", linestyle=":", linewidth=1, label="paper's best α = 2/3")
-    ax.set_xlabel("α (step-2 gate threshold)")
-    ax.set_ylabel("dev score")
-    ax.set_title(f"Sensitivity to α ({dataset})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    axes = fig.subplots(1, len(splits), sharey=True, squeeze=False)[0]
+    for ax, (split, title) in zip(axes, splits):
+        for metric, label, marker in (("accuracy", "ACC", "o"), (f"{primary_f1}_f1", f"{primary_f1} F1", "s")):
+            ys = [s[f"{split}_{metric}_mean"] for _, s in done]
+            es = [s[f"{split}_{metric}_std"] for _, s in done]
+            ax.errorbar(xs, ys, yerr=es, marker=marker, capsize=3, label=f"{split} {label}")
+        # n under each α's tick: annotations beside the points collided with the error bars and the frame
+        ax.set_xticks([v.overrides["alpha"] for v, _ in rows], [f"{v.label.split('= ')[1]}\nn={s['n']}" for v, s in rows])
+        ax.margins(x=0.08, y=0.15)
+        ax.axvline(2 / 3, color="grey", linestyle=":", linewidth=1, label="paper's best α = 2/3")
+        ax.set_xlabel("α (step-2 gate threshold)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    axes[0].set_ylabel("score (0-1), mean ± std over seeds")
+    fig.suptitle(f"Sensitivity to α ({dataset})")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path

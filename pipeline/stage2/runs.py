@@ -1,15 +1,16 @@
 """A run folder and what every command that uses a trained model shares: loading, rebuilding and applying it.
 
-A run folder (written by ``sppscl train``) holds ``config.json``, ``metrics.jsonl`` (one line per epoch), the
-``best`` and ``last`` checkpoints (``NAME.safetensors`` + ``NAME.json``, see ``checkpoint.py``), ``results.json``
-and ``predictions-<split>.csv``. ``evaluate``, ``predict``, ``ensemble``, ``analyze`` and the Python API accept a
-run folder wherever they accept a checkpoint (``resolve_checkpoint``). The training loop itself is ``train.py``.
+A run folder (written by ``sppscl train``; its files are listed in docs/run-folder.md) is one :class:`RunFolder`:
+its configuration, ``best``/``last`` checkpoints, per-epoch metrics, results, predictions and model card.
+``evaluate``, ``predict``, ``ensemble``, ``analyze`` and the Python API (``sppscl.load``) accept a run folder wherever
+they accept a checkpoint (``resolve_checkpoint``: its ``best`` checkpoint, or ``last``). The training loop is ``train.py``.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -28,25 +29,103 @@ WHICH = ("best", "last")
 
 
 def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
-    """The checkpoint a path names: a run folder's ``best`` (or ``last``) checkpoint, else the path itself.
-
-    A run folder is a directory holding ``<which>.safetensors`` (or a legacy ``<which>.pt``)."""
+    """The checkpoint a path names: a run folder's ``best`` (or ``last``) checkpoint, else the path itself."""
     if which not in WHICH:
         raise RunError(f"which checkpoint: {which!r} is not one of {', '.join(WHICH)}")
     p = Path(path)
-    if not p.is_dir():
-        return p
-    for name in (which + WEIGHTS_SUFFIX, which + ".pt"):
-        if (p / name).is_file():
-            return p / name
-    raise RunError(
-        f"{p} is a folder without a {which} checkpoint ({which}{WEIGHTS_SUFFIX}): give a run folder written by "
-        "`sppscl train` (it may still be training, or have failed before its first epoch) or a checkpoint file"
-    )
+    return RunFolder(p).checkpoint(which) if p.is_dir() else p
 
 
 class RunError(SppsclError, RuntimeError):
     """A run cannot start or continue as asked (existing directory, mismatched cache, bad checkpoint)."""
+
+
+# the files of a run folder, by role (docs/run-folder.md)
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+MODEL_CARD_FILE = "README.md"
+
+
+class RunFolder:
+    """A run folder as one object: what ``sppscl train`` (or ``sppscl ensemble --out``) wrote there.
+
+    Nothing is read until asked for; each accessor names the file it needs when that file is missing or damaged.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise RunError(f"{self.path}: no such run folder")
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def checkpoint(self, which: str = "best") -> Path:
+        """The path of the ``best`` checkpoint (selected on dev) or the ``last`` one (a legacy ``.pt`` too)."""
+        if which not in WHICH:
+            raise RunError(f"which checkpoint: {which!r} is not one of {', '.join(WHICH)}")
+        for name in (which + WEIGHTS_SUFFIX, which + ".pt"):
+            if (self.path / name).is_file():
+                return self.path / name
+        raise RunError(
+            f"{self.path} is a folder without a {which} checkpoint ({which}{WEIGHTS_SUFFIX}): give a run folder written by "
+            "`sppscl train` (it may still be training, or have failed before its first epoch) or a checkpoint file"
+        )
+
+    def load_checkpoint(self, which: str = "best") -> dict:
+        return load_checkpoint(self.checkpoint(which))
+
+    @property
+    def config(self) -> Config:
+        """The run's resolved configuration (``config.json``)."""
+        return Config.from_dict(self._json(CONFIG_FILE, "the run's configuration"))
+
+    @property
+    def metrics(self) -> list[dict]:
+        """One row per finished epoch (``metrics.jsonl``): losses, learning rate, dev metrics, best epoch so far."""
+        path = self.path / METRICS_FILE
+        if not path.is_file():
+            return []
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise RunError(f"{path}: line {n} is not JSON ({e.msg})") from None
+        return rows
+
+    @property
+    def results(self) -> dict | None:
+        """The best checkpoint evaluated on every split (``results.json``), or None while the run is unfinished."""
+        return self._json(RESULTS_FILE, "the results") if (self.path / RESULTS_FILE).is_file() else None
+
+    def predictions_path(self, split: str) -> Path:
+        return self.path / f"predictions-{split}.csv"
+
+    def predictions(self, split: str) -> list[dict[str, str]]:
+        """The rows of ``predictions-<split>.csv``: id, label (true class, empty when unlabelled), pred, p_<class>."""
+        path = self.predictions_path(split)
+        if not path.is_file():
+            have = sorted(p.name[len("predictions-") : -len(".csv")] for p in self.path.glob("predictions-*.csv"))
+            raise RunError(f"{path}: no predictions for split {split!r} in this run (it has: {', '.join(have) or 'none'})")
+        with open(path, newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    @property
+    def model_card(self) -> Path:
+        """The run's model card (``README.md``, the Hugging Face layout)."""
+        return self.path / MODEL_CARD_FILE
+
+    def _json(self, name: str, what: str) -> dict:
+        path = self.path / name
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise RunError(f"{path}: missing ({what}); is {self.path} a run folder written by `sppscl train`?") from None
+        except json.JSONDecodeError as e:
+            raise RunError(f"{path}: damaged {what} (not JSON: {e.msg} at line {e.lineno})") from None
 
 
 def build_model(dims: dict, cfg: Config) -> SPPSCLModel:

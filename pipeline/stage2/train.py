@@ -31,8 +31,10 @@ from .gate import two_step_gate
 from .loggers import make_logger
 from .losses import LossTerms, one_step_loss, step1_loss, step2_loss
 from .metrics import selection_key
+from .card import write_run_card
 from .ownership import own_run
 from .plots import plot_confusions, plot_curves
+from .baselines import baselines
 from .runs import RunError, build_model, cache_dims, evaluate_split, load_checkpoint, model_from_checkpoint, write_predictions
 
 def seed_everything(seed: int) -> None:
@@ -318,8 +320,9 @@ def _train(cache_path, cfg: Config, out_dir: Path, resume, progress, console, in
 
 
 def finish_run(out_dir: Path, cache: FeatureCache, classes: list[str], device, in_memory=None) -> dict:
-    """Evaluate the best checkpoint on every labelled split; write predictions for every split; results.json;
-    curves.png from metrics.jsonl and confusion-<split>.png for every labelled split."""
+    """Evaluate the best checkpoint on every labelled split; write predictions for every split; results.json with the
+    baselines dev accuracy is read against; curves.png from metrics.jsonl, confusion-<split>.png for every labelled
+    split, and the model card (README.md)."""
     ckpt = load_checkpoint(out_dir / "best")
     model, cfg = model_from_checkpoint(ckpt, device)
     results = {
@@ -333,14 +336,18 @@ def finish_run(out_dir: Path, cache: FeatureCache, classes: list[str], device, i
     }
     if isinstance(cache, FoldView):
         results["cv"] = cache.describe()
+    labels = {}
     for name in cache.splits:
         split = cache.load(name, in_memory=in_memory)
         metrics, pred = evaluate_split(model, split, cfg.train.eval_batch_size, device, classes)
         write_predictions(out_dir / f"predictions-{name}.csv", split, pred, classes)
         results["splits"][name] = metrics if metrics is not None else {"n": int(len(split.rows)), "labels": "none: predictions only"}
+        labels[name] = split.labels[split.rows]
+    results["baselines"] = baselines(cache, labels["train"], labels["dev"], classes)
     atomic_write(out_dir / "results.json", json.dumps(results, indent=2), "the results", RESUME)
     plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
     plot_confusions(results["splits"], classes, out_dir, f"best checkpoint (epoch {results['best_epoch']})")
+    write_run_card(out_dir, results, ckpt["cache_provenance"], ckpt["config"])
     return results
 
 

@@ -1,7 +1,9 @@
 """The sweep's tables: one row per run, aggregated over seeds into one row per configuration.
 
-``runs.csv`` (every run), ``summary.csv`` (means and sample stds as numbers) and ``summary.md`` (``mean ± std``
-cells), and the same summary as a rich table. Model choice is on dev only: configurations are sorted by mean dev
+``runs.csv`` (every run), ``summary.csv`` (means and sample stds as numbers; for test, the 95% interval of the seed
+mean as ``test_<metric>_ci95_low``/``_ci95_high``, a paired bootstrap over the test rows read from the runs'
+predictions files, docs/statistics.md) and ``summary.md`` (``mean ± std [lo, hi]`` cells), and the same summary as
+a rich table. Model choice is on dev only: configurations are sorted by mean dev
 accuracy (ties by the dataset's primary F1); test columns are reported beside, never used to select.
 """
 
@@ -10,15 +12,17 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ..intervals import runs_interval
+from ..stats import METRICS as INTERVAL_METRICS
+from ..stats import bootstrap_method, mean_std
 from .spec import fmt
 
 METRICS = ("accuracy", "weighted_f1", "macro_f1")
@@ -37,6 +41,8 @@ class SweepResult:
     failed: list[str]
     primary_f1: str
     seeds: list[int]
+    # configuration slug -> the ensemble of its seeds (``sppscl sweep``: ensembles/<slug>/, ensembles.md)
+    ensembles: dict[str, dict] = field(default_factory=dict)
 
 
 def read_run(run_dir: Path, status: str, error: str, wall_s: float | None) -> dict:
@@ -80,10 +86,21 @@ def first_line(text: str) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1) over seeds; the std of a single seed is 0.0."""
-    a = np.asarray(values, dtype=np.float64)
-    return float(a.mean()), (float(a.std(ddof=1)) if len(a) > 1 else 0.0)
+def test_interval(ok: list[dict]) -> dict[str, Any]:
+    """``test_<metric>_ci95_low``/``_ci95_high`` of the finished runs' seed mean (``intervals.runs_interval`` on their
+    ``run_dir``), empty with ``test_ci95_note`` saying why when the runs have no test score or their predictions are
+    not on this machine."""
+    cols = {f"test_{m}_ci95_{end}": None for m in INTERVAL_METRICS for end in ("low", "high")}
+    if not any(r.get("test_accuracy") is not None for r in ok):
+        return {**cols, "test_ci95_note": ""}
+    dirs = [r.get("run_dir") for r in ok]
+    if not all(dirs):
+        return {**cols, "test_ci95_note": "run folders unknown"}
+    iv, why = runs_interval([Path(d) for d in dirs], "test")
+    if iv is not None:
+        for m in INTERVAL_METRICS:
+            cols[f"test_{m}_ci95_low"], cols[f"test_{m}_ci95_high"] = iv[m]
+    return {**cols, "test_ci95_note": why}
 
 
 def aggregate(rows: list[dict], keys: list[str], primary_f1: str = "weighted") -> list[dict]:
@@ -101,6 +118,7 @@ def aggregate(rows: list[dict], keys: list[str], primary_f1: str = "weighted") -
             vals = [r[col] for r in ok if r[col] is not None]
             mean, std = mean_std(vals) if vals else (None, None)
             s[f"{col}_mean"], s[f"{col}_std"] = mean, std
+        s.update(test_interval(ok))
         summary.append(s)
 
     def key(s: dict) -> tuple:
@@ -123,17 +141,44 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def cell(mean: float | None, std: float | None, n: int | None = None) -> str:
-    """``0.7311 ± 0.0042`` (with ``(n=3)`` when n is given); empty when there is no value."""
+def cell(mean: float | None, std: float | None, n: int | None = None, ci: tuple[float, float] | None = None) -> str:
+    """``0.7311 ± 0.0042`` (then `` [0.7102, 0.7520]`` when a 95% interval ``ci`` is given, and `` (n=3)`` when n is);
+    empty when there is no value."""
     if mean is None:
         return "" if n is None else f"- (n={n})"
     text = f"{mean:.4f} ± {std:.4f}"
+    if ci is not None:
+        text += f" [{ci[0]:.4f}, {ci[1]:.4f}]"
     return text if n is None else f"{text} (n={n})"
 
 
 def _label(col: str) -> str:
     split, metric = col.split("_", 1)
     return f"{split} " + {"accuracy": "acc", "weighted_f1": "weighted F1", "macro_f1": "macro F1"}[metric]
+
+
+def summary_cell(s: dict, col: str) -> str:
+    """A summary cell: ``mean ± std``, and `` [lo, hi]`` when the summary holds a 95% interval for ``col``."""
+    lo, hi = s.get(f"{col}_ci95_low"), s.get(f"{col}_ci95_high")
+    return cell(s[f"{col}_mean"], s[f"{col}_std"], ci=(lo, hi) if lo is not None else None)
+
+
+def interval_caption(summary: list[dict]) -> str:
+    """What the test columns' brackets are, and which configurations lack one and why ("" without test columns)."""
+    if not any(s.get("test_accuracy_mean") is not None for s in summary):
+        return ""
+    text = (
+        f"Test cells: mean ± std [95% CI]: {bootstrap_method()} of the test split, the same resampled rows for every "
+        "seed and the seed mean per resample (paired); it covers which test rows were drawn, not the seeds (their "
+        "spread is the ± std). Dev cells have no interval: dev selected the checkpoints."
+    )
+    return text + (f" {missing_intervals(summary)}" if missing_intervals(summary) else "")
+
+
+def missing_intervals(summary: list[dict]) -> str:
+    """"No interval for: <config> (<why>); ..." for the configurations with a test score but no interval ("" if none)."""
+    lacking = [f"{s['config']} ({s['test_ci95_note']})" for s in summary if s.get("test_accuracy_mean") is not None and s.get("test_accuracy_ci95_low") is None]
+    return "No interval for: " + "; ".join(lacking) + "." if lacking else ""
 
 
 def _shown_columns(summary: list[dict]) -> list[str]:
@@ -148,7 +193,7 @@ def write_summary(out: Path, summary: list[dict], keys: list[str], primary_f1: s
     lines = [
         f"Mean ± sample std (ddof=1; 0 when n=1) over seeds ({n_seeds} per configuration asked; n = seeds finished). "
         f"Sorted by mean dev accuracy, ties by dev {primary_f1} F1; the best configuration (chosen on dev only) is in bold; "
-        "test is reported beside, never used to select.",
+        "test is reported beside, never used to select." + (f" {interval_caption(summary)}" if interval_caption(summary) else ""),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join("---" for _ in head) + "|",
@@ -157,7 +202,7 @@ def write_summary(out: Path, summary: list[dict], keys: list[str], primary_f1: s
         names = [fmt(s[k]) for k in keys] or [s["config"]]
         if i == 0 and s["n"] > 0:
             names = [f"**{x}**" for x in names]
-        lines.append("| " + " | ".join([*names, str(s["n"]), str(s["n_failed"]), *[cell(s[f"{c}_mean"], s[f"{c}_std"]) for c in cols]]) + " |")
+        lines.append("| " + " | ".join([*names, str(s["n"]), str(s["n_failed"]), *[summary_cell(s, c) for c in cols]]) + " |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
@@ -178,9 +223,11 @@ def print_summary(result: SweepResult, console: Console, trained: bool = True) -
         t.add_column(_label(c), justify="right")
     for i, s in enumerate(result.summary):
         names = [fmt(s[k]) for k in result.keys] or [s["config"]]
-        cells = [cell(s[f"{c}_mean"], s[f"{c}_std"]) for c in cols]
+        cells = [summary_cell(s, c) for c in cols]
         t.add_row(*names, str(s["n"]), str(s["n_failed"]), *cells, style="bold green" if i == 0 and s["n"] > 0 else None)
     console.print(t)
+    if interval_caption(result.summary):
+        console.print(escape(interval_caption(result.summary)), highlight=False)
     if trained:
         # a failed run is always retried, so every row not trained now was finished before
         console.print(f"trained now: {len(result.ran)} runs; finished before: {len(result.rows) - len(result.ran)}")
