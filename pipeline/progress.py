@@ -59,6 +59,20 @@ class _Progress(Progress):
         self.console.print(text, highlight=False)
 
 
+def silence_third_party_progress() -> None:
+    """Turn off the bars other libraries draw: transformers' "Loading weights" bar always (one per model load, noise
+    in every log), and huggingface_hub's download bars when stderr is not a terminal (a log gets one line per tick)."""
+    import sys
+
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    if not sys.stderr.isatty():
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
 def make_progress(enabled: bool = True, console: Console | None = None, unit: str = "samples/s"):
     if not enabled:
         return _Disabled()
@@ -75,4 +89,4 @@ def make_progress(enabled: bool = True, console: Console | None = None, unit: st
     )
 
 
-__all__ = ["make_progress", "RateColumn"]
+__all__ = ["make_progress", "RateColumn", "silence_third_party_progress"]

@@ -135,14 +135,14 @@ def test_analyze_compare_and_a_checkpoint_without_its_log(runs, tmp_path, capsys
     out = tmp_path / "cmp"
     code = main(["analyze", "--checkpoint", str(lone / "best.safetensors"), "--cache", str(cache), "--out", str(out),
                  "--compare", str(root / "no-inter" / "best.safetensors"), "--device", "cpu"])
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
     assert code == 0
     report = json.loads((out / "analysis.json").read_text())
     assert report["reference"]["kind"] == "checkpoint" and report["reference"]["name"] == "no-inter"
     notes = report["notes"]
     assert any(n.startswith(f"no {lone / 'metrics.jsonl'}") for n in notes)
     assert any(n.startswith("no-inter: step 2 never runs") for n in notes)
-    assert "note:" in printed
+    assert "note:" in captured.err and "note:" not in captured.out  # notes on stderr, results on stdout
     # only the ablation has a log, so the firing-rate plot holds that one line
     assert list(report["step2_fired"]) == ["no-inter"]
     _assert_png(out / "step2_fired.png")

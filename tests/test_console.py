@@ -48,3 +48,54 @@ def test_an_unknown_option_that_is_no_key_keeps_clicks_message(capsys):
     assert main(["train", "--cache", "c.h5", "--outt", "x"]) == 2
     err = capsys.readouterr().err
     assert "--outt" in err and "--set" not in err
+
+
+# ------------------------------------------------------------------------------------ output that reads in logs
+
+
+def test_a_table_printed_to_a_file_keeps_every_digit_and_its_title():
+    import io
+
+    from sppscl.cli.console import LogConsole, split_table
+
+    title = "a long title that names the checkpoint, the cache and the split it was scored on, " * 2
+    splits = {f"split-{i}": {"n": 450, "accuracy": 0.7311111, "weighted_f1": 0.7086222, "macro_f1": 0.6035333,
+                             "ci95": {"accuracy": [0.6901234, 0.7712345]}, "ci95_method": "bootstrap"} for i in range(3)}
+    out = io.StringIO()
+    LogConsole(file=out).print(split_table(splits, title.strip()))
+    text = out.getvalue()
+    assert "…" not in text
+    assert "0.7311 [0.6901, 0.7712]" in text and "0.6035" in text
+    assert title.strip() in text  # on one line, not cut or wrapped
+    # an explicit width is still honoured (a terminal's behaviour, for callers that ask)
+    narrow = io.StringIO()
+    LogConsole(file=narrow, width=40).print(split_table(splits, title.strip()))
+    assert "…" in narrow.getvalue() or title.strip() not in narrow.getvalue()
+
+
+def test_data_verify_puts_only_results_on_stdout(tmp_path, capsys):
+    from test_layouts import clmlf_repo
+
+    folder = clmlf_repo(tmp_path)
+    assert main(["data", "verify", "--config", "mvsa-single", "--data-dir", str(folder)]) == 0
+    captured = capsys.readouterr()
+    assert "OK: no problems found" in captured.out and "samples per split" in captured.out
+    # the recognised layout is a note and the image check a progress bar: stderr only
+    assert "note:" in captured.err and "note:" not in captured.out
+    assert "checking images" not in captured.out
+
+
+def test_transformers_loading_bar_is_silenced(tmp_path):
+    from transformers import BertConfig, BertModel, BertTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    from sppscl.stage1.encoders import load_text_encoder
+
+    transformers_logging.enable_progress_bar()
+    from sppscl.stage1.encoders import _tiny_bert
+
+    model, tokenizer = _tiny_bert()
+    model.save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    load_text_encoder(str(tmp_path / "bert"), max_length=16)
+    assert not transformers_logging.is_progress_bar_enabled()

@@ -5,12 +5,13 @@ Results go to ``console`` (stdout); progress, notes and errors to ``err_console`
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.table import Table
 
 from ..errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, SppsclError, disk_full, is_disk_full
@@ -23,8 +24,58 @@ OUT_JSON_HELP = "Print the results as one JSON document on stdout (and nothing e
 WHICH_HELP = "For a run folder: its best checkpoint (selected on dev) or its last (the last epoch's)."
 STORAGE_HELP = "A shared Optuna study storage, e.g. postgresql://USER@HOST/DB: any number of machines run the same command, each run trains once."
 
-console = Console(stderr=False)
-err_console = Console(stderr=True, soft_wrap=True)
+# A log is as wide as its longest line: a table printed to a file or a pipe keeps every digit and its whole title.
+LOG_WIDTH = 10_000
+
+
+class LogConsole(Console):
+    """A rich console that prints whole lines when its stream is not a terminal.
+
+    Rich falls back to 80 columns off a terminal (or takes the width of whichever std stream is one), so a table
+    piped to a file or a CI log was cut (``0.7…``, titles wrapped). Here a console whose own stream is not a
+    terminal is ``LOG_WIDTH`` wide; tables are never wider than their content, so they print as they are. An
+    explicit ``width`` (or a terminal) keeps rich's behaviour.
+    """
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self._width is None and not self.is_terminal:
+            return ConsoleDimensions(LOG_WIDTH, size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)
+
+    def rule(self, title="", **kwargs) -> None:
+        """A rule spans the terminal; in a log it spans 80 columns (and its title stays whole)."""
+        if self.is_terminal or self._width is not None:
+            return super().rule(title, **kwargs)
+        from rich.rule import Rule
+
+        super().print(Rule(title, **kwargs), width=max(80, len(str(title)) + 6))
+
+    def print(self, *objects, **kwargs) -> None:
+        """Off a terminal, a table's title and caption print as lines of their own: rich wraps them to the table's
+        width, which cuts a long title over several lines of a log."""
+        if self.is_terminal or self._width is not None or not any(isinstance(o, Table) for o in objects):
+            return super().print(*objects, **kwargs)
+        for obj in objects:
+            if not isinstance(obj, Table) or (obj.title is None and obj.caption is None):
+                super().print(obj, **kwargs)
+                continue
+            bare = copy.copy(obj)
+            bare.title = bare.caption = None
+            if obj.title is not None:
+                super().print(obj.title, style=obj.title_style or "table.title", highlight=False)
+            super().print(bare, **kwargs)
+            if obj.caption is not None:
+                super().print(obj.caption, style=obj.caption_style or "table.caption", highlight=False)
+
+
+console = LogConsole(stderr=False)
+err_console = LogConsole(stderr=True, soft_wrap=True)
 
 
 class _State:

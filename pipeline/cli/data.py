@@ -35,7 +35,7 @@ def data_verify(
     cfg = stage1_config(config, set_, "data verify")
     report = load_samples(cfg, data_dir)
     for note in report.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        err_console.print(f"[yellow]note:[/] {note}")
     for reason, ids in report.dropped.items():
         console.print(f"[yellow]dropped by the adapter:[/] {len(ids)} rows ({reason})")
     result = verify_samples(

@@ -58,7 +58,7 @@ def predict(
         predictor = Predictor(checkpoint, device, which)
     note = predictor.fusion_note(single)
     if note:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
     preds = predictor.predict(pairs, on_error, batch_size, str(input_ or ""), progress=not (quiet or single), console=err_console)
     if out is not None:
         write_output(out, preds, predictor.classes)
@@ -99,7 +99,7 @@ def analyze(
     result = run_analyze(checkpoint, cache, split, out, compare, device, which=which)
     render_analysis(result.report, console)
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     for kind, path in result.files.items():
         console.print(f"{kind}: {path}")
 

@@ -591,6 +591,9 @@ def _load_hf(source: str, allow_online: bool) -> tuple[nn.Module, Any]:
     (``allow_online``), when downloads are allowed (:func:`downloads_allowed`) and the hub is reachable."""
     from transformers import AutoModel, AutoTokenizer
 
+    from ..progress import silence_third_party_progress
+
+    silence_third_party_progress()
     try:
         with _hub_offline():
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)

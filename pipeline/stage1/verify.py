@@ -241,7 +241,8 @@ def verify_samples(
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(lambda p: _image_problem(p, decode=check_images), paths)
         if progress:
-            results = track(results, total=len(paths), description="checking images")
+            # progress is not a result: stderr, so `data verify > report.txt` holds the report alone
+            results = track(results, total=len(paths), description="checking images", console=Console(stderr=True))
         by_path = dict(zip(paths, results))
     for s in samples:
         problem = by_path.get(s.image)
