@@ -21,6 +21,7 @@ from sppscl.cli import main
 from sppscl.config import apply_overrides
 from sppscl.cli.console import print_results
 from sppscl.stage2.baselines import baselines, find_probe, probe_record_path
+from sppscl.stage2.predict import Predictor, read_pairs
 from sppscl.stage2.runs import RunError, RunFolder, load_checkpoint
 from sppscl.stage2.train import train
 
@@ -48,6 +49,8 @@ def test_api_doc_runs_as_written(tmp_path, monkeypatch, capsys):
     assert text.count("tiny-demo.yaml") == 2
     block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     block = block.replace('"photo.jpg"', '"cache/demo-data/images/syn00001.jpg"').replace('"cat.png"', '"cache/demo-data/images/syn00002.jpg"')
+    block = block.replace('sppscl.train("cache/demo.h5", "runs/demo")', 'sppscl.train("cache/demo.h5", "runs/demo", overrides=["epochs=3"])')
+    assert block.count("syn0000") == 2 and block.count("epochs=3") == 1
     exec(compile(block, str(DOC), "exec"), {})
     printed = capsys.readouterr().out.splitlines()
     pred, probs = printed[0].split(" ", 1)
@@ -110,7 +113,7 @@ def test_run_folder_errors_name_the_file(tmp_path):
     assert r.results is None and r.metrics == []
 
 
-def test_which_last_on_evaluate_ensemble_and_load(run, tmp_path, capsys):
+def test_which_last_on_evaluate_predict_ensemble_and_load(run, tiny_cache, tmp_path, capsys):
     cache, out = run
     last = load_checkpoint(out / "last.safetensors")
     # a run where best != last makes the two choices distinguishable
@@ -132,6 +135,12 @@ def test_which_last_on_evaluate_ensemble_and_load(run, tmp_path, capsys):
     m = sppscl.load(out, which="last", device="cpu")
     assert m.checkpoint == out / "last.safetensors" and m.epoch == 3 and m.run.path == out
     assert m.metrics == {"dev": {k: last["record"][f"dev_{k}"] for k in ("accuracy", "weighted_f1", "macro_f1")}}
+    preds = tmp_path / "last.jsonl"
+    dev = tiny_cache[1].data_dir() / "dev.jsonl"
+    assert main(["predict", "--checkpoint", str(out), "--which", "last", "--input", str(dev), "--out", str(preds), "--device", "cpu", "--quiet"]) == 0
+    capsys.readouterr()
+    want = Predictor(out / "last.safetensors", "cpu").predict(read_pairs(dev))
+    assert [json.loads(x)["probabilities"] for x in preds.read_text().splitlines()] == [p.probs for p in want]
     assert main(["evaluate", "--checkpoint", str(out), "--cache", str(cache), "--which", "first"]) == 2
     assert "'first' is not one of best, last" in capsys.readouterr().err
 
@@ -139,24 +148,25 @@ def test_which_last_on_evaluate_ensemble_and_load(run, tmp_path, capsys):
 # ------------------------------------------------------------------------------------ baselines and the card
 
 
-def test_majority_class_and_probe_beside_dev_accuracy(tiny_cache, tmp_path, capsys):
-    cache_src, cfg = tiny_cache
-    # a cache of its own, so the probe's record beside it touches no other test
-    cache = tmp_path / "tiny.h5"
-    cache.write_bytes(Path(cache_src).read_bytes())
-    fc = FeatureCache(cache)
+def test_majority_class_and_probe_beside_dev_accuracy(run, tmp_path, capsys):
+    cache_src, out = run
+    fc = FeatureCache(cache_src)
     train_y = fc.load("train").labels[fc.load("train").rows]
     dev_y = fc.load("dev").labels[fc.load("dev").rows]
     k = int(np.bincount(train_y).argmax())
-
-    assert main(["train", "--cache", str(cache), "--out", str(tmp_path / "a"), "--set", "epochs=1", "--device", "cpu", "--quiet"]) == 0
-    res = RunFolder(tmp_path / "a").results
+    res = RunFolder(out).results
     maj = res["baselines"]["majority_class"]
     assert maj["class"] == fc.classes[k] and maj["dev_accuracy"] == pytest.approx(float(np.mean(dev_y == k)))
-    assert "probe" not in res["baselines"]
-    out = capsys.readouterr().out
-    assert f"reference: majority class ({fc.classes[k]}, the train split's most frequent) on dev: accuracy {maj['dev_accuracy']:.4f}" in out
+    assert maj["train_share"] == pytest.approx(float(np.mean(train_y == k)))
+    print_results(res)  # what `sppscl train` prints after its table
+    printed = capsys.readouterr().out
+    assert f"reference: majority class ({fc.classes[k]}, the train split's most frequent) on dev: accuracy {maj['dev_accuracy']:.4f}" in printed
+    assert f"on dev: accuracy {maj['dev_accuracy']:.4f}" in RunFolder(out).model_card.read_text()
 
+    # a cache of its own for the probe's record beside it, so no other test sees one
+    cache = tmp_path / "tiny.h5"
+    cache.write_bytes(Path(cache_src).read_bytes())
+    assert "probe" not in baselines(FeatureCache(cache), train_y, dev_y, fc.classes)
     assert main(["probe", "--cache", str(cache)]) == 0
     assert f"recorded beside the cache for `sppscl train`: {probe_record_path(cache)}" in capsys.readouterr().err
     record = json.loads(probe_record_path(cache).read_text())
