@@ -99,3 +99,66 @@ def test_transformers_loading_bar_is_silenced(tmp_path):
     tokenizer.save_pretrained(tmp_path / "bert")
     load_text_encoder(str(tmp_path / "bert"), max_length=16)
     assert not transformers_logging.is_progress_bar_enabled()
+
+
+# ------------------------------------------------------------------------------------ the start banner and --dry-run
+
+
+def _label_sorted_cache(tmp_path):
+    """A tiny cache whose dev split holds one class (as --limit used to make of the label-sorted split files)."""
+    from test_extract import _label_sorted_manifest
+
+    from sppscl.stage1.extract import extract
+
+    cfg = _label_sorted_manifest(tmp_path / "data", {"train": [4, 4, 4], "dev": [5, 0, 0], "test": [2, 2, 2]})
+    extract(cfg, tmp_path / "c.h5", progress=False)
+    return tmp_path / "c.h5"
+
+
+@pytest.fixture(scope="module")
+def sorted_cache(tmp_path_factory):
+    return _label_sorted_cache(tmp_path_factory.mktemp("banner"))
+
+
+def test_train_banner_and_dry_run_write_nothing(sorted_cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--cache", str(sorted_cache), "--set", "epochs=3", "--set", "lr=1e-3", "--seed", "5", "--out", str(out), "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    err = captured.err
+    assert "device cpu" in err and "torch thread" in err
+    assert "train: 12 rows (positive 33%, neutral 33%, negative 33%)" in err
+    assert "dev: 5 rows (positive 100%, neutral 0%, negative 0%)" in err
+    assert "warning: split 'dev' holds one class only (positive)" in err
+    # the resolved configuration's differences from its preset, and where the run would go
+    assert "lr 0.0001 -> 0.001" in err and "epochs 150 -> 3" in err and "seed 42 -> 5" in err
+    assert f"output: {out}" in err
+    assert f"would train one run of 3 epochs (seed 5) into {out}" in captured.out
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["sweep", "--grid", "lr=1e-3,1e-4", "--seeds", "1,2"], "would train 4 runs (2 configuration(s) x 2 seed(s)) of 150 epochs"),
+        (["cv", "--folds", "3", "--seeds", "1"], "would train 3 runs (3 folds x 1 seed(s)) of 150 epochs, and the probe on each fold"),
+        (["reproduce", "table5", "--seeds", "1,2"], "would train 6 runs (3 variants x 2 seed(s)) of 150 epochs"),
+    ],
+)
+def test_dry_run_of_many_runs_says_what_would_run_and_writes_nothing(sorted_cache, tmp_path, capsys, argv, expected):
+    out = tmp_path / "folder"
+    assert main([*argv, "--cache", str(sorted_cache), "--out", str(out), "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert expected in captured.out and f"output: {out}" in captured.err
+    assert not out.exists()
+
+
+def test_presets_show_takes_set_and_refuses_unknown_keys(capsys):
+    assert main(["presets", "show", "mvsa-single", "--set", "epochs=3", "--set", "encoders.text=minilm-l6"]) == 0
+    text = capsys.readouterr().out
+    import yaml
+
+    body = yaml.safe_load(text)
+    assert body["train"]["epochs"] == 3 and body["encoders"]["text"] == "minilm-l6" and body["train"]["lr"] == 1e-4
+    assert "# with --set epochs=3 --set encoders.text=minilm-l6" in text
+    assert main(["presets", "show", "mvsa-single", "--set", "epoch=3"]) == 2
+    assert "did you mean 'epochs'" in capsys.readouterr().err

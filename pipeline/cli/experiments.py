@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ..config import ConfigError
 from ..report import record_command
+from .banner import DRY_RUN_HELP, print_banner
 from .console import DEFAULT_SEEDS, DEVICE_HELP, STORAGE_HELP, WHICH_HELP, console, err_console, split_table, state
 from .options import train_config
 
@@ -41,7 +42,8 @@ def sweep(
     study: Optional[str] = typer.Option(None, "--study", help="With --storage: the study's name (the same on every machine)."),
     heartbeat: int = typer.Option(10, "--heartbeat", min=1, help="With --storage: seconds between a running trial's heartbeats; a trial silent for 4 beats is run again elsewhere."),
     out: Optional[Path] = typer.Option(None, help="Sweep directory (default: sweeps/<cache name>-<hash of the sweep's definition>, or sweeps/<study> with --study)."),
-    quiet: bool = typer.Option(False, help="No progress bar."),
+    quiet: bool = typer.Option(False, help="No progress bar and no start banner."),
+    dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
 ) -> None:
     """Many stage-two runs from one cache: a grid or a random/TPE search, x seeds, resumable; tables mean ± std over seeds."""
     if ctx.invoked_subcommand is not None:
@@ -55,6 +57,14 @@ def sweep(
     cfg = train_config(cache, config, set_, None, device, "sweep")  # a bad --set stops here, before the folder is made
     execution = Execution(jobs, parse_devices(devices), runs_per_device, storage, study, heartbeat)
     out = out or (Path("sweeps") / study if study else default_sweep_dir(cache, config, set_, grid, space, random_, sampler))
+    if not quiet or dry_run:
+        from ..stage2.sweeps.spec import grid_configs, parse_grid
+
+        n_configs = random_ if random_ else len(grid_configs(parse_grid(grid)))
+        n_seeds = len(parse_seeds(seeds))
+        what = f"{n_configs * n_seeds} runs ({n_configs} configuration(s) x {n_seeds} seed(s)) of {cfg.train.epochs} epochs"
+        if _banner(cache, config, cfg, out, "sweep", what, dry_run):
+            return
     console.print(f"sweep directory: {out}" + (f" (study {study} in {storage})" if storage else ""))
     record_command(out, state.argv)
     result = run_sweep(
@@ -93,6 +103,15 @@ def sweep_summary(
         raise typer.Exit(code=1)
 
 
+def _banner(cache: Path, config: Optional[str], cfg, out: Path, what: str, runs: str, dry_run: bool) -> bool:
+    """The start banner on stderr; with --dry-run also what would run, on stdout. True: stop here (a dry run)."""
+    base = train_config(cache, config, [], None, None, what.split()[0])
+    print_banner(err_console, cache, cfg, base, out, what)
+    if dry_run:
+        console.print(f"dry run: would train {runs} into {out}; nothing written", highlight=False)
+    return dry_run
+
+
 def folder_report(folder: Path) -> None:
     """report.html in a sweep, cv or reproduce folder, after its tables. The tables are written by then, so a report
     that cannot be made is a warning naming the command that rebuilds it, not a failed command."""
@@ -118,7 +137,8 @@ def reproduce(
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP + " Every run uses it (preset: train.device)."),
     out: Optional[Path] = typer.Option(None, help="Directory shared by all tables of one cache (default: sweeps/<cache name>-paper)."),
     cv: Optional[int] = typer.Option(None, "--cv", help="K: fill the table with K-fold cross-validated estimates over the labelled train+dev rows."),
-    quiet: bool = typer.Option(False, help="No progress bar."),
+    quiet: bool = typer.Option(False, help="No progress bar and no start banner."),
+    dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
 ) -> None:
     """A paper ablation (Tables 4-7, Fig. 5) on this cache, in the paper's layout with the paper's numbers beside ours."""
     from ..stage2.reproduce import print_reproduction
@@ -128,6 +148,15 @@ def reproduce(
     cfg = train_config(cache, config, set_, None, device, "reproduce")
     # another base configuration gets its own directory, so runs of different bases never mix
     out = out or (Path("sweeps") / f"{cache.stem}-paper" if not (config or set_) else default_sweep_dir(cache, "paper", config, set_))
+    if not quiet or dry_run:
+        from ..stage2.reproduce import TABLES
+
+        if table not in TABLES:
+            raise ConfigError(f"unknown table {table!r}: one of {', '.join(TABLES)}")
+        n_variants, n_seeds = len(TABLES[table].variants), len(parse_seeds(seeds))
+        what = f"{n_variants * n_seeds * (cv or 1)} runs ({n_variants} variants x {n_seeds} seed(s)" + (f" x {cv} folds" if cv else "") + f") of {cfg.train.epochs} epochs (runs already in {out / 'runs'} are reused)"
+        if _banner(cache, config, cfg, out, f"reproduce {table}", what, dry_run):
+            return
     console.print(f"reproduce directory: {out}")
     record_command(out, state.argv)
     rep = run_reproduce(table, cache, cfg, out, parse_seeds(seeds), Execution(jobs), progress=not quiet, console=err_console, cv=cv)
@@ -149,7 +178,8 @@ def cv(
     workers: Optional[str] = typer.Option(None, "--workers", hidden=True),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP + " Every run uses it (preset: train.device)."),
     out: Optional[Path] = typer.Option(None, help="CV directory (default: sweeps/<cache name>-cv<K>-<hash>); rerun the same command to resume."),
-    quiet: bool = typer.Option(False, help="No progress bar."),
+    quiet: bool = typer.Option(False, help="No progress bar and no start banner."),
+    dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
 ) -> None:
     """Cross-validated estimate: K folds x seeds, each selected on a validation part of its training folds and scored on
     the held-out fold; mean ± std, seed ensembles, and the probe on the same folds."""
@@ -164,6 +194,11 @@ def cv(
     # seeds are not part of the name: rerunning with more seeds reuses the finished ones
     d = default_sweep_dir(cache, "cv", folds, config, set_)
     out = out or d.with_name(f"{cache.stem}-cv{folds}-{d.name.rsplit('-', 1)[1]}")
+    if not quiet or dry_run:
+        n_seeds = len(parse_seeds(seeds))
+        what = f"{folds * n_seeds} runs ({folds} folds x {n_seeds} seed(s)) of {cfg.train.epochs} epochs, and the probe on each fold"
+        if _banner(cache, config, cfg, out, f"cv --folds {folds}", what, dry_run):
+            return
     console.print(f"cv directory: {out}")
     record_command(out, state.argv)
     result = run_cv(

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from .banner import DRY_RUN_HELP, print_banner
 from .console import DEVICE_HELP, OUT_JSON_HELP, WHICH_HELP, console, emit_json, err_console, json_file, print_metrics, print_results, split_table
 
 
@@ -18,11 +19,21 @@ def train(
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP + " (preset: train.device)"),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<cache name>-<time>)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
-    quiet: bool = typer.Option(False, help="No live view."),
+    quiet: bool = typer.Option(False, help="No live view and no start banner."),
+    dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
 ) -> None:
     """Stage two: train the SPP-SCL heads from the cache, select on dev, evaluate the best checkpoint, write the model card."""
     from ..api import train as run_train
+    from ..api import train_config
 
+    if not quiet or dry_run:
+        cfg = train_config(cache, config, set_, seed, device)
+        base = cfg if resume else train_config(cache, config)
+        where = out if out is not None else Path("runs") / f"{cache.stem}-<date>-<time>"
+        print_banner(err_console, cache, cfg, base, where, "train" + (" --resume (the run's own configuration)" if resume else ""))
+        if dry_run:
+            console.print(f"dry run: would train one run of {cfg.train.epochs} epochs (seed {cfg.train.seed}) into {where}; nothing written", highlight=False)
+            return
     run = run_train(cache, out, config=config, overrides=set_, seed=seed, device=device, resume=resume, progress=not quiet, console=err_console)
     console.print(f"run directory: {run.path}")
     print_results(run.results)
