@@ -194,7 +194,11 @@ def _together(*argvs) -> list[subprocess.CompletedProcess]:
     """Start every command at once; wait for all."""
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-m", "sppscl", *a], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for a in argvs]
-    return [subprocess.CompletedProcess(p.args, p.returncode, *p.communicate(timeout=900)) for p in procs]
+    done = []
+    for p in procs:
+        out, err = p.communicate(timeout=900)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return done
 
 
 def _trainings(*studies) -> dict[str, int]:
