@@ -336,3 +336,17 @@ def test_report_in_headless_chromium_renders_sorts_and_loads_nothing(swept, tmp_
         assert not [e for e in later if e.get("method") == "Network.responseReceived" and e["params"]["requestId"] in ids]
     finally:
         browser.close()
+
+
+def test_cv_confusions_sum_each_variants_held_out_folds(tmp_path):
+    from sppscl.report.collect import held_out_confusions, variant_of
+
+    assert variant_of("cv_fold-0__cv_folds-2") == "cv_folds-2" and variant_of("alpha-0.5__cv_fold-3__cv_folds-5") == "alpha-0.5__cv_folds-5"
+
+    def run(fold: int, m):
+        return Run(f"f{fold}", tmp_path, {"classes": ["a", "b"], "splits": {"test": {"confusion_matrix": m}}}, [], {})
+
+    groups = {f"{v}cv_fold-{k}__cv_folds-2": [run(k, [[k + 1, 0], [0, 1]])] for v in ("", "alpha-0.5__") for k in range(2)}
+    charts = held_out_confusions(groups)
+    # one chart per variant, each summing both folds
+    assert [c.title for c in charts] == ["confusion: cv_folds-2, held-out folds", "confusion: alpha-0.5__cv_folds-2, held-out folds"]

@@ -173,18 +173,19 @@ def curves_chart(groups: dict[str, list[Run]], what: str) -> list[Chart]:
     return [Chart("dev curves by configuration", charts.curves_by_config(items), caption)]
 
 
-def summed_confusions(runs: list[Run], label: str) -> list[Chart]:
-    """The confusion matrix of each labelled split summed over ``runs`` (e.g. a configuration's seeds)."""
+def summed_confusions(runs: list[Run], label: str, splits: dict[str, str] | None = None) -> list[Chart]:
+    """The confusion matrix of each labelled split summed over ``runs`` (e.g. a configuration's seeds); ``splits``
+    maps the split names to show to what they are called (default dev and test, as named)."""
     out = []
     if not runs:
         return out
     classes = runs[0].classes
-    for split in ("dev", "test"):
+    for split, shown in (splits or {"dev": "dev", "test": "test"}).items():
         ms = [r.results["splits"][split]["confusion_matrix"] for r in runs if "confusion_matrix" in r.results["splits"].get(split, {})]
         if ms:
             total = np.sum(ms, axis=0)
-            title = f"{label}\n{split} split, summed over {len(ms)} run{'s' * (len(ms) > 1)}: n={int(total.sum())}"
-            out.append(Chart(f"confusion: {label}, {split}", charts.confusion(total, classes, title)))
+            title = f"{label}\n{shown}, summed over {len(ms)} run{'s' * (len(ms) > 1)}: n={int(total.sum())}"
+            out.append(Chart(f"confusion: {label}, {shown}", charts.confusion(total, classes, title)))
     return out
 
 
@@ -297,8 +298,9 @@ def runs_section(paths: list[Path]) -> Section:
     return s
 
 
-def _group_parts(s: Section, folder: Path, rows: list[dict], summary_rows: list[dict] | None, what: str) -> None:
-    """Curves, the best configuration's confusion matrices, references and provenance of a sweep-like folder."""
+def _group_parts(s: Section, folder: Path, rows: list[dict], summary_rows: list[dict] | None, what: str) -> dict[str, list[Run]]:
+    """Curves, the best configuration's confusion matrices, references and provenance of a sweep-like folder; returns
+    its reachable runs by configuration."""
     groups, missing = runs_of(rows, folder)
     s.missing += missing
     s.charts += curves_chart(groups, what)
@@ -311,6 +313,7 @@ def _group_parts(s: Section, folder: Path, rows: list[dict], summary_rows: list[
         if ref:
             s.tables.append(ref)
         s.provenance = provenance_items(first)
+    return groups
 
 
 def sweep_section(folder: Path, title: str | None = None) -> Section:
@@ -325,12 +328,29 @@ def sweep_section(folder: Path, title: str | None = None) -> Section:
     return s
 
 
+FOLD_PART = re.compile(r"(^|__)cv_fold-\d+(__|$)")
+
+
+def variant_of(config: str) -> str:
+    """A CV run's configuration without its fold: the runs of one variant over all folds share it."""
+    return FOLD_PART.sub(lambda m: "__" if m.group(1) and m.group(2) else "", config) or "base"
+
+
+def held_out_confusions(groups: dict[str, list[Run]]) -> list[Chart]:
+    """Per variant, the held-out folds' confusion matrices summed over every fold and seed (each row scored once)."""
+    variants: dict[str, list[Run]] = {}
+    for config, runs in groups.items():
+        variants.setdefault(variant_of(config), []).extend(runs)
+    return [c for v, runs in variants.items() for c in summed_confusions(runs, v, {"test": "held-out folds"})]
+
+
 def cv_section(folder: Path) -> Section:
     s = Section(f"cross-validation {folder}", "cv", str(folder))
     s.tables += read_markdown(folder / "cv.md")
     per_fold = folder / "per-fold"
     rows = read_csv_rows(per_fold / "runs.csv") if (per_fold / "runs.csv").is_file() else []
-    _group_parts(s, folder, rows, read_csv_rows(per_fold / "summary.csv") if (per_fold / "summary.csv").is_file() else None, "cv (each panel: one fold)")
+    s.charts += held_out_confusions(_group_parts(s, folder, rows, None, "cv (each panel: one fold)"))
+    s.notes.append("In a CV run, 'dev' is the validation part carved from its training folds and 'test' its held-out fold.")
     s.commands = commands(folder)
     return s
 
