@@ -27,7 +27,8 @@ import torch
 
 from sppscl.config import Config, apply_overrides
 from sppscl.stage1.extract import extract
-from sppscl.stage2.predict import Pair, Predictor
+from sppscl.api import load
+from sppscl.stage2.predict import Pair
 from sppscl.stage2.train import train
 
 from .common import Context, Row, Section, Target
@@ -176,13 +177,13 @@ def run(ctx: Context) -> Section:
     batches = [rows[i : i + b] for i in range(0, len(rows) - b + 1, b)]
     ctx.log("serve", f"run trained; {len(rows)} pairs, {len(batches)} batches of {b}")
 
-    model = Predictor(run_dir, "cpu")
+    model = load(run_dir, device="cpu")
     classes = model.classes
-    alone = {i: [float(x) for x in model.predict([Pair(r["id"], r["text"], r["image"])])[0].probs] for i, r in enumerate(rows)}
+    alone = {i: [model.predict([Pair(r["id"], r["text"], r["image"])])[0].probs[c] for c in classes] for i, r in enumerate(rows)}
     as_file = {}
     for j, chunk in enumerate(batches):
         preds = model.predict([Pair(r["id"], r["text"], r["image"], line=k + 1) for k, r in enumerate(chunk)])
-        as_file[j] = [[float(x) for x in q.probs] for q in preds]
+        as_file[j] = [[q.probs[c] for c in classes] for q in preds]
     del model
 
     per_pair = predict_per_pair_s(run_dir, rows, p.serve_predict_calls)

@@ -9,8 +9,8 @@ batch). The single form is ``sppscl predict --image --text`` (a batch of one); t
 Answers use the CLI's words (``write_output``'s JSONL rows): ``id``, ``pred`` (the class name), ``probabilities``
 (class name -> probability), plus ``classes`` in the model's order. Bad input is a 4xx whose ``detail`` is one line.
 
-This module imports library code only, never the CLI; the model is reached through :func:`load_model`, a thin seam
-(today stage two's :class:`~sppscl.stage2.predict.Predictor`) so it can move to the public ``sppscl.load``.
+This module imports library code only, never the CLI; the model is the public API's (``sppscl.load``), reached
+through :func:`load_model`, and images go to it as the bytes received (nothing is written to disk).
 """
 
 
@@ -18,7 +18,7 @@ import base64
 import dataclasses
 import binascii
 import json
-import tempfile
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,14 +45,14 @@ class BadRequest(Exception):
         self.reason = reason
 
 
-def load_model(run: Path, device: str = "auto"):
-    """The model behind the server: a run folder (its best checkpoint) or a checkpoint file, encoders included."""
-    from .stage2.predict import Predictor
+def load_model(run: Path, device: str = "auto", allow_download: bool = False):
+    """The model behind the server: ``sppscl.load`` of a run folder (its best checkpoint) or a checkpoint file."""
+    from .api import load
 
     run = Path(run)
     if not run.exists():
         raise ServeError(f"{run}: no such run folder or checkpoint")
-    return Predictor(run, device)
+    return load(run, device=device, allow_download=allow_download)
 
 
 @dataclass
@@ -65,7 +65,8 @@ class Upload:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+    """A reason on one line, without PIL's repr of the in-memory file (an address that says nothing to a client)."""
+    return " ".join(re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the upload", str(text)).split())
 
 
 def check_upload(u: Upload, where: str = "") -> None:
@@ -120,58 +121,33 @@ class Service:
         return {"id": pred.id, "pred": pred.pred, "classes": self.classes, "probabilities": {c: pred.probs[c] for c in self.classes}}
 
     def predict(self, uploads: list[Upload], single: bool) -> list[dict]:
-        """Predict these pairs together, in order, as ``predict`` predicts a file of them (one pair: a batch of one).
-
-        The images go to a private temporary folder for the request (the predictor reads paths, as for a file)."""
+        """Predict these pairs together, in order, as ``predict`` predicts a file of them (one pair: a batch of one);
+        the images are the bytes received."""
         from .stage2.predict import Pair
 
-        with tempfile.TemporaryDirectory(prefix="sppscl-serve-") as tmp:
-            pairs = []
-            for k, u in enumerate(uploads):
-                path = Path(tmp) / f"{k}.img"
-                path.write_bytes(u.image)
-                pairs.append(Pair(u.id, u.text, path, line=0 if single else k + 1))
-            with self.lock:
-                preds = self.model.predict(pairs, on_error="skip")
+        pairs = [Pair(u.id, u.text, u.image, line=0 if single else k + 1) for k, u in enumerate(uploads)]
+        with self.lock:
+            preds = self.model.predict(pairs, on_error="skip")
         if single and preds[0].error is not None:
             # the only reasons left after check_upload are the image's: not decodable, too many pixels
-            raise BadRequest(422, _one_line(preds[0].error.replace(str(pairs[0].image), "the uploaded image")))
-        out = []
-        for p, pair in zip(preds, pairs):
-            if p.error is not None:
-                p.error = p.error.replace(str(pair.image), "the uploaded image")
-            out.append(self.answer(p))
-        return out
+            raise BadRequest(422, _one_line(preds[0].error))
+        return [self.answer(p) for p in preds]
 
     def describe(self) -> dict:
-        """GET /model: what answers, from what (provenance, classes, fusion) and how well (the run's results.json)."""
+        """GET /model: what answers, from what (provenance, classes, fusion) and how well (the run's results)."""
         m = self.model
-        member = m.members[0]
-        prov = member.provenance
-        info = {
+        prov = m.provenance
+        return {
             "run": str(self.run),
-            "checkpoints": [str(x.path) for x in m.members],
+            "checkpoint": str(m.checkpoint),
+            "epoch": m.epoch,
             "classes": self.classes,
             "fusion": m.fusion,
-            "eval_batch_size": m.eval_batch_size,
-            "provenance": {
-                "encoders": prov.get("encoders"),
-                "dataset": prov.get("dataset"),
-                "dtype": prov.get("dtype"),
-                "precision": prov.get("precision", "fp32"),
-            },
-            "config": dataclasses.asdict(member.cfg.train),
-            "metrics": None,
+            "eval_batch_size": m.config.train.eval_batch_size,
+            "provenance": {k: prov.get(k) for k in ("encoders", "dataset", "dtype")} | {"precision": prov.get("precision", "fp32")},
+            "config": dataclasses.asdict(m.config.train),
+            "metrics": {k: {x: v.get(x) for x in ("n", "accuracy", "weighted_f1", "macro_f1") if x in v} for k, v in m.metrics.items()},
         }
-        results = member.path.parent / "results.json"
-        if results.is_file():
-            res = json.loads(results.read_text())
-            info["metrics"] = {
-                "best_epoch": res.get("best_epoch"),
-                "selection": res.get("selection"),
-                "splits": {k: {x: v.get(x) for x in ("n", "accuracy", "weighted_f1", "macro_f1")} for k, v in res.get("splits", {}).items()},
-            }
-        return info
 
 
 class BodyLimit:

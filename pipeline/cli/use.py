@@ -160,14 +160,12 @@ def serve(
     encoders load once; each request is predicted on its own, exactly as `predict` predicts it."""
     from ..allocator import keep_freed_memory
     from ..serve import create_app, load_model
-    from ..stage1.encoders import allow_downloads
 
     keep_freed_memory()
     try:
         import uvicorn
     except ImportError:
         raise ConfigError("sppscl serve needs the 'serve' extra: pip install 'sppscl[serve]'") from None
-    with allow_downloads(allow_download):
-        model = load_model(run, device)
+    model = load_model(run, device, allow_download)
     console.print(f"serving {run} on http://{host}:{port} (classes: {', '.join(model.classes)}; fusion {model.fusion})", highlight=False)
     uvicorn.run(create_app(run, model=model, max_body=max_body), host=host, port=port, log_level="info")
