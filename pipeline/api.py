@@ -79,10 +79,11 @@ class Model:
     Attributes: ``classes`` (class names, in the order of ``probs``), ``provenance`` (the training cache's dataset,
     encoders, dtype and precision), ``metrics`` (per split: accuracy, weighted and macro F1, per class, confusion
     matrix), ``config`` (the resolved configuration), ``checkpoint`` (the file loaded), ``run`` (its
-    :class:`~sppscl.stage2.runs.RunFolder`, or None for a checkpoint outside one), ``fusion``.
+    :class:`~sppscl.stage2.runs.RunFolder`, or None for a checkpoint outside one), ``which`` (``best`` or ``last`` when a
+    run folder was loaded, None for a checkpoint file), ``epoch``, ``fusion``.
     """
 
-    def __init__(self, predictor: "Predictor", checkpoint: Path, ckpt: dict, run: "RunFolder | None", which: str):
+    def __init__(self, predictor: "Predictor", checkpoint: Path, ckpt: dict, run: "RunFolder | None", which: str | None):
         self._predictor = predictor
         self.checkpoint = checkpoint
         self.run = run
@@ -168,7 +169,7 @@ def load(path: str | Path, which: str = "best", device: str = "auto", allow_down
         predictor = Predictor(checkpoint, device)
     parent = checkpoint.parent
     run = RunFolder(parent) if (parent / "config.json").is_file() else None
-    return Model(predictor, checkpoint, ckpt, run, which if path.is_dir() else checkpoint.stem)
+    return Model(predictor, checkpoint, ckpt, run, which if path.is_dir() else None)
 
 
 # ------------------------------------------------------------------------------------ the stages

@@ -133,7 +133,7 @@ def test_which_last_on_evaluate_predict_ensemble_and_load(run, tiny_cache, tmp_p
     assert alone["members"] == [str(out / "last.safetensors")]
     assert "each member's last checkpoint" in alone["how"]
     m = sppscl.load(out, which="last", device="cpu")
-    assert m.checkpoint == out / "last.safetensors" and m.epoch == 3 and m.run.path == out
+    assert m.checkpoint == out / "last.safetensors" and m.epoch == 3 and m.run.path == out and m.which == "last"
     assert m.metrics == {"dev": {k: last["record"][f"dev_{k}"] for k in ("accuracy", "weighted_f1", "macro_f1")}}
     preds = tmp_path / "last.jsonl"
     dev = tiny_cache[1].data_dir() / "dev.jsonl"
@@ -214,3 +214,15 @@ def test_model_card_of_an_ensemble(run, tmp_path):
     dev = {m["name"]: m["value"] for x in meta["model-index"][0]["results"] if x["dataset"]["split"] == "dev" for m in x["metrics"]}
     assert dev["dev accuracy"] == round(res["splits"]["dev"]["accuracy"], 4)
     assert "an ensemble of 2 SPP-SCL runs" in card and f"--checkpoint {out / 'best.safetensors'} --checkpoint {out / 'last.safetensors'}" in card
+
+
+def test_load_a_checkpoint_outside_its_run_folder(run, tmp_path):
+    """A copied checkpoint file has no run folder: its metrics are the dev metrics it carries for its epoch."""
+    _, out = run
+    lone = tmp_path / "model.safetensors"
+    lone.write_bytes((out / "best.safetensors").read_bytes())
+    m = sppscl.load(lone, device="cpu")
+    best = load_checkpoint(out / "best.safetensors")
+    assert m.run is None and m.checkpoint == lone and m.which is None
+    assert m.metrics == {"dev": best["best"]["dev"]} and m.epoch == best["epoch"]
+    assert sppscl.load(out, device="cpu").metrics == RunFolder(out).results["splits"]
