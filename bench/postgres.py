@@ -29,10 +29,14 @@ def _free_port() -> int:
 class TempPostgres:
     """``with TempPostgres() as pg: pg.url`` -> postgresql://sppscl@127.0.0.1:PORT/postgres; stopped and deleted on exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, password: str | None = None) -> None:
+        """``password``: the server asks for it (scram-sha-256) and ``url`` carries none, so a client must find it
+        elsewhere (PGPASSWORD, ~/.pgpass); None: local connections are trusted."""
         self.root: Path | None = None
         self.url = ""
+        self.password = password
         self._as: list[str] = []
+        self._start_cmd: list[str] = []
 
     def _run(self, *cmd: str) -> subprocess.CompletedProcess:
         return subprocess.run([*self._as, *cmd], capture_output=True, text=True, timeout=120)
@@ -50,16 +54,33 @@ class TempPostgres:
             os.chown(self.root, user.pw_uid, user.pw_gid)
             self._as = ["runuser", "-u", "postgres", "--"]
         data, port = self.root / "data", _free_port()
-        init = self._run(shutil.which("initdb"), "-D", str(data), "-U", "sppscl", "--auth=trust", "-E", "UTF8", "--no-sync")
+        auth = ["--auth=trust"]
+        if self.password is not None:
+            pwfile = self.root / "pw"
+            pwfile.write_text(self.password + "\n")
+            if self._as:
+                os.chown(pwfile, user.pw_uid, user.pw_gid)
+            auth = ["--auth=scram-sha-256", f"--pwfile={pwfile}"]
+        init = self._run(shutil.which("initdb"), "-D", str(data), "-U", "sppscl", *auth, "-E", "UTF8", "--no-sync")
         if init.returncode:
             raise PostgresUnavailable(f"initdb failed: {init.stderr.strip()[-500:]}")
         opts = f"-p {port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
-        started = self._run(shutil.which("pg_ctl"), "-D", str(data), "-o", opts, "-l", str(self.root / "server.log"), "-w", "-t", "60", "start")
+        self._start_cmd = [shutil.which("pg_ctl"), "-D", str(data), "-o", opts, "-l", str(self.root / "server.log"), "-w", "-t", "60", "start"]
+        started = self._run(*self._start_cmd)
         if started.returncode:
             log = (self.root / "server.log").read_text()[-500:] if (self.root / "server.log").exists() else ""
             raise PostgresUnavailable(f"pg_ctl start failed: {started.stderr.strip()[-300:]} {log}")
         self.url = f"postgresql://sppscl@127.0.0.1:{port}/postgres"
         return self
+
+    def pause(self) -> None:
+        """Stop the server as an outage would (immediate), keeping its data for :meth:`resume`."""
+        self._run(shutil.which("pg_ctl") or "pg_ctl", "-D", str(self.root / "data"), "-m", "immediate", "-w", "stop")
+
+    def resume(self) -> None:
+        started = self._run(*self._start_cmd)
+        if started.returncode:
+            raise PostgresUnavailable(f"pg_ctl start failed: {started.stderr.strip()[-300:]}")
 
     def stop(self) -> None:
         if self.root is None:

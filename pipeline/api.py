@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import CONFIG_DIR, STAGE_SECTIONS, Config, apply_overrides, load_config
-from .errors import atomic_write, check_writable_dir
+from .outputs import atomic_write, check_output_file, check_output_folder, check_writable_dir
 
 if TYPE_CHECKING:  # the heavy modules load on first use, so `import sppscl` stays cheap
     from PIL import Image
@@ -211,7 +211,7 @@ def extract(
     with allow_downloads(allow_download):
         return run_extract(
             cfg, out, Path(data_dir) if data_dir is not None else None, device, batch_size, limit, on_error, force, workers,
-            progress=progress, console=console, shard=Shard.parse(shard) if shard else None,
+            progress=progress, console=console, shard=Shard.parse(shard) if shard is not None else None,
         )
 
 
@@ -281,6 +281,8 @@ def evaluate(
     out = Path(out) if out is not None else None
     json_out = out is not None and out.suffix.lower() == ".json"
     if out is not None:
+        # before any work: --out names a JSON file or a folder, and nothing else (a FIFO, device, link) is there
+        check_output_file(out, "the results") if json_out else check_output_folder(out, "the results")
         check_writable_dir(out.parent if json_out else out, "the results")
     path = resolve_checkpoint(checkpoint, which)
     ckpt = load_checkpoint(path)
@@ -331,6 +333,8 @@ def probe(cache: str | Path, *, modalities: str = "both", seed: int = 0, out: st
     out = Path(out) if out is not None else None
     json_out = out is not None and out.suffix.lower() == ".json"
     if out is not None:
+        # before any work: --out names a JSON file or a folder, and nothing else (a FIFO, device, link) is there
+        check_output_file(out, "the results") if json_out else check_output_folder(out, "the results")
         check_writable_dir(out.parent if json_out else out, "the results")
     res = run_probe(Path(cache), seed=seed, modalities=modalities)
     results = {"cache": str(cache), **res, "probe_record": record_probe(Path(cache), res, seed)}

@@ -31,7 +31,8 @@ from typing import Any, Iterator
 import h5py
 import numpy as np
 
-from .errors import SppsclError
+from .errors import SppsclError, check_input_file, shown
+from .outputs import fresh_temp
 
 SCHEMA_VERSION = 1
 PENDING, WRITTEN, SKIPPED = 0, 1, 2
@@ -93,8 +94,8 @@ def create_cache(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with h5py.File(tmp, "w", libver="earliest") as f:
+    tmp = fresh_temp(path.with_name(path.name + ".partial"), "the cache being laid out")
+    with h5py.File(tmp, "w-", libver="earliest") as f:
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["provenance"] = json.dumps(provenance, sort_keys=True)
         f.attrs["complete"] = False
@@ -146,13 +147,134 @@ def _write_skipped(f: h5py.File, skipped: list[tuple[str, str, str]]) -> None:
         g.create_dataset(key, data=np.array([row[i] for row in skipped], dtype=object), dtype=_STR)
 
 
+# JSON headers nest a few levels; a deeper one is hostile (100,000 levels overflow the parser's recursion)
+MAX_JSON_DEPTH = 64
+MAX_HEADER_CHARS = 16 << 20
+FEATURE_DTYPES = ("float16", "float32")
+SPLIT_KEYS = ("ids", "texts", "labels", "offsets", "image", "tokens", "status")
+
+
+def json_depth_ok(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the JSON ``text`` nests at most ``limit`` containers deep (counted outside strings, before parsing)."""
+    depth, in_str, escaped = 0, False, False
+    for ch in text:
+        if in_str:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return False
+        elif ch in "]}":
+            depth -= 1
+    return True
+
+
+def parse_header(text, path: Path, field: str, error: type[SppsclError] | None = None) -> Any:
+    """A JSON header (a cache's provenance, a checkpoint's metadata) parsed with its nesting bounded; every failure
+    is one error (``error``, default CacheError) naming the file and the field."""
+    error = error or CacheError
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    if not isinstance(text, str):
+        raise error(f"{path}: field {field} is a {type(text).__name__}, not JSON text; the file was not written by sppscl or was altered")
+    if len(text) > MAX_HEADER_CHARS:
+        raise error(f"{path}: field {field} holds {len(text)} characters, more than a header ever needs; the file was altered")
+    if not json_depth_ok(text):
+        raise error(f"{path}: field {field} nests deeper than {MAX_JSON_DEPTH} levels; the file was altered")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise error(f"{path}: field {field} is not valid JSON ({shown(str(e))}); the file was altered or damaged") from None
+
+
 def read_provenance(path: Path) -> tuple[dict, bool]:
     """(provenance, complete) of an existing cache file."""
+    check_input_file(path, "a feature cache")
     try:
         with h5py.File(path, "r") as f:
-            return json.loads(f.attrs["provenance"]), bool(f.attrs.get("complete", False))
+            raw, complete = f.attrs["provenance"], f.attrs.get("complete", False)
     except (OSError, KeyError) as e:
         raise CacheError(f"{path}: not a readable sppscl cache ({e}); delete it or rerun extraction with --force") from None
+    provenance = parse_header(raw, path, "provenance")
+    if not isinstance(provenance, dict):
+        raise CacheError(f"{path}: field provenance is a JSON {type(provenance).__name__}, not an object; the file was altered")
+    try:
+        return provenance, bool(complete)
+    except (TypeError, ValueError):
+        raise CacheError(f"{path}: field complete is {shown(complete)}, not true or false; the file was altered") from None
+
+
+def check_layout(f: h5py.File, path: Path, complete: bool, classes: int | None = None) -> None:
+    """Every split of an open cache checked against its own header, once, before any row is used: the datasets are
+    all there with the lengths, dtypes and shapes the layout gives them (module docstring), offsets start at 0, never
+    decrease and end at the token count, labels are -1 or a class index, status holds only 0/1/2 and (``complete``)
+    no pending row. The first violation is a CacheError naming the file and the field (exit 2)."""
+
+    def bad(field: str, what: str) -> CacheError:
+        return CacheError(f"{path}: {field}: {what}; the cache was altered or damaged. Rebuild it: sppscl extract ... --out {path} --force")
+
+    if "splits" not in f or not isinstance(f["splits"], h5py.Group) or not len(f["splits"]):
+        raise bad("splits", "missing or empty")
+    shapes: dict[str, tuple] = {}
+    for split in f["splits"]:
+        g = f["splits"][split]
+        where = f"splits/{split}"
+        if not isinstance(g, h5py.Group):
+            raise bad(where, "not a group")
+        for key in SPLIT_KEYS:
+            if key not in g or not isinstance(g[key], h5py.Dataset):
+                raise bad(f"{where}/{key}", "missing")
+        n = g["ids"].shape[0] if g["ids"].ndim == 1 else -1
+        if n < 0:
+            raise bad(f"{where}/ids", f"shape {g['ids'].shape}, expected one dimension")
+        expect = {"texts": (n,), "labels": (n,), "status": (n,), "offsets": (n + 1,)}
+        for key, shape in expect.items():
+            if g[key].shape != shape:
+                raise bad(f"{where}/{key}", f"shape {g[key].shape}, expected {shape} for {n} rows")
+        for key in ("ids", "texts"):
+            if g[key].dtype.kind not in "OSU":
+                raise bad(f"{where}/{key}", f"dtype {g[key].dtype}, expected strings")
+        for key in ("labels", "offsets", "status"):
+            if g[key].dtype.kind not in "iu":
+                raise bad(f"{where}/{key}", f"dtype {g[key].dtype}, expected integers")
+        image, tokens = g["image"], g["tokens"]
+        for key, d, ndim in (("image", image, 4), ("tokens", tokens, 3)):
+            if d.dtype.name not in FEATURE_DTYPES:
+                raise bad(f"{where}/{key}", f"dtype {d.dtype}, expected one of {', '.join(FEATURE_DTYPES)}")
+            if d.ndim != ndim:
+                raise bad(f"{where}/{key}", f"shape {d.shape}, expected {ndim} dimensions")
+        if image.shape[0] != n:
+            raise bad(f"{where}/image", f"{image.shape[0]} rows, expected {n}")
+        if image.dtype != tokens.dtype:
+            raise bad(f"{where}/tokens", f"dtype {tokens.dtype}, but image is {image.dtype}")
+        for key, shape in (("image", image.shape[1:]), ("tokens", tokens.shape[1:])):
+            first = shapes.setdefault(key, shape)
+            if shape != first:
+                raise bad(f"{where}/{key}", f"feature shape {shape}, other splits have {first}")
+        offsets = g["offsets"][()].astype(np.int64)
+        if offsets[0] != 0 or (np.diff(offsets) < 0).any():
+            raise bad(f"{where}/offsets", "not starting at 0 and non-decreasing")
+        if offsets[-1] != tokens.shape[0]:
+            raise bad(f"{where}/offsets", f"end at token {offsets[-1]}, but tokens holds {tokens.shape[0]}")
+        labels = g["labels"][()].astype(np.int64)
+        top = classes if classes is not None else np.iinfo(np.int64).max
+        out = np.flatnonzero((labels < -1) | (labels >= top))
+        if len(out):
+            allowed = f"-1 (no label) or 0..{classes - 1}" if classes is not None else "-1 (no label) or a class index"
+            raise bad(f"{where}/labels", f"row {int(out[0])} has label {int(labels[out[0]])}, expected {allowed}")
+        status = g["status"][()]
+        odd = np.flatnonzero(status > SKIPPED)
+        if len(odd):
+            raise bad(f"{where}/status", f"row {int(odd[0])} has status {int(status[odd[0]])}, expected 0, 1 or 2")
+        if complete and (status == PENDING).any():
+            raise bad(f"{where}/status", f"marked complete, but {int((status == PENDING).sum())} rows were never written")
 
 
 class CacheFiller:
@@ -168,6 +290,7 @@ class CacheFiller:
         self._rows: dict[str, dict[str, RowFile | None]] = {}
         self.offsets: dict[str, np.ndarray] = {}
         with h5py.File(self.path, "r") as f:
+            check_layout(f, self.path, complete=False)
             for split, g in f["splits"].items():
                 self.offsets[split] = g["offsets"][()]
                 self._rows[split] = {
@@ -370,13 +493,15 @@ class FeatureCache:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not self.path.exists():
+        if not check_input_file(self.path, "a feature cache"):
             partial = self.path.with_name(self.path.name + ".partial")
             hint = f" (a half-created {partial.name} exists: rerun the extraction)" if partial.exists() else ""
             raise CacheError(f"{self.path}: no such cache{hint}. Build it with: sppscl extract --config <preset> --out {self.path}")
         self.provenance, complete = read_provenance(self.path)
         if "shard" in self.provenance:
             shard = self.provenance["shard"]
+            if not isinstance(shard, dict) or not {"index", "count"} <= set(shard):
+                raise CacheError(f"{self.path}: field provenance.shard is {shown(shard)}, not a shard record; the cache was altered")
             raise CacheError(
                 f"{self.path} is shard {shard['index']}/{shard['count']} of a cache, only part of its rows. Join all "
                 f"{shard['count']} shards with: sppscl cache merge SHARD_FILES... --out WHOLE.h5"
@@ -388,14 +513,17 @@ class FeatureCache:
         try:
             with h5py.File(self.path, "r") as f:
                 self.schema_version = int(f.attrs["schema_version"])
+                if self.schema_version != SCHEMA_VERSION:
+                    raise CacheError(f"{self.path}: field schema_version is {self.schema_version}; this sppscl reads version {SCHEMA_VERSION}. Rebuild it with --force")
+                classes = self._classes() if "dataset" in self.provenance else None
+                check_layout(f, self.path, complete=True, classes=None if classes is None else len(classes))
                 self.splits = list(f["splits"].keys())
+                stored = f[f"splits/{self.splits[0]}/image"].dtype.name
+                if "dtype" in self.provenance and self.provenance["dtype"] != stored:
+                    raise CacheError(f"{self.path}: field provenance.dtype is {shown(self.provenance['dtype'])}, but the features are stored as {stored}; the cache was altered")
                 self.attrs = {k: f.attrs[k] for k in f.attrs.keys()}
                 self._shapes = {s: f[f"splits/{s}/image"].shape for s in self.splits}
                 tok = {s: f[f"splits/{s}/tokens"].shape for s in self.splits}
-                for s in self.splits:
-                    missing = [k for k in ("ids", "texts", "labels", "offsets", "status") if k not in f[f"splits/{s}"]]
-                    if missing:
-                        raise KeyError(f"splits/{s} has no {', '.join(missing)}")
             self.skipped = read_skipped(self.path)
             first = self.splits[0]
             self.image_shape = tuple(self._shapes[first][1:])
@@ -407,10 +535,17 @@ class FeatureCache:
 
     @property
     def classes(self) -> list[str]:
+        return self._classes()
+
+    def _classes(self) -> list[str]:
+        """The dataset's class names from the provenance: two or more distinct strings."""
         try:
-            return list(self.provenance["dataset"]["classes"])
+            classes = self.provenance["dataset"]["classes"]
         except (KeyError, TypeError):
             raise CacheError(f"{self.path}: not a complete sppscl cache (its provenance names no dataset classes); rebuild it with --force") from None
+        if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
+            raise CacheError(f"{self.path}: field provenance.dataset.classes is {shown(classes)}, not a list of two or more distinct class names; the cache was altered")
+        return list(classes)
 
     def split_bytes(self, split: str) -> int:
         with h5py.File(self.path, "r") as f:

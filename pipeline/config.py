@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .errors import SppsclError
+from .errors import SppsclError, check_input_file, shown
 
 
 def _preset_dir() -> Path:
@@ -237,13 +237,13 @@ def check_value(section: str, key: str, value: Any) -> None:
     """The checks one value must pass whatever the other keys hold: a listed choice, finite, within its range."""
     allowed = CHOICES.get((section, key))
     if allowed is not None and value not in allowed:
-        raise ConfigError(f"{section}.{key}={value!r} is not one of {', '.join(allowed)}")
+        raise ConfigError(f"{section}.{key}={shown(value)} is not one of {', '.join(allowed)}")
     if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{section}.{key}={value}: must be a finite number")
+        raise ConfigError(f"{section}.{key}={shown(value)}: must be a finite number")
     if (section, key) in RANGES:
         low, high, what = RANGES[(section, key)]
         if not low <= value <= high:
-            raise ConfigError(f"{section}.{key}={value}: must be {what}")
+            raise ConfigError(f"{section}.{key}={shown(value)}: must be {what}")
 
 
 def coerce_value(value: Any, default: Any, where: str) -> Any:
@@ -257,7 +257,7 @@ def coerce_value(value: Any, default: Any, where: str) -> Any:
                 return True
             if low in ("0", "false", "no", "off"):
                 return False
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+            raise ConfigError(f"{where}: expected true/false, got {shown(value)}")
         if target in (int, float):
             try:
                 # accept fractions such as 2/3 for alpha
@@ -269,31 +269,31 @@ def coerce_value(value: Any, default: Any, where: str) -> Any:
                     return target(ratio)
                 return target(float(text)) if target is float else int(text)
             except (ValueError, ZeroDivisionError, OverflowError):
-                raise ConfigError(f"{where}: expected a {target.__name__}, got {value!r}") from None
+                raise ConfigError(f"{where}: expected a {target.__name__}, got {shown(value)}") from None
         if target in (list, dict):
             try:
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 if target is list:
                     return [v.strip() for v in text.split(",") if v.strip()]
-                raise ConfigError(f"{where}: expected a {target.__name__}, got {value!r}") from None
+                raise ConfigError(f"{where}: expected a {target.__name__}, got {shown(value)}") from None
     if target is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if target is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, target) or (target is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: expected a {target.__name__}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{where}: expected a {target.__name__}, got {shown(value)} ({type(value).__name__})")
     return value
 
 
 def _merge_section(cfg: Config, section: str, values: dict[str, Any], origin: str) -> None:
     if not isinstance(values, dict):
-        raise ConfigError(f"{origin}: section {section!r} must be a mapping")
+        raise ConfigError(f"{origin}: section {shown(section)} must be a mapping")
     obj = getattr(cfg, section)
     known = {f.name for f in dataclasses.fields(obj)}
     for key, value in values.items():
         if key not in known:
-            raise ConfigError(f"{origin}: unknown key {section}.{key} (known: {', '.join(sorted(known))})")
+            raise ConfigError(f"{origin}: unknown key {section}.{shown(key)} (known: {', '.join(sorted(known))})")
         setattr(obj, key, coerce_value(value, getattr(obj, key), f"{origin}: {section}.{key}"))
 
 
@@ -312,21 +312,21 @@ def resolve_key(key: str, sections: tuple[str, ...] | None = None, command: str 
     if "." in key:
         section, name = key.split(".", 1)
         if section not in SECTIONS:
-            raise ConfigError(f"unknown section {section!r} in key {key!r} (sections: {', '.join(SECTIONS)})")
+            raise ConfigError(f"unknown section {shown(section)} in key {shown(key)} (sections: {', '.join(SECTIONS)})")
         if name not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
-            raise ConfigError(f"unknown key {key!r}{did_you_mean(key, allowed)}")
+            raise ConfigError(f"unknown key {shown(key)}{did_you_mean(key, allowed)}")
         if section not in allowed:
             raise ConfigError(_unused(key, allowed, command))
         return section, name
     hits = [s for s in allowed if key in {f.name for f in dataclasses.fields(SECTIONS[s])}]
     if not hits:
         elsewhere = [s for s, c in SECTIONS.items() if key in {f.name for f in dataclasses.fields(c)}]
-        raise ConfigError(_unused(f"{elsewhere[0]}.{key}", allowed, command) if elsewhere else f"unknown key {key!r}{did_you_mean(key, allowed)}")
+        raise ConfigError(_unused(f"{elsewhere[0]}.{key}", allowed, command) if elsewhere else f"unknown key {shown(key)}{did_you_mean(key, allowed)}")
     if len(hits) > 1:
         # train is where sweeps and --set overrides live; the others need their section named
         if "train" in hits:
             return "train", key
-        raise ConfigError(f"key {key!r} is ambiguous: write one of {', '.join(h + '.' + key for h in hits)}")
+        raise ConfigError(f"key {shown(key)} is ambiguous: write one of {', '.join(h + '.' + key for h in hits)}")
     return hits[0], key
 
 
@@ -373,7 +373,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any], sections
 
 def _split_override(text: str) -> tuple[str, str]:
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key=value")
+        raise ConfigError(f"override {shown(text)} must look like key=value")
     key, value = text.split("=", 1)
     return key.strip(), value
 
@@ -397,22 +397,58 @@ def preset_path(name_or_path: str | Path) -> Path:
         return p
     candidate = PRESET_DIR / f"{name_or_path}.yaml"
     if not candidate.exists():
-        raise ConfigError(f"no preset named {name_or_path!r} (presets: {', '.join(preset_names())}; `sppscl presets` lists them)")
+        raise ConfigError(f"no preset named {shown(name_or_path)} (presets: {', '.join(preset_names())}; `sppscl presets` lists them)")
     return candidate
+
+
+# A preset is a few hundred bytes; a bigger file is not one (and is not read whole into memory)
+MAX_YAML_BYTES = 1 << 20
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: a preset needs none, and ``&a [*b, *b, ...]`` nested a few levels deep
+    (a 1 KB "billion laughs" file) expands to gigabytes once anything walks it."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise ConfigError(f"{self.name}: line {mark.line + 1}: YAML aliases (*name) are not accepted in a configuration; write the value out")
+        return super().compose_node(parent, index)
+
+
+def read_yaml(path: Path) -> Any:
+    """A configuration file parsed by :class:`BoundedLoader`: regular files only (a FIFO would block), at most
+    MAX_YAML_BYTES, no aliases, nesting bounded by the parser's recursion; every failure is one ConfigError."""
+    if not check_input_file(path, "a YAML configuration"):
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path, "rb") as fh:
+        data = fh.read(MAX_YAML_BYTES + 1)
+    if len(data) > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_YAML_BYTES // 1024} KB; a configuration is a few lines of YAML")
+    try:
+        loader = BoundedLoader(data.decode("utf-8"))
+        loader.name = str(path)
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {shown(str(e), 300)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a configuration") from None
 
 
 def load_config(name_or_path: str | Path, overrides: list[str] | None = None, sections: tuple[str, ...] | None = None, command: str = "") -> Config:
     path = preset_path(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     cfg = Config(source=str(path.resolve()))
     for section, values in raw.items():
         if section not in SECTIONS:
-            raise ConfigError(f"{path}: unknown section {section!r} (sections: {', '.join(SECTIONS)})")
+            raise ConfigError(f"{path}: unknown section {shown(section)} (sections: {', '.join(SECTIONS)})")
         _merge_section(cfg, section, values or {}, origin=str(path))
     cfg = apply_overrides(cfg, overrides or [], sections, command)
     return cfg

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .config import apply_overrides, load_config
+from .outputs import check_output_folder
 from .stage1.extract import extract
 from .stage2.train import train
 
@@ -26,11 +27,17 @@ VARIANTS = {
 }
 
 
+def _run_name(variant: str) -> str:
+    return variant.split(" (")[0].replace(" ", "-").replace(",", "").lower()
+
+
 def run_demo(out: Path, cache: Path, epochs: int | None, console: Console, progress_console: Console | None = None) -> dict[str, dict]:
     """Extract, train the variants, print the comparison on ``console``; headings and progress go to
     ``progress_console`` (the CLI's stderr) when given."""
     t0 = time.perf_counter()
     log = progress_console or console
+    # the folder is replaced on each demo run: only when it holds nothing or the demo's own runs
+    check_output_folder(out, "the demo's runs", markers=tuple(_run_name(n) for n in VARIANTS))
     cfg = load_config("demo")
     if epochs is not None:
         cfg = apply_overrides(cfg, {"epochs": epochs})
@@ -43,7 +50,7 @@ def run_demo(out: Path, cache: Path, epochs: int | None, console: Console, progr
     results, run_dirs = {}, {}
     for i, (name, sets) in enumerate(VARIANTS.items(), 1):
         log.rule(f"[bold]2/2 stage two ({i}/{len(VARIANTS)}): {name}")
-        run_dirs[name] = out / name.split(" (")[0].replace(" ", "-").replace(",", "").lower()
+        run_dirs[name] = out / _run_name(name)
         results[name] = train(cache, apply_overrides(cfg, sets), run_dirs[name], progress=True, console=log)
     table = Table(title=f"demo results (synthetic data, {cfg.train.epochs} epochs, best dev checkpoint)")
     for col in ("model", "dev acc", "dev macro F1", "test acc", "test macro F1"):

@@ -19,4 +19,7 @@ def resolve_device(device: str) -> torch.device:
         raise ConfigError(f"device {device!r} is not a device: use cpu, cuda, cuda:N or auto") from None
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"device {device!r}: only cpu and cuda are supported (or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ConfigError(f"device {device!r}: this machine has {n} CUDA device{'s' if n != 1 else ''} (cuda:0..cuda:{n - 1})")
     return dev

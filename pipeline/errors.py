@@ -14,11 +14,11 @@ row/id/key and what to do, and ``exit_code`` says which of the codes above it me
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -86,49 +86,86 @@ def disk_full(path: Path, needed: int | None, resume: str, free: int | None = No
     return DiskFullError(f"{path}: no space left on the device ({have} free{need}). Free some space, then {resume}.")
 
 
-def output_error(path: Path, e: OSError, what: str) -> SppsclError:
-    """An OSError while writing ``path`` as one message: a full disk (exit 1) or an unwritable location (exit 2)."""
-    if is_disk_full(e):
-        return disk_full(path, None, "rerun the same command")
-    reason = e.strerror or str(e)
-    return OutputError(f"cannot write {what} {path}: {reason}. Choose another location or fix its permissions.")
+class InputError(SppsclError):
+    """An input path names something that is not a readable regular file (a FIFO, a device, a folder, a link loop)."""
 
 
-def check_writable_dir(folder: Path, what: str) -> None:
-    """Refuse early (before hours of work) when ``folder`` cannot be created or written."""
-    folder = Path(os.path.abspath(folder))
-    p = folder
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    if not p.is_dir():
-        raise OutputError(f"cannot write {what} in {folder}: {p} is a file, not a folder. Choose another location.")
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write {what} in {folder}: {p} is not writable. Choose another location or fix its permissions.")
+# the longest value an error message echoes: a hostile file can hold a value of any size
+SHOWN_CHARS = 80
 
 
-def atomic_write(path: Path, data: bytes | str, what: str, resume: str = "rerun the same command", shared: bool = False) -> None:
-    """Write ``data`` to ``path`` all or nothing: a temporary file, fsync, then rename over ``path``.
-
-    ``shared``: several processes may write ``path`` at once (a runs folder's cache record, a probe result shared
-    by two commands): each gets its own temporary file, so neither renames the other's away.
-
-    On any write failure the temporary file is removed (so no stray file confuses the next run), the old
-    ``path`` is untouched, and the error names ``path``; a full disk says how many bytes were needed.
-    """
-    path = Path(path)
-    # a lone surrogate (from JSON's \\ud800) is written escaped rather than failing the whole file
-    raw = data.encode("utf-8", errors="backslashreplace") if isinstance(data, str) else data
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp" if shared else path.name + ".tmp")
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters (with how much was left out): a message never
+    renders an unbounded value. Containers are cut before ``repr`` walks them, so a huge or deep one costs nothing."""
+    if isinstance(value, (dict, list, tuple, set)) and len(value) > limit:
+        return f"<a {type(value).__name__} of {len(value)} items>"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            fh.write(raw)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if is_disk_full(e):
-            raise disk_full(path, len(raw), resume) from None
-        raise output_error(path, e, what) from None
+        text = repr(value)
+    except RecursionError:
+        return f"<a {type(value).__name__} nested too deep to show>"
+    return text if len(text) <= limit else f"{text[: limit - 1]}… ({len(text)} characters)"
+
+
+def file_kind(mode: int) -> str:
+    """What a ``st_mode`` is, in words ("a FIFO (named pipe)", "a character device", ...)."""
+    for test, words in (
+        (stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return words
+    return "a special file"
+
+
+def check_input_file(path: Path, what: str) -> bool:
+    """Refuse ``path`` unless it is (a link that leads to) a regular file: decided from ``stat``, before any open, so
+    a FIFO never blocks the command and a device is never read. Returns False when nothing is there (the caller
+    says what is missing in its own words)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:  # ELOOP: a link loop; EACCES; ENAMETOOLONG
+        raise InputError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{path} is {file_kind(mode)}, not {what}; refused, not opened")
+    return True
+
+
+# C0/C1 control characters (ESC starts a terminal escape sequence) and the bidirectional overrides that reorder what
+# a terminal shows; newline and tab keep their meaning
+_UNPRINTABLE = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\n\t"}
+_UNPRINTABLE.update({c: f"\\u{c:04x}" for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]})
+
+
+def printable(text: str) -> str:
+    """``text`` from data (an id, a file name, a reason) made safe for a terminal: control characters shown escaped
+    (``\\x1b``), never sent raw, so an id cannot move the cursor, recolour or hide what the console shows."""
+    return str(text).translate(_UNPRINTABLE)
+
+
+def masked_url(url: str) -> str:
+    """A storage URL as it may be shown (console, logs, errors, records): SQLAlchemy's own rendering with the password
+    as ``***``. A URL SQLAlchemy cannot parse is not shown at all: it might hold a password in an unknown place."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError, TypeError):
+        return "<the --storage URL (not a URL SQLAlchemy can read, so not shown)>"
+
+
+def masked_argv(argv: list[str]) -> list[str]:
+    """A command line as it may be recorded: the value of ``--storage`` (``--storage URL`` or ``--storage=URL``) masked."""
+    out, mask_next = [], False
+    for arg in argv:
+        if mask_next:
+            out.append(masked_url(arg))
+        elif arg.startswith("--storage="):
+            out.append("--storage=" + masked_url(arg.split("=", 1)[1]))
+        else:
+            out.append(arg)
+        mask_next = arg == "--storage"
+    return out

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -80,3 +82,17 @@ def interrupt_on_call(monkeypatch, module, name: str, n: int):
 
     monkeypatch.setattr(module, name, interrupted)
     return real
+
+
+def craft_checkpoint(source: Path, target: Path, change: Callable[[dict, dict], str | None]) -> Path:
+    """``source`` (NAME.safetensors) rewritten to ``target`` after ``change(meta, tensors)``; a string returned by
+    ``change`` replaces the metadata text itself."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(source, framework="pt") as fh:
+        meta = json.loads(fh.metadata()["sppscl"])
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    text = change(meta, tensors)
+    save_file(tensors, target, metadata={"sppscl": text if isinstance(text, str) else json.dumps(meta)})
+    return target

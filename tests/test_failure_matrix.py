@@ -22,7 +22,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import tiny_config
+from conftest import craft_checkpoint, tiny_config
 from sppscl.cli import main
 
 LABELS = ("positive", "neutral", "negative")
@@ -491,7 +491,7 @@ def train_cuda_without_cuda(env: Env) -> Expect:
 @case
 def train_out_is_a_file(env: Env) -> Expect:
     (env.tmp / "run").write_text("x")
-    return Expect(_train(env), 2, ["run", "is a file"], [env.tmp])
+    return Expect(_train(env), 2, ["run", "is a regular file"], [env.tmp])
 
 
 @case
@@ -529,14 +529,14 @@ def train_full_disk_while_checkpointing(env: Env) -> Expect:
 
     def full_open(path, mode="r", *a, **k):
         fh = builtins.open(path, mode, *a, **k)
-        if "w" in mode and str(path).endswith(".safetensors.tmp"):
+        if mode[0] in "wx" and str(path).endswith(".safetensors.tmp"):
             calls["n"] += 1
             if calls["n"] >= 3:  # epoch 1 writes best and last; epoch 2's first checkpoint fails
                 fh.close()
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return fh
 
-    env.monkeypatch.setattr("sppscl.errors.open", full_open, raising=False)
+    env.monkeypatch.setattr("sppscl.outputs.open", full_open, raising=False)
     argv = _train(env, "--set", "epochs=3", out=out)
 
     def after():
@@ -683,11 +683,11 @@ def predict_output_full_disk_keeps_the_old_file(env: Env) -> Expect:
     old.write_text("previous predictions\n")
 
     def full_open(path, mode="r", *a, **k):
-        if "w" in mode:
+        if mode[0] in "wx":
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return builtins.open(path, mode, *a, **k)
 
-    env.monkeypatch.setattr("sppscl.errors.open", full_open, raising=False)
+    env.monkeypatch.setattr("sppscl.outputs.open", full_open, raising=False)
     return Expect(
         ["predict", "--checkpoint", str(env.run / "best.safetensors"), "--image", str(env.tmp / "a.jpg"), "--text", "hi", "--out", str(old)],
         1,
@@ -708,7 +708,7 @@ def train_cache_missing_a_dataset(env: Env) -> Expect:
     bad.write_bytes(env.cache.read_bytes())
     with h5py.File(bad, "r+") as f:
         del f["splits/dev/labels"]
-    return Expect(_train(env, "--config", "demo", cache=bad), 2, ["holed.h5", "not a complete sppscl cache", "splits/dev has no labels", "--force"], [env.tmp])
+    return Expect(_train(env, "--config", "demo", cache=bad), 2, ["holed.h5", "splits/dev/labels: missing", "--force"], [env.tmp])
 
 
 @case
@@ -766,6 +766,422 @@ def verify_mvsa_path_escaping_id(env: Env) -> Expect:
         assert not [p for p in opened if "secret" in p], opened
 
     return Expect(["data", "verify", "--config", str(preset)], 1, ["../../outside/secret", "outside the image folder"], [ds.data], after)
+
+
+# ------------------------------------------------------------------------------------ issue 17: hostile files and outputs
+
+
+def _need_root(what: str) -> None:
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip(f"{what} needs root (mknod); run the suite as root to cover it")
+
+
+def _occupy(env: Env, kind: str, name: str) -> tuple[Path, Callable[[], None]]:
+    """``env.tmp/name`` made into ``kind`` (a FIFO, a character device, a socket, a symbolic link to a file outside
+    the command's outputs, a folder); returns it and a check that it is still exactly that after the command."""
+    import os
+    import socket
+    import stat
+
+    p = env.tmp / name
+    if kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "chardev":
+        _need_root("a device node")
+        os.mknod(p, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    elif kind == "socket":
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(p))
+        s.close()
+    elif kind == "symlink":
+        victim = env.tmp / "victim" / "precious.txt"
+        victim.parent.mkdir(exist_ok=True)
+        victim.write_text("not yours\n")
+        p.symlink_to(victim)
+    elif kind == "folder":
+        p.mkdir()
+        (p / "keep.txt").write_text("mine\n")
+    mode = os.lstat(p).st_mode
+
+    def still() -> None:
+        assert os.lstat(p).st_mode == mode, f"{p} was replaced"
+        if kind == "symlink":
+            assert (env.tmp / "victim" / "precious.txt").read_text() == "not yours\n"
+        if kind == "folder":
+            assert sorted(x.name for x in p.iterdir()) == ["keep.txt"], "the folder was written into"
+
+    return p, still
+
+
+HOSTILE = {"fifo": "FIFO", "chardev": "character device", "socket": "socket", "symlink": "symbolic link", "folder": "folder"}
+
+
+def _output_cases(command: str, build: Callable[[Env, Path], list[str]], kinds=tuple(HOSTILE), name: str = "out.h5", code: int = 2):
+    for kind in kinds:
+
+        def make(env: Env, kind=kind) -> Expect:
+            target, still = _occupy(env, kind, name)
+            return Expect(build(env, target), code, [str(target), HOSTILE[kind], "refusing"], [env.tmp], still)
+
+        CASES[f"out17_{command}_{kind}"] = make
+
+
+def _extract_argv(env: Env, target: Path) -> list[str]:
+    ds, preset = _good(env)
+    return ["extract", "--config", str(preset), "--out", str(target), "--force", "--quiet"]
+
+
+# --force included: only a regular file is ever replaced
+_output_cases("extract_force", _extract_argv, kinds=("fifo", "chardev", "socket", "symlink"))
+_output_cases("merge_force", lambda env, t: ["cache", "merge", str(env.cache), str(env.cache), "--out", str(t), "--force", "--quiet"])
+_output_cases("train", lambda env, t: _train(env, out=t), kinds=("fifo", "chardev", "socket", "symlink"), name="run")
+
+
+def _predict_argv(env: Env, target: Path) -> list[str]:
+    (env.tmp / "a.jpg").write_bytes(jpeg())
+    return ["predict", "--checkpoint", str(env.run / "best.safetensors"), "--image", str(env.tmp / "a.jpg"), "--text", "hi", "--out", str(target)]
+
+
+def _evaluate_argv(env: Env, target: Path) -> list[str]:
+    return ["evaluate", "--checkpoint", str(env.run), "--cache", str(env.cache), "--out", str(target)]
+
+
+_output_cases("predict", _predict_argv, kinds=("fifo", "chardev", "socket", "symlink", "folder"), name="p.csv")
+_output_cases("evaluate_json", _evaluate_argv, kinds=("fifo", "symlink", "folder"), name="r.json")
+_output_cases("evaluate_folder", _evaluate_argv, kinds=("fifo", "symlink"), name="results")
+
+
+@case
+def out17_predict_to_a_link_to_standard_output(env: Env) -> Expect:
+    """A link to /proc/self/fd/1 is a link: refused (predict --out - is the way to write to standard output)."""
+    link = env.tmp / "p.csv"
+    link.symlink_to("/proc/self/fd/1")
+    return Expect(_predict_argv(env, link), 2, [str(link), "symbolic link to /proc/self/fd/1"], [env.tmp])
+
+
+@case
+def out17_demo_never_replaces_a_folder_of_other_files(env: Env) -> Expect:
+    target, still = _occupy(env, "folder", "home")
+    return Expect(["demo", "--out", str(target), "--cache", str(env.tmp / "demo.h5")], 2, [str(target), "holding other files"], [env.tmp], still)
+
+
+@case
+def out17_checkpoint_convert_onto_a_fifo(env: Env) -> Expect:
+    import os
+
+    import torch
+
+    legacy = env.tmp / "best.pt"
+    torch.save({"format": "sppscl-checkpoint", "version": 1, "epoch": 0, "best": {"epoch": 0}}, legacy)
+    os.mkfifo(env.tmp / "conv.json")
+    return Expect(["checkpoint", "convert", str(legacy), "--out", str(env.tmp / "conv")], 2, ["conv.json", "FIFO"], [env.tmp],
+                  lambda: None if not (env.tmp / "conv.safetensors").exists() else pytest.fail("weights written beside a refused name"))
+
+
+@case
+def out17_merge_into_a_folder_does_no_work(env: Env) -> Expect:
+    """merge --out DIR --force ran the whole merge, then failed and left DIR.merging behind."""
+    (env.tmp / "dir").mkdir()
+
+    def after() -> None:
+        assert sorted(p.name for p in env.tmp.iterdir()) == ["dir"], list(env.tmp.iterdir())
+
+    return Expect(["cache", "merge", str(env.cache), str(env.cache), "--out", str(env.tmp / "dir"), "--force"], 2, ["dir", "is a folder"], [env.tmp], after)
+
+
+@case
+def out17_train_into_a_folder_of_other_files(env: Env) -> Expect:
+    target, still = _occupy(env, "folder", "notes")
+    return Expect(_train(env, out=target), 2, [str(target), "holding other files", "keep.txt"], [env.tmp], still)
+
+
+@case
+def out17_lock_planted_as_a_link(env: Env) -> Expect:
+    """A link at the cache's lock name would have its target truncated by the lock's pid record."""
+    ds, preset = _good(env)
+    link, still = _occupy(env, "symlink", "c.h5.lock")
+    return Expect(["extract", "--config", str(preset), "--out", str(env.tmp / "c.h5"), "--quiet"], 2, [str(link), "symbolic link"], [env.tmp], still)
+
+
+@case
+def out17_partial_planted_as_a_link(env: Env) -> Expect:
+    ds, preset = _good(env)
+    link, still = _occupy(env, "symlink", "c.h5.partial")
+    return Expect(["extract", "--config", str(preset), "--out", str(env.tmp / "c.h5"), "--quiet"], 2, [str(link), "symbolic link"], [env.tmp], still)
+
+
+@case
+def out17_results_file_planted_as_a_fifo_in_a_run(env: Env) -> Expect:
+    """A file a command writes inside its own folder gets the same check (here: train's results.json)."""
+    import os
+
+    run = env.tmp / "run"
+    run.mkdir()
+    os.mkfifo(run / "config.json")
+    return Expect(_train(env, out=run), 2, ["config.json", "FIFO"], [env.tmp])
+
+
+
+# crafted caches: each violation of the cache's own header is one line naming the file and the field (exit 2)
+
+
+def _tampered(name: str, change: Callable, names: list[str]):
+    def make(env: Env) -> Expect:
+        import h5py
+
+        bad = env.tmp / "crafted.h5"
+        bad.write_bytes(env.cache.read_bytes())
+        with h5py.File(bad, "r+") as f:
+            change(f)
+        return Expect(_train(env, "--config", "demo", cache=bad), 2, ["crafted.h5", *names], [env.tmp])
+
+    CASES[f"cache17_{name}"] = make
+
+
+def _replace(key: str, fn: Callable[[np.ndarray], np.ndarray]):
+    def change(f) -> None:
+        a = fn(f[key][()])
+        del f[key]
+        f.create_dataset(key, data=a)
+
+    return change
+
+
+def _attr(key: str, value):
+    return lambda f: f.attrs.__setitem__(key, value)
+
+
+def _set_at(key: str, index: int, value):
+    def change(f) -> None:
+        f[key][index] = value
+
+    return change
+
+
+_tampered("status_shorter_than_rows", _replace("splits/train/status", lambda a: a[:-2]), ["splits/train/status", "shape"])
+_tampered("complete_with_pending_rows", _set_at("splits/train/status", 3, 0), ["splits/train/status", "never written"])
+_tampered("status_value_unknown", _set_at("splits/dev/status", 0, 9), ["splits/dev/status", "status 9"])
+_tampered("tokens_stored_as_int8", _replace("splits/train/tokens", lambda a: a.astype(np.int8)), ["splits/train/tokens", "dtype int8"])
+_tampered("image_stored_as_int64", _replace("splits/dev/image", lambda a: a.astype(np.int64)), ["splits/dev/image", "dtype int64"])
+_tampered("labels_shorter_than_rows", _replace("splits/train/labels", lambda a: a[:-1]), ["splits/train/labels", "shape"])
+_tampered("image_shorter_than_rows", _replace("splits/dev/image", lambda a: a[:-1]), ["splits/dev/image", "rows"])
+_tampered("ids_shorter_than_rows", _replace("splits/test/ids", lambda a: a[:-1]), ["splits/test/", "shape"])
+_tampered("tokens_shorter_than_offsets", _replace("splits/train/tokens", lambda a: a[:-3]), ["splits/train/offsets", "tokens holds"])
+_tampered("offsets_decreasing", _replace("splits/train/offsets", lambda a: a[[0, 2, 1, *range(3, len(a))]]), ["splits/train/offsets", "non-decreasing"])
+_tampered("offsets_negative", _set_at("splits/dev/offsets", 0, -4), ["splits/dev/offsets", "starting at 0"])
+_tampered("label_of_7", _set_at("splits/train/labels", 2, 7), ["splits/train/labels", "label 7", "0..2"])
+_tampered("dev_label_of_minus_3", _set_at("splits/dev/labels", 1, -3), ["splits/dev/labels", "label -3"])
+_tampered("provenance_not_json", _attr("provenance", "{not json"), ["field provenance", "not valid JSON"])
+_tampered("provenance_100000_deep", _attr("provenance", "[" * 100_000 + "]" * 100_000), ["field provenance", "nests deeper"])
+_tampered("provenance_a_list", _attr("provenance", "[1, 2]"), ["field provenance", "not an object"])
+_tampered("provenance_without_classes", _attr("provenance", json.dumps({"dataset": {"name": "x"}})), ["provenance names no dataset classes"])
+_tampered("provenance_one_class", _attr("provenance", json.dumps({"dataset": {"name": "x", "classes": ["a"]}})), ["provenance.dataset.classes", "['a']"])
+_tampered("provenance_shard_not_a_record", _attr("provenance", json.dumps({"shard": 5})), ["provenance.shard"])
+_tampered("schema_version_from_the_future", _attr("schema_version", 99), ["schema_version is 99"])
+
+
+def _special_cache(kind: str):
+    def make(env: Env) -> Expect:
+        target, still = _occupy(env, kind, "cache.h5")
+        return Expect(_train(env, "--config", "demo", cache=target), 2, [str(target), HOSTILE[kind], "not a feature cache"], [env.tmp], still)
+
+    CASES[f"cache17_special_{kind}"] = make
+
+
+# train --cache FIFO blocked in the HDF5 open for ever
+for _kind in ("fifo", "chardev", "folder"):
+    _special_cache(_kind)
+
+
+# images: the stored size and the size the encoders resize to are both within the pixel budget
+def _thin_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 20000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+verify_and_extract("thin_png", _image("images/train1.jpg", _thin_png()), ["train1", "1x20000", "256x5120000", "megapixels"])
+
+
+def _special_image(kind: str):
+    def mutate(ds: Dataset) -> None:
+        import os
+
+        p = ds.data / "images" / "train2.jpg"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        ds.missing.add("images/train2.jpg")
+        if kind == "fifo":
+            os.mkfifo(p)
+        elif kind == "folder":
+            p.mkdir()
+        elif kind == "loop":
+            p.symlink_to(p.name)
+
+    return mutate
+
+
+verify_and_extract("image_is_a_fifo", _special_image("fifo"), ["train2", "FIFO", "not an image file"])
+verify_and_extract("image_is_a_folder", _special_image("folder"), ["train2", "is a folder", "not an image file"])
+verify_and_extract("image_is_a_link_loop", _special_image("loop"), ["train2", "symbolic links"])
+
+
+@case
+def verify_counts_images_that_links_lead_outside(env: Env) -> Expect:
+    """A dataset folder that is a farm of links is fine; verify says how many images really live outside it."""
+    ds = env.dataset()
+    preset = ds.write()
+    outside = env.tmp / "elsewhere"
+    outside.mkdir()
+    for rel in ("images/train0.jpg", "images/dev1.jpg"):
+        target = outside / Path(rel).name
+        (ds.data / rel).rename(target)
+        (ds.data / rel).symlink_to(target)
+    return Expect(["data", "verify", "--config", str(preset), "--workers", "1"], 0, ["2 images resolve", "outside the dataset folder", str(outside)], [ds.data, outside])
+
+
+# YAML: a bounded loader, and no error renders an unbounded value
+def _preset_text(env: Env, text: str) -> Path:
+    p = env.tmp / "hostile.yaml"
+    p.write_text(text)
+    return p
+
+
+_BOMB = "train:\n  lr: &a [&b [&c [&d [&e [&f [&g [x, x, x, x, x, x, x, x, x], *g, *g, *g, *g, *g, *g, *g, *g], *f, *f, *f, *f, *f, *f, *f, *f], *e, *e, *e, *e, *e, *e, *e, *e], *d, *d, *d, *d, *d, *d, *d, *d], *c, *c, *c, *c, *c, *c, *c, *c], *b, *b, *b, *b, *b, *b, *b, *b]\n"
+
+
+@case
+def yaml17_anchor_bomb(env: Env) -> Expect:
+    return Expect(_train(env, "--config", str(_preset_text(env, _BOMB))), 2, ["hostile.yaml", "line 2", "aliases"], [env.tmp])
+
+
+@case
+def yaml17_nested_100000_deep(env: Env) -> Expect:
+    return Expect(_train(env, "--config", str(_preset_text(env, "train:\n  lr: " + "[" * 100_000 + "]" * 100_000 + "\n"))), 2, ["hostile.yaml", "nested too deeply"], [env.tmp])
+
+
+@case
+def yaml17_huge_value_is_echoed_short(env: Env) -> Expect:
+    return Expect(_train(env, "--config", str(_preset_text(env, "train:\n  lr: '" + "9" * 200_000 + "x'\n"))), 2, ["train.lr", "(200003 characters)"], [env.tmp])
+
+
+@case
+def yaml17_config_is_a_fifo(env: Env) -> Expect:
+    target, still = _occupy(env, "fifo", "preset.yaml")
+    return Expect(_train(env, "--config", str(target)), 2, [str(target), "FIFO", "not a YAML configuration"], [env.tmp], still)
+
+
+
+# crafted checkpoints: each violation of the checkpoint's own header is one line naming the file and the field (exit 2)
+
+
+def _crafted(name: str, change: Callable[[dict, dict], str | None], names: list[str]):
+    def make(env: Env) -> Expect:
+        bad = craft_checkpoint(env.run / "best.safetensors", env.tmp / "crafted.safetensors", change)
+        res = env.tmp / "res"
+
+        def after() -> None:
+            assert not res.exists(), "results were written for a refused checkpoint"
+
+        return Expect(["evaluate", "--checkpoint", str(bad), "--cache", str(env.cache), "--out", str(res)], 2, ["crafted.safetensors", *names], [env.tmp], after)
+
+    CASES[f"ckpt17_{name}"] = make
+
+
+def _first_weight(meta: dict) -> str:
+    return sorted(meta["model"])[0]
+
+
+def _reshape(meta: dict, tensors: dict) -> None:
+    import torch
+
+    key = meta["model"][_first_weight(meta)]["__tensor__"]
+    tensors[key] = torch.zeros(*[d + 1 for d in tensors[key].shape])
+
+
+def _set_meta(path: str, value):
+    def change(meta: dict, tensors: dict) -> None:
+        *parents, last = path.split(".")
+        d = meta
+        for k in parents:
+            d = d[k]
+        if value is KeyError:
+            del d[last]
+        else:
+            d[last] = value
+
+    return change
+
+
+_crafted("tensor_of_the_wrong_shape", _reshape, ["field model.", "shape"])
+_crafted("dims_that_do_not_match_the_weights", _set_meta("dims.text_hidden", 7), ["field model.", "dims and config give"])
+_crafted("two_class_names_for_three_classes", _set_meta("classes", ["positive", "neutral"]), ["field classes", "2 names", "num_classes is 3"])
+_crafted("classes_unlike_its_caches", _set_meta("classes", ["negative", "neutral", "positive"]), ["field cache_provenance.dataset.classes"])
+_crafted("json_100000_deep", lambda m, t: "[" * 100_000 + "]" * 100_000, ["field metadata", "nests deeper"])
+_crafted("metadata_not_json", lambda m, t: "{oops", ["field metadata", "not valid JSON"])
+_crafted("model_is_5", _set_meta("model", 5), ["field model", "5"])
+_crafted("no_cache_provenance", _set_meta("cache_provenance", KeyError), ["field cache_provenance", "missing"])
+_crafted("eval_batch_size_0", _set_meta("config.train.eval_batch_size", 0), ["field config", "eval_batch_size"])
+_crafted("stored_config_of_the_wrong_type", _set_meta("config.train.lr", "fast"), ["field config", "train.lr", "'fast'"])
+_crafted("dims_negative", _set_meta("dims.num_classes", -3), ["field dims.num_classes", "-3"])
+_crafted("weights_as_integers", lambda m, t: t.__setitem__(m["model"][_first_weight(m)]["__tensor__"], t[m["model"][_first_weight(m)]["__tensor__"]].to(__import__("torch").int8)), ["field model.", "int8"])
+_crafted("malformed_items", _set_meta("best", {"__items__": [[1, 2, 3]]}), ["damaged checkpoint metadata"])
+
+
+@case
+def ckpt17_checkpoint_is_a_fifo(env: Env) -> Expect:
+    target, still = _occupy(env, "fifo", "best.safetensors")
+    return Expect(["evaluate", "--checkpoint", str(target), "--cache", str(env.cache)], 2, [str(target), "FIFO", "not a checkpoint file"], [env.tmp], still)
+
+
+@case
+def ckpt17_malicious_pickle_as_image_encoder(env: Env) -> Expect:
+    import os
+
+    import torch
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(env.tmp / "pwned"),))
+
+    torch.save({"x": Evil()}, env.tmp / "evil.pth")
+    ds, preset = _good(env)
+
+    def after() -> None:
+        assert not (env.tmp / "pwned").exists()
+
+    return Expect(["extract", "--config", str(preset), "--image-encoder", str(env.tmp / "evil.pth"), "--out", str(env.tmp / "c.h5"), "--quiet"],
+                  2, ["evil.pth", "refused to load", "could run code"], [env.tmp], after)
+
+
+
+# usage errors: exit 2 before anything is created
+def _nothing_created(env: Env, *names: str) -> Callable[[], None]:
+    def after() -> None:
+        made = [n for n in names if (env.tmp / n).exists()]
+        assert not made, f"created before refusing: {made}"
+
+    return after
+
+
+@case
+def usage17_empty_shard(env: Env) -> Expect:
+    ds, preset = _good(env)
+    return Expect(["extract", "--config", str(preset), "--out", str(env.tmp / "c.h5"), "--shard", "", "--quiet"], 2, ["--shard ''"], [env.tmp],
+                  _nothing_created(env, "c.h5", "c.h5.lock"))
+
+
+@case
+def usage17_sweep_negative_seed(env: Env) -> Expect:
+    return Expect(["sweep", "--cache", str(env.cache), "--grid", "fusion=batch", "--seeds", "-1", "--out", str(env.tmp / "sw"), "--quiet"], 2,
+                  ["--seeds '-1'", "seed -1"], [env.tmp], _nothing_created(env, "sw"))
+
+
+@case
+def usage17_sweep_device_this_machine_lacks(env: Env) -> Expect:
+    return Expect(["sweep", "--cache", str(env.cache), "--grid", "fusion=batch", "--seeds", "1", "--devices", "cuda:7", "--out", str(env.tmp / "sw"), "--quiet"], 2,
+                  ["cuda:7"], [env.tmp], _nothing_created(env, "sw"))
 
 
 # ------------------------------------------------------------------------------------ shared fixtures and the runner
@@ -862,3 +1278,4 @@ def test_bad_input_or_fault(name, tiny_cache, tiny_run, tmp_path, monkeypatch, c
     assert not [p for p in opened if "outside" in p], f"read outside the dataset: {opened}"
     if expect.after is not None:
         expect.after()
+

@@ -229,3 +229,26 @@ def test_input_row_under_an_unknown_users_home_is_that_rows_error(tmp_path):
     a, b = read_pairs(f)
     assert a.id == "a" and a.image is None and "cannot be expanded" in a.error
     assert b.error is None and b.image == tmp_path / "b.jpg"
+
+
+
+def test_predict_to_standard_output_and_formula_cells_neutralised(runs, tmp_path, capsys):
+    """predict --out - writes the CSV alone on standard output (the table goes to standard error), and an id a
+    spreadsheet would run as a formula gets a leading quote (OWASP), as in every CSV sppscl writes; control
+    characters of an id reach the console escaped."""
+    import io
+
+    from PIL import Image
+
+    Image.new("RGB", (32, 24), (10, 200, 30)).save(tmp_path / "a.png")
+    ids = ['=HYPERLINK("http://x","y")', "+1+1", "-2", "@SUM(A1)", "plain", "id\x1b[31mred"]
+    rows = [json.dumps({"id": i, "text": f"text {n}", "image": "a.png"}) for n, i in enumerate(ids)]
+    (tmp_path / "in.jsonl").write_text("\n".join(rows) + "\n")
+    capsys.readouterr()
+    assert _cli(runs[2] / "batch" / "best.safetensors", "--input", str(tmp_path / "in.jsonl"), "--out", "-", "--quiet") == 0
+    out, err = capsys.readouterr()
+    got = list(csv.reader(io.StringIO(out)))
+    assert got[0][:2] == ["id", "pred"] and len(got) == len(ids) + 1, out
+    assert [r[0] for r in got[1:]] == ["'" + i if i[0] in "=+-@\t" else i for i in ids]
+    assert "predictions written to standard output" in err
+    assert "\x1b" not in err and "\\x1b[31mred" in err, err

@@ -12,6 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -165,3 +166,101 @@ def test_set_parser_gives_a_valid_config_or_a_config_error(key, value, eq):
     for section in SECTIONS:
         for name, v in dataclasses.asdict(getattr(cfg, section)).items():
             assert not (isinstance(v, float) and not math.isfinite(v)), f"{section}.{name}={v}"
+
+
+# ------------------------------------------------------------------------------------ issue 17: crafted headers
+
+HEADER_SETTINGS = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    derandomize=bool(os.environ.get("CI")),
+)
+CACHE_FIELDS = ("ids", "texts", "labels", "offsets", "image", "tokens", "status")
+
+
+@pytest.fixture(scope="module")
+def tiny_run_for_properties(tiny_cache, tmp_path_factory) -> Path:
+    from sppscl.cli import main
+
+    run = tmp_path_factory.mktemp("proprun") / "run"
+    assert main(["train", "--cache", str(tiny_cache[0]), "--out", str(run), "--set", "epochs=1", "--set", "threads=1", "--quiet"]) == 0
+    return run
+
+
+def _refused_cleanly(argv: list[str], written: Path, capsys) -> None:
+    """The command either works (exit 0) or refuses with exit 2: one error line, no traceback, nothing written."""
+    from sppscl.cli import main
+
+    capsys.readouterr()
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code in (0, 2), (code, err)
+    assert "Traceback" not in out + err and "internal error" not in out + err, err
+    if code == 2:
+        assert len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1, err
+        assert not written.exists(), f"{written} was written by a refused command"
+
+
+arrays = st.one_of(
+    st.lists(st.integers(-(2**40), 2**40), max_size=12).map(lambda v: __import__("numpy").array(v, dtype="int64")),
+    st.lists(st.integers(-128, 127), max_size=12).map(lambda v: __import__("numpy").array(v, dtype="int8")),
+    st.lists(st.floats(allow_nan=True, width=16), max_size=12).map(lambda v: __import__("numpy").array(v, dtype="float16")),
+    st.lists(st.text(max_size=5), max_size=6).map(lambda v: __import__("numpy").array(v, dtype=object)),
+)
+
+
+@pytest.mark.slow
+@HEADER_SETTINGS
+@given(split=st.sampled_from(["train", "dev", "test"]), key=st.sampled_from(CACHE_FIELDS), data=arrays,
+       attr=st.one_of(st.none(), st.tuples(st.sampled_from(["provenance", "schema_version", "complete"]), json_values.map(json.dumps) | st.text(max_size=30))))
+def test_crafted_cache_headers_are_one_line_exit_2(tiny_cache, tiny_run_for_properties, capsys, split, key, data, attr):
+    import h5py
+
+    with tempfile.TemporaryDirectory() as d:
+        bad = Path(d) / "crafted.h5"
+        bad.write_bytes(tiny_cache[0].read_bytes())
+        with h5py.File(bad, "r+") as f:
+            del f[f"splits/{split}/{key}"]
+            if data.dtype == object:
+                f.create_dataset(f"splits/{split}/{key}", data=data, dtype=h5py.string_dtype())
+            else:
+                f.create_dataset(f"splits/{split}/{key}", data=data)
+            if attr is not None:
+                f.attrs[attr[0]] = attr[1]
+        _refused_cleanly(["evaluate", "--checkpoint", str(tiny_run_for_properties), "--cache", str(bad), "--split", split, "--out", str(Path(d) / "res")],
+                         Path(d) / "res", capsys)
+
+
+def _paths(obj, prefix=()):
+    """Every (path of keys) into a JSON object, containers included."""
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _paths(v, (*prefix, i))
+
+
+@pytest.mark.slow
+@HEADER_SETTINGS
+@given(pick=st.integers(0, 10**6), value=json_values | st.just("__delete__"), raw=st.one_of(st.none(), st.text(max_size=40)))
+def test_crafted_checkpoint_headers_are_one_line_exit_2(tiny_cache, tiny_run_for_properties, capsys, pick, value, raw):
+    from conftest import craft_checkpoint
+
+    def change(meta: dict, tensors: dict):
+        if raw is not None and pick % 5 == 0:
+            return raw  # the metadata text itself
+        paths = [p for p in _paths(meta) if p]
+        path = paths[pick % len(paths)]
+        parent = meta
+        for k in path[:-1]:
+            parent = parent[k]
+        if value == "__delete__" and isinstance(parent, dict):
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = value
+        return None
+
+    with tempfile.TemporaryDirectory() as d:
+        bad = craft_checkpoint(tiny_run_for_properties / "best.safetensors", Path(d) / "crafted.safetensors", change)
+        _refused_cleanly(["evaluate", "--checkpoint", str(bad), "--cache", str(tiny_cache[0]), "--out", str(Path(d) / "res")], Path(d) / "res", capsys)

@@ -241,3 +241,103 @@ def test_workers_are_placed_round_robin_and_runs_use_their_device(tiny_cache, tm
     res = sweep(path, cfg, tmp_path / "s", seeds=[0], execution=Execution(devices=("cpu",)), progress=False)
     assert res.rows[0]["status"] == "ok"
     assert json.loads((tmp_path / "s" / "runs" / "base-seed0" / "config.json").read_text())["train"]["device"] == "cpu"
+
+
+# ------------------------------------------------------------------------------------ issue 17: secrets and outages
+
+PASSWORD = "s3cret-pw"
+
+
+@pytest.fixture(scope="module")
+def pg_with_password():
+    """A server that asks for a password; its URL carries none."""
+    sys.path.insert(0, str(REPO))
+    from bench.postgres import PostgresUnavailable, TempPostgres
+
+    pg = TempPostgres(password=PASSWORD)
+    try:
+        pg.start()
+    except PostgresUnavailable as e:
+        pg.stop()
+        pytest.skip(f"PostgreSQL tests skipped: {e}")
+    yield pg
+    pg.stop()
+
+
+@pytest.mark.slow
+def test_password_comes_from_pgpassword_or_pgpass_and_is_never_shown(pg_with_password, preset, tmp_path, monkeypatch, capsys):
+    """libpq reads PGPASSWORD and the password file when the URL has none; a URL's own password is masked."""
+    cache, cfg_file = preset
+    url = pg_with_password.url
+    port = url.rsplit(":", 1)[1].split("/")[0]
+
+    def sweep_with(storage: str) -> tuple[int, str]:
+        capsys.readouterr()
+        code = main(["sweep", "--cache", str(cache), "--config", str(cfg_file), "--grid", "fusion=batch", "--seeds", "1",
+                     "--storage", storage, "--study", "pw", "--out", str(tmp_path / "s"), "--quiet"])
+        out, err = capsys.readouterr()
+        return code, out + err
+
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    monkeypatch.setenv("PGPASSFILE", str(tmp_path / "no-such-file"))
+    code, text = sweep_with(url)
+    assert code == 2 and "cannot open the study storage" in text and "PGPASSWORD" in text and "Traceback" not in text, text
+
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    code, text = sweep_with(url)
+    assert code == 0, text
+
+    monkeypatch.delenv("PGPASSWORD")
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"127.0.0.1:{port}:*:sppscl:{PASSWORD}\n")
+    passfile.chmod(0o600)
+    monkeypatch.setenv("PGPASSFILE", str(passfile))
+    code, text = sweep_with(url)
+    assert code == 0, text
+
+    monkeypatch.setenv("PGPASSFILE", str(tmp_path / "no-such-file"))
+    with_pw = url.replace("sppscl@", f"sppscl:{PASSWORD}@")
+    code, text = sweep_with(with_pw)
+    assert code == 0 and PASSWORD not in text and "sppscl:***@" in text, text
+    code, text = sweep_with(url.replace("sppscl@", "sppscl:wrong-pw@"))
+    assert code == 2 and "wrong-pw" not in text and "sppscl:***@" in text, text
+
+
+@pytest.mark.slow
+def test_lost_database_is_one_line_workers_exit_and_the_rerun_continues(preset, tmp_path):
+    sys.path.insert(0, str(REPO))
+    from bench.postgres import PostgresUnavailable, TempPostgres
+
+    cache, cfg_file = preset
+    pg = TempPostgres()
+    try:
+        pg.start()
+    except PostgresUnavailable as e:
+        pg.stop()
+        pytest.skip(f"PostgreSQL tests skipped: {e}")
+    try:
+        url = pg.url.replace("sppscl@", "sppscl:hidden-pw@")  # trust auth ignores it; it must never be shown
+        shared = ["--storage", url, "--study", "outage", "--heartbeat", "1", "--jobs", "2"]
+        cmd = _sweep_cmd(cache, cfg_file, tmp_path / "m", *shared, grid=SMALL)
+        p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and p.poll() is None:
+            try:
+                if any(t.state == TrialState.COMPLETE for t in optuna.load_study(study_name="outage", storage=pg.url).get_trials()):
+                    break
+            except KeyError:
+                pass
+            time.sleep(0.5)
+        pg.pause()
+        out = p.communicate(timeout=300)[0]
+        assert p.returncode == 1, out
+        assert "Traceback" not in out and "hidden-pw" not in out, out
+        errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and "lost the study database postgresql://sppscl:***@" in errors[0] and "rerun the same command" in errors[0], out
+        pg.resume()
+        again = subprocess.run(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+        assert again.returncode == 0, again.stdout
+        trained = _trained(optuna.load_study(study_name="outage", storage=pg.url))
+        assert set(trained) == SMALL_RUNS and all(len(ts) == 1 for ts in trained.values()), trained
+    finally:
+        pg.stop()

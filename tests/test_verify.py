@@ -61,7 +61,7 @@ def test_check_sample_image(images):
     for key in ("good", "P", "RGBA", "L", "CMYK"):
         assert check_sample_image(images[key]) is None, key
     assert check_sample_image(images["missing"]) == f"missing image: {images['missing']}"
-    assert check_sample_image(images["folder"]).startswith("missing image:")
+    assert check_sample_image(images["folder"]).endswith("is a folder, not an image file; refused, not opened")
     assert check_sample_image(images["truncated"]).startswith(f"undecodable image: {images['truncated']}: OSError")
     assert check_sample_image(images["garbage"]).startswith("undecodable image:")
 

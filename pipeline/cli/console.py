@@ -12,9 +12,10 @@ from pathlib import Path
 
 import typer
 from rich.console import Console, ConsoleDimensions
+from rich.markup import escape
 from rich.table import Table
 
-from ..errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, SppsclError, disk_full, is_disk_full
+from ..errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, SppsclError, disk_full, is_disk_full, printable
 
 # one default for sweep and reproduce: every mean they print is over the same three seeds unless told otherwise
 DEFAULT_SEEDS = "1,2,3"
@@ -162,8 +163,19 @@ def print_metrics(metrics: dict, title: str) -> None:
 INTERRUPTED = "interrupted; what was written is kept: rerun the same command to resume (train: add --resume)"
 
 
+def safe(text: object) -> str:
+    """Text from data for a rich console: markup escaped and control characters shown escaped (errors.printable)."""
+    return escape(printable(str(text)))
+
+
 def error_exit(e: BaseException) -> tuple[int, str]:
-    """(exit code, one-line message) for an error that reached the top of a command."""
+    """(exit code, one-line message) for an error that reached the top of a command; control characters from the
+    data it names are shown escaped, never sent to the terminal."""
+    code, message = _error_exit(e)
+    return code, printable(message)
+
+
+def _error_exit(e: BaseException) -> tuple[int, str]:
     if isinstance(e, SppsclError):
         return e.exit_code, str(e)
     if isinstance(e, (KeyboardInterrupt, typer.Abort)):
@@ -178,6 +190,6 @@ def error_exit(e: BaseException) -> tuple[int, str]:
         return EXIT_FAILED, f"{e}. Check the files the command reads and writes."
     if isinstance(e, MemoryError):
         return EXIT_FAILED, "out of memory. Lower --batch-size, or set SPPSCL_MEMORY_BUDGET to stream caches from disk."
-    return EXIT_FAILED, f"internal error ({type(e).__name__}: {e}). This is a bug: rerun with --debug and report the traceback."
+    return EXIT_FAILED, f"internal error ({type(e).__name__}: {str(e)[:300]}). This is a bug: rerun with --debug and report the traceback."
 
 

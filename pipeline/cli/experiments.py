@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..config import ConfigError
+from ..errors import masked_url
 from ..report import record_command
 from .banner import DRY_RUN_HELP, print_banner
 from .console import DEFAULT_SEEDS, DEVICE_HELP, STORAGE_HELP, WHICH_HELP, console, err_console, split_table, state
@@ -57,6 +58,7 @@ def sweep(
     cfg = train_config(cache, config, set_, None, device, "sweep")  # a bad --set stops here, before the folder is made
     execution = Execution(jobs, parse_devices(devices), runs_per_device, storage, study, heartbeat)
     out = out or (Path("sweeps") / study if study else default_sweep_dir(cache, config, set_, grid, space, random_, sampler))
+    seed_list = parse_seeds(seeds)  # a usage error stops here, before the folder is made
     if not quiet or dry_run:
         from ..stage2.sweeps.spec import grid_configs, parse_grid
 
@@ -65,10 +67,10 @@ def sweep(
         what = f"{n_configs * n_seeds} runs ({n_configs} configuration(s) x {n_seeds} seed(s)) of {cfg.train.epochs} epochs"
         if _banner(cache, config, cfg, out, "sweep", what, dry_run):
             return
-    console.print(f"sweep directory: {out}" + (f" (study {study} in {storage})" if storage else ""))
+    console.print(f"sweep directory: {out}" + (f" (study {study} in {masked_url(storage)})" if storage else ""), markup=False, highlight=False)
     record_command(out, state.argv)
     result = run_sweep(
-        cache, out, grid=grid, space=space, n_random=random_, sampler=sampler, seeds=parse_seeds(seeds), config=cfg, execution=execution,
+        cache, out, grid=grid, space=space, n_random=random_, sampler=sampler, seeds=seed_list, config=cfg, execution=execution,
         progress=not quiet, console=err_console,
     )
     ensembles = result.ensembles
@@ -148,6 +150,7 @@ def reproduce(
     cfg = train_config(cache, config, set_, None, device, "reproduce")
     # another base configuration gets its own directory, so runs of different bases never mix
     out = out or (Path("sweeps") / f"{cache.stem}-paper" if not (config or set_) else default_sweep_dir(cache, "paper", config, set_))
+    seed_list, execution = parse_seeds(seeds), Execution(jobs)  # usage errors stop here, before the folder is made
     if not quiet or dry_run:
         from ..stage2.reproduce import TABLES
 
@@ -159,7 +162,7 @@ def reproduce(
             return
     console.print(f"reproduce directory: {out}")
     record_command(out, state.argv)
-    rep = run_reproduce(table, cache, cfg, out, parse_seeds(seeds), Execution(jobs), progress=not quiet, console=err_console, cv=cv)
+    rep = run_reproduce(table, cache, cfg, out, seed_list, execution, progress=not quiet, console=err_console, cv=cv)
     print_reproduction(rep, console)
     folder_report(out)
     if rep.sweep.failed:
@@ -194,6 +197,7 @@ def cv(
     # seeds are not part of the name: rerunning with more seeds reuses the finished ones
     d = default_sweep_dir(cache, "cv", folds, config, set_)
     out = out or d.with_name(f"{cache.stem}-cv{folds}-{d.name.rsplit('-', 1)[1]}")
+    seed_list, execution = parse_seeds(seeds), Execution(jobs)  # usage errors stop here, before the folder is made
     if not quiet or dry_run:
         n_seeds = len(parse_seeds(seeds))
         what = f"{folds * n_seeds} runs ({folds} folds x {n_seeds} seed(s)) of {cfg.train.epochs} epochs, and the probe on each fold"
@@ -202,7 +206,7 @@ def cv(
     console.print(f"cv directory: {out}")
     record_command(out, state.argv)
     result = run_cv(
-        cache, out, folds=folds, seeds=parse_seeds(seeds), config=cfg, execution=Execution(jobs), progress=not quiet, console=err_console,
+        cache, out, folds=folds, seeds=seed_list, config=cfg, execution=execution, progress=not quiet, console=err_console,
     )
     print_cv(result, console)
     folder_report(out)

@@ -6,12 +6,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from ..config import ConfigError
-from ..errors import check_writable_dir
-from .console import ALLOW_DOWNLOAD_HELP, DEVICE_HELP, WHICH_HELP, console, err_console
+from ..outputs import STDOUT, check_output_file, check_output_folder, check_writable_dir
+from .console import ALLOW_DOWNLOAD_HELP, DEVICE_HELP, WHICH_HELP, console, err_console, safe
 
 checkpoint_app = typer.Typer(no_args_is_help=True, help="Checkpoints: convert the .pt files of older sppscl versions.")
 
@@ -27,7 +26,9 @@ def predict(
     input_: Optional[Path] = typer.Option(
         None, "--input", help="Many pairs: .jsonl or .csv rows with text, image (relative to the file's folder) and optional id."
     ),
-    out: Optional[Path] = typer.Option(None, help="Write one row per input here (.jsonl or .csv) (default: print a table)."),
+    out: Optional[Path] = typer.Option(
+        None, help="Write one row per input here (.jsonl or .csv; - writes CSV to standard output, the table to standard error) (default: print a table)."
+    ),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     on_error: str = typer.Option("stop", help="Bad row: 'stop' (error naming line and id) or 'skip' (reported in the output with its error)."),
     batch_size: Optional[int] = typer.Option(
@@ -48,37 +49,41 @@ def predict(
         raise ConfigError("give either --image and --text (one pair) or --input (a file of pairs)")
     if on_error not in ON_ERROR:
         raise ConfigError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
-    if out is not None and out.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise ConfigError(f"--out {out}: must end in .jsonl or .csv")
-    if out is not None:
-        # before the encoders load and every pair is predicted
+    to_stdout = out is not None and str(out) == STDOUT
+    if out is not None and not to_stdout:
+        if out.suffix.lower() not in OUTPUT_SUFFIXES:
+            raise ConfigError(f"--out {out}: must end in .jsonl or .csv (or - for standard output)")
+        # before the encoders load and every pair is predicted; --out names a file: never a device, FIFO or link
+        check_output_file(out, "the predictions")
         check_writable_dir(out.parent, "the predictions")
+    # with the predictions on standard output, everything else goes to standard error
+    show = err_console if to_stdout else console
     pairs = [Pair(image.name, text, image)] if single else read_pairs(input_)
     with allow_downloads(allow_download):
         predictor = Predictor(checkpoint, device, which)
     note = predictor.fusion_note(single)
     if note:
-        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+        err_console.print(f"[yellow]note:[/] {safe(note)}", highlight=False)
     preds = predictor.predict(pairs, on_error, batch_size, str(input_ or ""), progress=not (quiet or single), console=err_console)
     if out is not None:
         write_output(out, preds, predictor.classes)
     classes = predictor.classes
     if single and preds[0].error is None:
-        console.print(f"pred: [bold]{preds[0].pred}[/]")
-    t = Table(title=f"predictions of {', '.join(map(str, checkpoint))}" + (" (mean class probabilities)" if len(checkpoint) > 1 else ""))
+        show.print(f"pred: [bold]{safe(preds[0].pred)}[/]")
+    t = Table(title=f"predictions of {safe(', '.join(map(str, checkpoint)))}" + (" (mean class probabilities)" if len(checkpoint) > 1 else ""))
     for col in ("id", "pred", *classes, "error"):
-        t.add_column(col, justify="right" if col in classes else "left")
-    if single or out is None:
+        t.add_column(safe(col), justify="right" if col in classes else "left")
+    if single or out is None or to_stdout:
         for p in preds:
             probs = [f"{p.probs[c]:.4f}" for c in classes] if p.error is None else [""] * len(classes)
             error = "" if p.error is None else f"line {p.line}: {p.error}" if p.line else p.error
-            t.add_row(escape(p.id), p.pred or "", *probs, escape(error))
-        console.print(t)
+            t.add_row(safe(p.id), safe(p.pred or ""), *probs, safe(error))
+        show.print(t)
     failed = sum(p.error is not None for p in preds)
     if out is not None:
-        console.print(f"{len(preds) - failed} predictions written to {out}")
+        show.print(f"{len(preds) - failed} predictions written to {'standard output' if to_stdout else safe(out)}")
     if failed:
-        console.print(f"[yellow]{failed} rows not predicted[/] (their errors are in the output)")
+        show.print(f"[yellow]{failed} rows not predicted[/] (their errors are in the output)")
 
 
 def analyze(
@@ -96,10 +101,12 @@ def analyze(
     from ..stage2.analyze import analyze as run_analyze
     from ..stage2.analyze import render_analysis
 
+    if out is not None:
+        check_output_folder(out, "the analysis")
     result = run_analyze(checkpoint, cache, split, out, compare, device, which=which)
     render_analysis(result.report, console)
     for note in result.notes:
-        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+        err_console.print(f"[yellow]note:[/] {safe(note)}", highlight=False)
     for kind, path in result.files.items():
         console.print(f"{kind}: {path}")
 

@@ -15,7 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..errors import atomic_write
+from ..errors import masked_argv
+from ..outputs import atomic_write, check_output_file, check_output_folder
 from .collect import COMMANDS_FILE, ReportError, Section, sections_for, study_section
 
 HERE = Path(__file__).parent
@@ -90,7 +91,10 @@ def record_command(folder: Path, argv: list[str] | None = None) -> None:
 
     argv = sys.argv[1:] if argv is None else argv
     folder = Path(folder)
+    check_output_folder(folder, "the command record")
     folder.mkdir(parents=True, exist_ok=True)
+    check_output_file(folder / COMMANDS_FILE, "the command record", flag="")
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # a --storage URL is recorded with its password masked
     with open(folder / COMMANDS_FILE, "a") as fh:
-        fh.write(f"# {stamp}\nsppscl {shlex.join(argv)}\n")
+        fh.write(f"# {stamp}\nsppscl {shlex.join(masked_argv(argv))}\n")

@@ -325,13 +325,26 @@ def _torchvision_encoder(name: str) -> ImageEncoder:
     return ImageEncoder(name, feature_trunk(model), weights.name, transforms.mean, transforms.std)
 
 
+REFUSED_PICKLE = (
+    "refused to load: the weights file holds more than tensors and numbers (unpickling it could run code), so it was "
+    "not loaded. Use weights saved as a plain state_dict, or safetensors"
+)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
+
+
 def _resnet50_from_file(path: Path) -> ImageEncoder:
     if not path.is_file():
         raise FileNotFoundError(f"image encoder weights file {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
-        raise ValueError(f"{path}: cannot be read as a torch state_dict ({error})") from error
+    except pickle.UnpicklingError as refused:
+        raise EncoderUnavailable(f"{path}: {REFUSED_PICKLE}") from None
+    except (RuntimeError, OSError, EOFError) as error:
+        raise EncoderUnavailable(f"{path}: cannot be read as a torch state_dict ({_first_line(error)})") from None
     if not isinstance(state, Mapping):
         raise ValueError(f"{path}: expected a ResNet-50 state_dict (a dict of tensors), found {type(state).__name__}")
     model = torchvision.models.resnet50()
@@ -598,6 +611,9 @@ def _load_hf(source: str, allow_online: bool) -> tuple[nn.Module, Any]:
         with _hub_offline():
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
             model = AutoModel.from_pretrained(source, local_files_only=True)
+    except pickle.UnpicklingError as refused:
+        # torch's restricted unpickler stopped a weights file that holds more than tensors (code, objects)
+        raise EncoderUnavailable(f"{source}: {REFUSED_PICKLE}") from None
     except OSError as local_error:
         if not allow_online:
             raise _hf_unavailable(source, f"cannot be loaded ({local_error})", hub=False) from local_error

@@ -40,7 +40,8 @@ from ..cache import (
     cache_bytes,
 )
 from ..config import Config, ConfigError
-from ..errors import OutputError, SppsclError, check_writable_dir, disk_full, free_bytes, is_disk_full, output_error
+from ..errors import OutputError, SppsclError, disk_full, free_bytes, is_disk_full
+from ..outputs import check_output_file, check_writable_dir, output_error, what_is_at
 from ..progress import make_progress
 from .adapters import load_samples
 from .batching import deal, fixed_batches
@@ -309,8 +310,11 @@ def extract(
 
     def claim() -> CacheLock:
         # an unusable output location is found before the dataset is read and the encoders are loaded
-        if out.is_dir():
+        if what_is_at(out) == "a folder":
             raise OutputError(f"--out {out} is a folder; give the cache file to write, e.g. {out / (cfg.dataset.name + '.h5')}")
+        check_output_file(out, "the cache")
+        for sibling in (".partial", ".lock"):
+            check_output_file(out.with_name(out.name + sibling), "the cache's working file", flag="")
         check_writable_dir(out.parent, "the cache")
         max_image_pixels()  # a bad SPPSCL_MAX_IMAGE_PIXELS is one error now, not one per image
         return CacheLock.acquire(out)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from ..cache import CacheError
+from ..outputs import check_output_file
 
 
 class CacheLocked(CacheError):
@@ -36,7 +37,9 @@ class CacheLock:
         target.parent.mkdir(parents=True, exist_ok=True)
         path = target.with_name(target.name + ".lock")
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            check_output_file(path, "the cache's lock", flag="")
+            # never through a link planted at the lock's name (truncating its target) nor into a FIFO
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

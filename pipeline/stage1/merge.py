@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 
 from ..cache import SKIPPED, WRITTEN, CacheError, CacheFiller, FeatureShapes, SplitPlan, create_cache, diff_provenance, finalize_cache, read_provenance
+from ..outputs import check_output_file, check_writable_dir, fresh_temp
 from ..progress import make_progress
 from .distributed import Shard
 from .lock import CacheLock
@@ -134,6 +135,9 @@ def merge_shards(paths: list[Path], out: Path, force: bool = False, progress: bo
         raise CacheError("no shard files given: sppscl cache merge SHARD_FILES... --out WHOLE.h5")
     out = Path(out)
     start = time.perf_counter()
+    # before any shard is read, --force included: only a regular file (a damaged cache too) is ever replaced
+    check_output_file(out, "the merged cache")
+    check_writable_dir(out.parent, "the merged cache")
     with CacheLock.acquire(out):
         if out.exists() and not force:
             raise CacheError(f"{out} already exists; refusing to overwrite it. Use another --out, or --force to replace it.")
@@ -166,7 +170,7 @@ def merge_shards(paths: list[Path], out: Path, force: bool = False, progress: bo
 
         plans = [SplitPlan(split, m["ids"], m["texts"], m["labels"], m["n_tokens"]) for split, m in meta.items()]
         # built beside the target and moved into place when complete: a crash leaves no half-merged cache at --out
-        tmp = out.with_name(out.name + ".merging")
+        tmp = fresh_temp(out.with_name(out.name + ".merging"), "the cache being merged")
         create_cache(tmp, plans, shapes, base.provenance, planned, attrs={"extract_batch_size": base.record["batch_size"]})
         filler = CacheFiller(tmp)
         bs = base.record["batch_size"]

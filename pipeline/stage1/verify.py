@@ -23,8 +23,9 @@ from rich.progress import track
 from rich.table import Table
 
 from sppscl.config import ConfigError
+from sppscl.errors import InputError, check_input_file
 from sppscl.stage1.adapters import inside
-from sppscl.stage1.encoders import to_rgb
+from sppscl.stage1.encoders import RESIZE, to_rgb
 from sppscl.stage1.records import LoadReport, Sample
 
 MISSING_IMAGE = "missing image"
@@ -73,12 +74,34 @@ def max_image_pixels() -> int:
     return MAX_IMAGE_PIXELS
 
 
+def not_a_file(path: Path) -> None:
+    """Raise :class:`ImageProblem` unless ``path`` is (a link that leads to) a regular file: a FIFO, a device, a
+    folder or a link loop is named as what it is, and never opened (a FIFO would block the read for ever)."""
+    try:
+        present = check_input_file(path, "an image file")
+    except InputError as e:
+        raise ImageProblem(UNDECODABLE_IMAGE, str(e)) from None
+    if not present:
+        raise ImageProblem(MISSING_IMAGE, str(path))
+
+
+def resized_size(w: int, h: int, short: int = RESIZE) -> tuple[int, int]:
+    """(width, height) after the encoders' resize, which scales the short side to ``short`` (torchvision's rule:
+    the long side is ``int(short * long / short_side)``); a side of 0 stays 0 (the image is refused when decoded)."""
+    if min(w, h) <= 0:
+        return w, h
+    if w <= h:
+        return short, int(short * h / w)
+    return int(short * w / h), short
+
+
 def open_image(image: str | Path | bytes | Image.Image) -> Image.Image:
     """An image decoded and converted to RGB (``to_rgb``), as extraction and prediction use it.
 
     ``image`` is a file path (``str`` or ``Path``), the bytes of an image file, or a PIL image (the Python API
-    takes all of them). Raises :class:`ImageProblem` for a missing file, one PIL cannot decode, and one above the
-    pixel limit (checked from the header, before any pixel is decoded).
+    takes all of them). Raises :class:`ImageProblem` for a missing file (or a FIFO, device or folder in its place,
+    never opened), one PIL cannot decode, and one above the pixel limit, as stored or as resized for the encoders
+    (both checked from the header, before any pixel is decoded).
     """
     limit = max_image_pixels()
 
@@ -90,6 +113,15 @@ def open_image(image: str | Path | bytes | Image.Image) -> Image.Image:
                 f"{what}: {w}x{h} = {w * h / 1e6:.1f} megapixels, above the limit of {limit / 1e6:.1f} "
                 "(refused, not decoded: a possible decompression bomb). Downscale the image, or raise SPPSCL_MAX_IMAGE_PIXELS.",
             )
+        rw, rh = resized_size(w, h)
+        if rw * rh > limit:
+            # a thin strip (1 x 20000: 20 kilopixels stored) grows to gigapixels when its short side is scaled up
+            raise ImageProblem(
+                OVERSIZED_IMAGE,
+                f"{what}: {w}x{h}, whose short side scaled to {RESIZE} (as the encoders need) is {rw}x{rh} = "
+                f"{rw * rh / 1e6:.1f} megapixels, above the limit of {limit / 1e6:.1f} (refused, not decoded: an aspect "
+                "ratio no photo has). Crop the image, or raise SPPSCL_MAX_IMAGE_PIXELS.",
+            )
 
     if isinstance(image, Image.Image):
         check_size(image.size, "the PIL image")
@@ -98,8 +130,7 @@ def open_image(image: str | Path | bytes | Image.Image) -> Image.Image:
         what, source = f"image bytes ({len(image)} bytes)", io.BytesIO(bytes(image))
     else:
         path = Path(image)
-        if not path.is_file():
-            raise ImageProblem(MISSING_IMAGE, str(path))
+        not_a_file(path)
         what, source = str(path), path
     try:
         with Image.open(source) as im:
@@ -114,9 +145,10 @@ def open_image(image: str | Path | bytes | Image.Image) -> Image.Image:
 
 def _image_problem(path: Path, decode: bool = True) -> tuple[str, str] | None:
     """(problem kind, detail) for an image extraction could not use, else ``None``."""
-    if not decode:
-        return None if Path(path).is_file() else (MISSING_IMAGE, str(path))
     try:
+        if not decode:
+            not_a_file(Path(path))
+            return None
         open_image(path)
     except ImageProblem as e:
         return e.kind, e.detail
@@ -189,7 +221,10 @@ class VerifyReport:
         console.print(splits)
 
         outside = {f: n for f, (n, ok) in self.image_folders.items() if not ok}
-        console.print(f"images are read from {len(self.image_folders)} folder(s)" + (f", {len(outside)} outside the dataset folder:" if outside else ""))
+        console.print(
+            f"images are read from {len(self.image_folders)} folder(s)"
+            + (f"; {sum(outside.values())} images resolve (through symbolic links) to {len(outside)} folder(s) outside the dataset folder:" if outside else "")
+        )
         for folder, n in list(outside.items())[:SHOW_IDS]:
             console.print(f"  {folder} ({n} images)", markup=False, highlight=False, soft_wrap=True)
 
@@ -260,6 +295,9 @@ def verify_samples(
             report.problems[DUPLICATE_ID].append((sid, f"{len(splits)} rows, in {', '.join(splits)}"))
     if load_report is not None:
         report.problems[EMPTY_SPLIT] = empty_splits(load_report, samples)
-    folders = Counter(str(Path(s.image).parent) for s in samples)
-    report.image_folders = {f: (n, data_dir is None or inside(Path(f), data_dir)) for f, n in folders.items()}
+    # where each image really is: dataset folders are often farms of symbolic links, which are followed, so an image
+    # counts as outside when the file its links lead to is outside (the dataset folder's own links resolved too)
+    real_root = os.path.realpath(data_dir) if data_dir is not None else None
+    folders = Counter(os.path.dirname(os.path.realpath(s.image)) for s in samples if s.image not in unsafe)
+    report.image_folders = {f: (n, real_root is None or inside(Path(f), Path(real_root))) for f, n in folders.items()}
     return report

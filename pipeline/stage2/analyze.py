@@ -22,6 +22,7 @@ import torch
 from ..cache import FeatureCache, SplitData
 from ..config import Config
 from ..devices import resolve_device
+from ..outputs import atomic_write, save_figure
 from .data import SplitBatches
 from .runs import RunError, build_model, resolve_checkpoint, compatible, load_checkpoint, model_from_checkpoint
 
@@ -184,7 +185,7 @@ def plot_tsne(panels: list[tuple[str, np.ndarray, np.ndarray]], classes: list[st
     axes[0][0].legend(loc="best", fontsize=8, markerscale=2)
     fig.suptitle("t-SNE of the fused features M_p (classifier input)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -208,7 +209,7 @@ def plot_distance_histograms(runs: list[tuple[str, dict]], classes: list[str], p
     axes[0][0].set_ylabel("share of pairs")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -237,7 +238,7 @@ def plot_step2_fired(series: list[tuple[str, list[tuple[int, float]]]], path: Pa
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     drawn = [[int(x) for x in line.get_xdata()] for line in ax.get_lines()]
     plt.close(fig)
     return drawn
@@ -364,7 +365,7 @@ def analyze(
     result.report["notes"] = result.notes
     result.report["files"] = {k: str(v) for k, v in result.files.items()}
     result.files["json"] = out_dir / "analysis.json"
-    result.files["json"].write_text(json.dumps(result.report, indent=2))
+    atomic_write(result.files["json"], json.dumps(result.report, indent=2), "the analysis")
     return result
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from ..cache import FeatureCache
-from ..errors import SppsclError, atomic_write
+from ..errors import SppsclError
+from ..outputs import atomic_write
 from .folds import FoldView
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import atomic_write
+from ..outputs import atomic_write
 from .baselines import baseline_lines
 
 CITATION = """@inproceedings{wu2026sppscl,

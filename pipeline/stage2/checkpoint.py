@@ -27,7 +27,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from ..errors import SppsclError, atomic_write
+from ..cache import parse_header
+from ..errors import SppsclError, check_input_file, shown
+from ..outputs import atomic_write, check_output_file
 
 FORMAT = "sppscl-checkpoint"
 # 1: a torch pickle (best.pt), 0-based epochs; 2: safetensors + JSON, 1-based epochs
@@ -92,6 +94,9 @@ def checkpoint_files(path: str | Path) -> tuple[Path, Path]:
 def save_checkpoint(state: dict, path: str | Path) -> Path:
     """Write ``state`` (nested dicts/lists/tuples of tensors and JSON values) as NAME.safetensors + NAME.json."""
     weights, meta_path = checkpoint_files(path)
+    # both names first: a refused JSON name must not leave new weights beside old metadata
+    for p in (weights, meta_path):
+        check_output_file(p, "the checkpoint", flag="")
     tensors: dict[str, torch.Tensor] = {}
     meta = {k: _encode(v, k, tensors) for k, v in state.items()}
     text = json.dumps(meta, indent=1)
@@ -110,7 +115,7 @@ def load_checkpoint_file(path: str | Path) -> dict:
     if p.suffix == ".pt":
         return _load_legacy(p)
     weights, meta_path = checkpoint_files(p)
-    if not weights.exists():
+    if not _present(weights):
         legacy = weights.with_suffix(".pt")
         hint = f" (an older checkpoint {legacy} is there: pass it instead)" if legacy.exists() else ""
         raise CheckpointError(f"{weights}: no such checkpoint{hint}")
@@ -122,10 +127,11 @@ def load_checkpoint_file(path: str | Path) -> dict:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
     if text is None:
         raise CheckpointError(f"{weights}: a safetensors file without sppscl metadata, not an sppscl checkpoint")
+    meta = parse_header(text, weights, "metadata", CheckpointError)
     try:
-        ckpt = _decode(json.loads(text), tensors)
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{weights}: damaged checkpoint metadata ({type(e).__name__}: {e})") from None
+        ckpt = _decode(meta, tensors)
+    except (KeyError, TypeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{weights}: damaged checkpoint metadata ({type(e).__name__}: {shown(str(e))})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{weights}: not an sppscl checkpoint")
     if ckpt.get("version") != VERSION:
@@ -133,9 +139,17 @@ def load_checkpoint_file(path: str | Path) -> dict:
     return ckpt
 
 
+def _present(path: Path) -> bool:
+    """Whether a checkpoint file is there; a FIFO, device or folder in its place is refused before any open."""
+    try:
+        return check_input_file(path, "a checkpoint file")
+    except SppsclError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def _load_legacy(path: Path) -> dict:
     """A version-1 ``.pt`` checkpoint, unpickled only by torch's allow-list; epochs renumbered 1-based."""
-    if not path.exists():
+    if not _present(path):
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -149,8 +163,11 @@ def _load_legacy(path: Path) -> dict:
         raise CheckpointError(f"{path}: not an sppscl checkpoint")
     ckpt = dict(ckpt)
     # version 1 counted epochs from 0
-    ckpt["epoch"] = int(ckpt["epoch"]) + 1
-    ckpt["best"] = {**ckpt["best"], "epoch": int(ckpt["best"]["epoch"]) + 1}
+    try:
+        ckpt["epoch"] = int(ckpt["epoch"]) + 1
+        ckpt["best"] = {**ckpt["best"], "epoch": int(ckpt["best"]["epoch"]) + 1}
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: field epoch or best.epoch missing or not a number ({type(e).__name__}: {shown(str(e))})") from None
     ckpt["version"] = VERSION
     ckpt["converted_from"] = str(path)
     return ckpt

@@ -27,7 +27,7 @@ from rich.table import Table
 
 from ..cache import FeatureCache
 from ..config import Config, ConfigError
-from ..errors import atomic_write
+from ..outputs import atomic_write, check_output_folder, csv_text
 from .ensemble import cached_ensemble
 from .folds import FoldView
 from .metrics import classification_report
@@ -123,6 +123,7 @@ def cross_validate(
 ) -> CVResult:
     """Train every variant (label, overrides) on every fold for every seed (resumably), then the seed ensembles of each
     fold and the probe on the same folds; write ``<out>/cv.md``, ``cv.csv`` and ``cv.json``."""
+    check_output_folder(Path(out), "the cross-validation")
     if folds < 2:
         raise ConfigError(f"--folds must be at least 2, got {folds}")
     out = Path(out)
@@ -171,8 +172,8 @@ def cross_validate(
     cv = CVResult(out, folds, seeds, classes, primary, rows, result, "")
     cv.markdown = render_markdown(cv)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cv.md").write_text(cv.markdown)
-    (out / "cv.json").write_text(json.dumps([{**r.__dict__, "stats": {k: _estimate_dict(v) for k, v in r.stats.items()}} for r in rows], indent=2))
+    atomic_write(out / "cv.md", cv.markdown, "the CV table")
+    atomic_write(out / "cv.json", json.dumps([{**r.__dict__, "stats": {k: _estimate_dict(v) for k, v in r.stats.items()}} for r in rows], indent=2), "the CV results")
     _write_csv(out / "cv.csv", rows, classes)
     return cv
 
@@ -252,18 +253,16 @@ CSV_STATS = ("mean", "std", "ci95_low", "ci95_high", "seed_sd")
 def _write_csv(path: Path, rows: list[CVRow], classes: list[str]) -> None:
     """One row per model: ``<metric>_{mean,std,ci95_low,ci95_high,seed_sd}`` for every held-out metric, then the
     validation accuracy (no interval); empty cells where a value does not exist (one seed: no seed_sd)."""
-    import csv
-
     keys = [k for k, _ in _columns(classes)] + ["val_accuracy"]
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["model", "kind", "folds", "seeds_per_fold", *[f"{k}_{s}" for k in keys for s in CSV_STATS]])
-        for r in rows:
-            cells = []
-            for k in keys:
-                d = _estimate_dict(r.stats.get(k)) or {}
-                cells += ["" if d.get(s) is None else d[s] for s in CSV_STATS]
-            w.writerow([r.label, r.kind, r.n, _seeds(r), *cells])
+    body = []
+    for r in rows:
+        cells = []
+        for k in keys:
+            d = _estimate_dict(r.stats.get(k)) or {}
+            cells += ["" if d.get(s) is None else d[s] for s in CSV_STATS]
+        body.append([r.label, r.kind, r.n, _seeds(r), *cells])
+    head = ["model", "kind", "folds", "seeds_per_fold", *[f"{k}_{s}" for k in keys for s in CSV_STATS]]
+    atomic_write(path, csv_text(head, body), "the CV table")
 
 
 def print_cv(cv: CVResult, console: Console, title: str | None = None) -> None:

@@ -19,7 +19,7 @@ import torch
 from ..cache import FeatureCache, SplitData, diff_provenance
 from ..config import Config
 from ..devices import resolve_device
-from ..errors import atomic_write, check_writable_dir
+from ..outputs import atomic_write, check_output_folder, check_writable_dir
 from .card import write_ensemble_card
 from .folds import FoldView, fold_view
 from .intervals import report_interval
@@ -94,6 +94,7 @@ def ensemble(runs: list[Path], cache: Path | FeatureCache, out: Path | None = No
     members' CV fold of it); with ``out``, write ``results.json``, ``predictions-<split>.csv`` (the columns of a single
     run's) and the model card there."""
     if out is not None:
+        check_output_folder(Path(out), "the ensemble")
         check_writable_dir(Path(out), "the ensemble's results")
     dev = resolve_device(device)
     members = load_members(runs, dev, which=which)
@@ -221,4 +222,4 @@ def write_ensemble_summary(out: Path, result, ensembles: dict[str, dict]) -> Non
         "|" + "|".join("---" for _ in head) + "|",
         *["| " + " | ".join(b) + " |" for b in body],
     ]
-    (Path(out) / "ensembles.md").write_text("\n".join(lines) + "\n")
+    atomic_write(Path(out) / "ensembles.md", "\n".join(lines) + "\n", "the ensembles table")

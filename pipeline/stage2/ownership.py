@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import SppsclError
+from ..outputs import check_output_file
 
 LOCK_SUFFIX = ".owner"
 
@@ -73,6 +74,7 @@ def own_run(run_dir: Path, wait: bool = False, what: str = "") -> Iterator[None]
             with _guard:
                 _held[key] -= 1
         return
+    check_output_file(lock, "the run folder's owner lock", flag="")
     fh = open(lock, "a+")
     try:
         try:

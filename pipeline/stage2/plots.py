@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..outputs import save_figure
+
 LOSS_TERMS = {
     "loss_total": "total",
     "loss_lambda_ce": "λ·CE",
@@ -44,7 +46,7 @@ def plot_curves(metrics_path: Path, out: Path) -> Path:
     plt = _pyplot()
     fig = plt.figure(figsize=(18, 4.2), layout="constrained")
     draw_curves(fig, read_metrics(metrics_path))
-    fig.savefig(out, dpi=90)
+    save_figure(fig, out, dpi=90)
     plt.close(fig)
     return out
 
@@ -112,7 +114,7 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], title: str, out:
     # drawn directly: sklearn's ConfusionMatrixDisplay costs ~1 s a figure, paid by every run of a sweep
     fig, ax = plt.subplots(figsize=(1.1 * len(classes) + 3.2, 1.0 * len(classes) + 2.2), layout="constrained")
     confusion_axes(fig, ax, np.asarray(matrix), classes, title)
-    fig.savefig(out, dpi=90)
+    save_figure(fig, out, dpi=90)
     plt.close(fig)
     return out
 

@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from ..cache import SplitData, diff_provenance
 from ..progress import make_progress
 from ..stage1.encoders import load_image_encoder, load_text_encoder
 from ..devices import resolve_device
-from ..errors import SppsclError, atomic_write
+from ..errors import SppsclError
+from ..outputs import STDOUT, atomic_write, csv_text
 from ..stage1.batching import fixed_batches
 from ..stage1.extract import encode_batch, prepare_encoders
 from ..stage1.verify import ImageProblem, open_image, unencodable_at
@@ -359,10 +361,12 @@ def in_memory_split(pairs: list[Pair], image: np.ndarray, tokens: list[np.ndarra
 
 
 def write_output(path: Path, preds: list[Prediction], classes: list[str]) -> None:
-    """JSONL (``id, pred, probabilities`` or ``id, line, error``) or CSV, chosen by the extension. ``pred`` is the
+    """JSONL (``id, pred, probabilities`` or ``id, line, error``) or CSV, chosen by the extension (``-``: CSV on
+    standard output). ``pred`` is the
     predicted class name, as in evaluate's and train's predictions CSV (where ``label`` is the true class)."""
     path = Path(path)
-    suffix = path.suffix.lower()
+    # standard output (``--out -``) gets CSV, for pipelines
+    suffix = ".csv" if str(path) == STDOUT else path.suffix.lower()
     if suffix not in OUTPUT_SUFFIXES:
         raise PredictError(f"--out {path}: must end in .jsonl or .csv")
     # built in memory and written all or nothing: an unwritable or full location leaves no half file
@@ -375,11 +379,15 @@ def write_output(path: Path, preds: list[Prediction], classes: list[str]) -> Non
                 row = {"id": p.id, "pred": p.pred, "probabilities": {c: p.probs[c] for c in classes}}
             buf.write(json.dumps(row) + "\n")
     else:
-        w = csv.writer(buf)
-        w.writerow(["id", "pred", *[f"p_{c}" for c in classes], "error"])
-        for p in preds:
-            if p.error is not None:
-                w.writerow([p.id, "", *[""] * len(classes), f"line {p.line}: {p.error}" if p.line else p.error])
-            else:
-                w.writerow([p.id, p.pred, *[f"{p.probs[c]:.6f}" for c in classes], ""])
+        body = [
+            [p.id, "", *[""] * len(classes), f"line {p.line}: {p.error}" if p.line else p.error]
+            if p.error is not None
+            else [p.id, p.pred, *[f"{p.probs[c]:.6f}" for c in classes], ""]
+            for p in preds
+        ]
+        buf.write(csv_text(["id", "pred", *[f"p_{c}" for c in classes], "error"], body))
+    if str(path) == STDOUT:
+        sys.stdout.write(buf.getvalue())
+        sys.stdout.flush()
+        return
     atomic_write(path, buf.getvalue(), "the predictions")

@@ -25,6 +25,7 @@ from rich.table import Table
 
 from ..cache import FeatureCache
 from ..config import Config, ConfigError
+from ..outputs import atomic_write, check_output_folder, save_figure
 from .cv import CVResult, cross_validate
 from .cv import table_cells as cv_cells
 from .ensemble import ensemble_cell, seed_ensembles
@@ -169,6 +170,7 @@ def reproduce(
 ) -> Reproduction:
     """Train every variant of ``table`` for every seed (resumably), write ``<out>/<table>/table.md`` (and fig5.png).
     With ``cv=K``: every variant on K folds of the labelled train+dev rows instead (``<out>/<table>-cv<K>/``)."""
+    check_output_folder(Path(out), "the reproduction")
     if table not in TABLES:
         raise ConfigError(f"unknown table {table!r} (tables: {', '.join(TABLES)})")
     spec = TABLES[table]
@@ -184,7 +186,7 @@ def reproduce(
             cache_path, base_cfg, report, cv, seeds, [(v.label, c) for v, c in zip(spec.variants, configs)], execution, out / "runs", True, progress, console
         )
         markdown = render_cv_markdown(spec, res, dataset, column, warning)
-        (report / "table.md").write_text(markdown)
+        atomic_write(report / "table.md", markdown, "the table")
         return Reproduction(table, spec, dataset, column, [], res.sweep, markdown, [report / "table.md"], {}, warning, res)
     keys = list(dict.fromkeys(k for v in spec.variants for k in v.overrides))
     report = out / table
@@ -193,7 +195,7 @@ def reproduce(
     rows = [(v, by_slug[config_slug(c)]) for v, c in zip(spec.variants, configs)]
     ensembles = seed_ensembles(result, cache_path, out / "ensembles")
     markdown = render_markdown(table, spec, rows, dataset, column, result, ensembles, warning)
-    (report / "table.md").write_text(markdown)
+    atomic_write(report / "table.md", markdown, "the table")
     files = [report / "table.md"]
     if table == "fig5":
         files.append(plot_alpha(rows, report / "fig5.png", dataset, result.primary_f1))
@@ -369,5 +371,5 @@ def plot_alpha(rows: list[tuple[Variant, dict]], path: Path, dataset: str, prima
     axes[0].set_ylabel("score (0-1), mean ± std over seeds")
     fig.suptitle(f"Sensitivity to α ({dataset})")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)
     return path

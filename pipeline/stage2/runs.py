@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from ..cache import FeatureCache, SplitData, diff_provenance
-from ..config import Config
-from ..errors import SppsclError, atomic_write
+from ..config import Config, ConfigError
+from ..errors import SppsclError, shown
+from ..outputs import atomic_write, csv_text
 from .checkpoint import WEIGHTS_SUFFIX, CheckpointError, load_checkpoint_file
 from .data import SplitBatches
 from .heads import SPPSCLModel
@@ -191,22 +192,86 @@ def write_predictions(path: Path, split: SplitData, pred: dict, classes: list[st
     """One row per usable sample: id, true label (empty when the split has none), predicted label, probabilities.
 
     Written all or nothing; an unwritable path is one error naming it."""
-    buf = io.StringIO(newline="")
-    w = csv.writer(buf)
-    w.writerow(["id", "label", "pred", *[f"p_{c}" for c in classes]])
+    body = []
     for j, r in enumerate(pred["rows"]):
         lab = int(split.labels[r])
-        w.writerow([split.ids[r], "" if lab < 0 else classes[lab], classes[int(pred["pred"][j])], *[f"{x:.6f}" for x in pred["probs"][j]]])
-    atomic_write(path, buf.getvalue(), "the predictions file")
+        body.append([split.ids[r], "" if lab < 0 else classes[lab], classes[int(pred["pred"][j])], *[f"{x:.6f}" for x in pred["probs"][j]]])
+    atomic_write(path, csv_text(["id", "label", "pred", *[f"p_{c}" for c in classes]], body), "the predictions file")
 
 
 def load_checkpoint(path: str | Path, which: str = "best") -> dict:
     """A checkpoint as a dict: a run folder's ``which`` checkpoint, RUN/best.safetensors (or RUN/best.json), or a
     legacy RUN/best.pt."""
     try:
-        return load_checkpoint_file(resolve_checkpoint(path, which))
+        file = resolve_checkpoint(path, which)
+        ckpt = load_checkpoint_file(file)
+        check_checkpoint(ckpt, file)
+        return ckpt
     except CheckpointError as e:
         raise RunError(str(e)) from None
+
+
+DIM_KEYS = ("image_channels", "text_hidden", "cached_layers", "num_classes")
+
+
+def check_checkpoint(ckpt: dict, path: Path) -> None:
+    """A checkpoint checked once, on open, against its own header: the keys every command reads are there with their
+    types; the stored config is valid; ``classes`` are distinct names, as many as ``dims.num_classes`` and the same as
+    its cache's; every weight the heads have is there with the shape ``dims`` and the config give it. The first
+    violation is one CheckpointError naming the file and the field (exit 2)."""
+
+    def bad(field: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: field {field}: {what}; the checkpoint was altered or damaged, or not written by sppscl")
+
+    def need(field: str, value, kind: type | tuple, what: str):
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise bad(field, f"{shown(value)}, expected {what}")
+        return value
+
+    for key, kind, what in (("config", dict, "an object"), ("dims", dict, "an object"), ("classes", list, "a list of class names"),
+                            ("cache_provenance", dict, "an object"), ("model", dict, "the heads' tensors"), ("best", dict, "an object")):
+        if key not in ckpt:
+            raise bad(key, "missing")
+        need(key, ckpt[key], kind, what)
+    need("epoch", ckpt.get("epoch"), int, "an epoch number")
+    dims = ckpt["dims"]
+    for key in DIM_KEYS:
+        value = need(f"dims.{key}", dims.get(key), int, "a positive integer")
+        if value < 1:
+            raise bad(f"dims.{key}", f"{value}, expected a positive integer")
+    classes = ckpt["classes"]
+    if not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
+        raise bad("classes", f"{shown(classes)}, expected distinct class names")
+    if len(classes) != dims["num_classes"]:
+        raise bad("classes", f"{len(classes)} names, but dims.num_classes is {dims['num_classes']}")
+    prov = ckpt["cache_provenance"]
+    for key, kind in (("encoders", dict), ("dtype", str), ("dataset", dict)):
+        need(f"cache_provenance.{key}", prov.get(key), kind, f"a {kind.__name__}")
+    if prov["dataset"].get("classes") != classes:
+        raise bad("cache_provenance.dataset.classes", f"{shown(prov['dataset'].get('classes'))}, but the checkpoint's classes are {shown(classes)}")
+    try:
+        cfg = Config.from_dict(ckpt["config"])
+        cfg.validate()
+    except ConfigError as e:
+        raise bad("config", str(e).replace("stored config: ", "")) from None
+    for key, value in ckpt["model"].items():
+        if not isinstance(value, torch.Tensor):
+            raise bad(f"model.{key}", f"{shown(value)}, expected a tensor")
+    try:
+        with torch.device("meta"):
+            expected = build_model(dims, cfg).state_dict()
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise bad("dims", f"the heads cannot be built from them ({shown(str(e), 200)})") from None
+    got = ckpt["model"]
+    for key in sorted(set(expected) | set(got)):
+        if key not in got:
+            raise bad(f"model.{key}", "missing")
+        if key not in expected:
+            raise bad(f"model.{key}", "not a weight of the heads this config and dims build")
+        if tuple(got[key].shape) != tuple(expected[key].shape):
+            raise bad(f"model.{key}", f"shape {tuple(got[key].shape)}, but dims and config give {tuple(expected[key].shape)}")
+        if got[key].is_floating_point() != expected[key].is_floating_point():
+            raise bad(f"model.{key}", f"dtype {got[key].dtype}, expected {expected[key].dtype}")
 
 
 def model_from_checkpoint(ckpt: dict, device: torch.device) -> tuple[SPPSCLModel, Config]:

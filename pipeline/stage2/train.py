@@ -22,7 +22,8 @@ import torch
 from ..cache import FeatureCache, diff_provenance
 from ..config import STAGE_SECTIONS, Config, ConfigError, apply_overrides, resolve_key
 from ..devices import resolve_device
-from ..errors import atomic_write, check_writable_dir
+from ..errors import shown
+from ..outputs import atomic_write, check_output_folder, check_writable_dir
 from ..progress import make_progress
 from .checkpoint import FORMAT, VERSION, checkpoint_files, save_checkpoint
 from .data import Batch, SplitBatches
@@ -138,8 +139,8 @@ def train(
     """
     cfg.validate()
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RunError(f"--out {out_dir} is a file; give a folder for the run")
+    # before the folder's owner lock is taken beside it: a FIFO, link or folder of other files is never written into
+    check_output_folder(out_dir, "a run", markers=RUN_MARKERS)
     check_writable_dir(out_dir, "the run")
     with own_run(out_dir, what="sppscl train"):
         return _train(cache_path, cfg, out_dir, resume, progress, console, in_memory, resume_overrides, resume_preset)
@@ -158,9 +159,6 @@ def _train(cache_path, cfg: Config, out_dir: Path, resume, progress, console, in
 
     last_path, best_path = out_dir / "last", out_dir / "best"
     metrics_path = out_dir / "metrics.jsonl"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RunError(f"--out {out_dir} is a file; give a folder for the run")
-    check_writable_dir(out_dir, "the run")
     has_last = checkpoint_files(last_path)[0].exists()
     if resume and not has_last and not _started(out_dir):
         if (out_dir / "last.pt").exists():
@@ -224,14 +222,20 @@ def _train(cache_path, cfg: Config, out_dir: Path, resume, progress, console, in
     done, best = 0, {"epoch": 0, "key": (-1.0, -1.0), "dev": None}
 
     if resume:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        rng.bit_generator.state = ckpt["rng"]["numpy"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        random.setstate(ckpt["rng"]["python"])
-        done = ckpt["epoch"]
-        best = {**ckpt["best"], "key": tuple(ckpt["best"]["key"])}
+        try:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            rng.bit_generator.state = ckpt["rng"]["numpy"]
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            random.setstate(ckpt["rng"]["python"])
+            done = ckpt["epoch"]
+            best = {**ckpt["best"], "key": tuple(ckpt["best"]["key"])}
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise RunError(
+                f"{checkpoint_files(last_path)[0]}: its optimizer, scheduler, RNG or best-epoch state cannot be restored "
+                f"({type(e).__name__}: {shown(str(e))}); the checkpoint was altered or damaged: start a new run"
+            ) from None
         _truncate_metrics(metrics_path, done, ckpt.get("record"))
     else:
         atomic_write(out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2), "the run's configuration", RESUME)
@@ -374,6 +378,10 @@ def _truncate_metrics(path: Path, done: int, last: dict | None = None) -> None:
     if last is not None and last.get("epoch") == done and done not in epochs:
         keep.append(json.dumps(last))
     atomic_write(path, "".join(ln + "\n" for ln in keep), "the metrics log", RESUME)
+
+
+# the files only a run folder holds: a folder with other files in it is never written into
+RUN_MARKERS = ("config.json", "metrics.jsonl", "last.safetensors", "best.safetensors", "last.pt", "best.pt", "results.json")
 
 
 def _started(out_dir: Path) -> bool:

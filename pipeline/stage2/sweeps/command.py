@@ -11,7 +11,7 @@ from ...config import Config, ConfigError
 from .engine import Execution, run_configs
 from .plans import ListPlan, SearchPlan
 from .spec import SweepError, grid_configs, parse_grid, parse_space
-from .study import DEFAULT_HEARTBEAT, LOCAL_STUDY_FILE, all_trials, load_meta, open_storage
+from .study import DEFAULT_HEARTBEAT, LOCAL_STUDY_FILE, all_trials, load_meta, masked, open_storage
 from .tables import SweepResult, aggregate, study_rows, write_csv, write_summary
 
 def sweep(
@@ -60,7 +60,7 @@ def summary(out: Path, storage: str | None = None, study: str | None = None) -> 
     if local and not (out / LOCAL_STUDY_FILE).exists():
         raise SweepError(f"{out} holds no sweep study ({LOCAL_STUDY_FILE}); give the sweep folder with --out, or --storage and --study")
     store = open_storage(storage, out, DEFAULT_HEARTBEAT)
-    where = str(out / LOCAL_STUDY_FILE) if local else storage
+    where = str(out / LOCAL_STUDY_FILE) if local else masked(storage)
     if study is None:
         import optuna
 

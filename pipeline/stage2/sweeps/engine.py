@@ -26,13 +26,17 @@ from rich.markup import escape
 
 from ...cache import FeatureCache, default_memory_budget, diff_provenance
 from ...config import Config, ConfigError
-from ...errors import atomic_write
+from ...devices import resolve_device
+from ...outputs import atomic_write, check_output_file, check_output_folder
 from ...progress import make_progress
 from .plans import ListPlan, SearchPlan, run_name
 from .spec import SweepError, run_config
-from .study import DEFAULT_HEARTBEAT, LOCAL_STUDY_FILE, all_trials, by_run, fail_running, open_storage, open_study, outcome, requeue
+from .study import (
+    DEFAULT_HEARTBEAT, LOCAL_STUDY_FILE, all_trials, by_run, database_error, fail_running, masked, open_storage, open_study, outcome,
+    requeue, storage_lost,
+)
 from .tables import SweepResult, aggregate, first_line, study_rows, write_csv, write_summary
-from .worker import PLACEMENT_KEYS, SharedCache, WorkerSpec, check_finished_run, cpu_count, work, worker_main
+from .worker import EXIT_STORAGE_LOST, PLACEMENT_KEYS, SharedCache, WorkerSpec, check_finished_run, cpu_count, work, worker_main
 
 
 def parse_devices(text: str | None) -> tuple[str, ...]:
@@ -50,6 +54,9 @@ def parse_devices(text: str | None) -> tuple[str, ...]:
     bad = [d for d in devices if not (d == "cpu" or d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit()))]
     if bad or not devices:
         raise ConfigError(f"--devices {text!r}: expected all, or a list like cuda:0,cuda:1 (or cpu)")
+    for d in devices:
+        # a device this machine lacks is a usage error now, not a failure of every run later
+        resolve_device(d)
     return tuple(dict.fromkeys(devices))
 
 
@@ -85,6 +92,7 @@ class Execution:
 def folder_lock(out: Path):
     """One local sweep per folder at a time; the lock goes with its process, so a killed sweep never blocks a rerun."""
     out.mkdir(parents=True, exist_ok=True)
+    check_output_file(out / "sweep.lock", "the sweep's lock", flag="")
     fh = open(out / "sweep.lock", "a+")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -137,6 +145,7 @@ def run_configs(
 
     ``keys`` are the table's configuration columns (a configuration's value, or the base's when it does not set the key).
     Returns every run's row (finished before or now) and the summary over seeds, also written to ``out``."""
+    check_output_folder(Path(out), "the sweep")
     out = Path(out)
     runs_dir = Path(runs_dir) if runs_dir is not None else out / "runs"
     plan = ListPlan(plan, seeds) if isinstance(plan, list) else plan
@@ -144,7 +153,7 @@ def run_configs(
     check_cache(runs_dir, cache)
     primary = cache.provenance["dataset"].get("primary_f1", base_cfg.dataset.primary_f1)
     local = execution.storage is None
-    where = str(out / LOCAL_STUDY_FILE) if local else f"{execution.storage} (study {execution.study})"
+    where = str(out / LOCAL_STUDY_FILE) if local else f"{masked(execution.storage)} (study {execution.study})"
     base_dict = base_cfg.to_dict()
     if isinstance(plan, ListPlan):
         for overrides, seed in plan.runs:  # refuse before anything trains, as the worker would for each run
@@ -152,17 +161,23 @@ def run_configs(
             if (run_dir / "results.json").exists():
                 check_finished_run(run_dir, run_config(base_dict, overrides, seed))
 
-    with folder_lock(out) if local else nullcontext():
-        storage = open_storage(execution.storage, out, execution.heartbeat)
-        name = execution.study or plan.local_study_name()
-        study = open_study(storage, name, study_meta(plan, base_cfg, cache, keys, primary), where)
-        if local:
-            # this folder's lock is ours: whatever its study says is running was left by a sweep that died
-            fail_running(study, "the sweep running this run was interrupted (killed or crashed) before it finished")
-        # what a rerun does: every run not finished and not held by a live trial is queued again, each as one trial
-        requeue(study, plan, local, include_failed=True)
-        invocation = uuid.uuid4().hex
-        trials = all_trials(study)
+    try:
+        with folder_lock(out) if local else nullcontext():
+            storage = open_storage(execution.storage, out, execution.heartbeat)
+            name = execution.study or plan.local_study_name()
+            study = open_study(storage, name, study_meta(plan, base_cfg, cache, keys, primary), where)
+            if local:
+                # this folder's lock is ours: whatever its study says is running was left by a sweep that died
+                fail_running(study, "the sweep running this run was interrupted (killed or crashed) before it finished")
+            # what a rerun does: every run not finished and not held by a live trial is queued again, each as one trial
+            requeue(study, plan, local, include_failed=True)
+            invocation = uuid.uuid4().hex
+            trials = all_trials(study)
+    except Exception as e:
+        if local or not database_error(e):
+            raise
+        # one line naming the storage (password masked) and what to do, whatever call met the lost database
+        raise storage_lost(execution.storage, e) from None
         todo = sum(t.state.name == "WAITING" for t in trials) + plan.fresh(trials)
         n_workers = execution.worker_count(todo)
         cpus = cpu_count()
@@ -198,6 +213,7 @@ def run_configs(
     return SweepResult(out, runs_dir, keys, rows, summary, ran, failed, primary, plan.seeds)
 
 
+
 def placements(n: int, devices: tuple[str, ...]) -> list[str | None]:
     """The device of each of ``n`` workers: round-robin over ``devices`` (None: the configuration's own)."""
     return [devices[i % len(devices)] if devices else None for i in range(n)]
@@ -226,6 +242,12 @@ def _run_processes(spec: WorkerSpec, n: int, devices: tuple[str, ...], study, lo
                 if p.is_alive():
                     continue
                 del procs[i]
+                if p.exitcode == EXIT_STORAGE_LOST and not local:
+                    # the database is gone for every worker: no replacement would get further; the others are
+                    # killed (their unfinished runs are rerun from scratch anyway), so none prints a traceback on the way out
+                    for q in procs.values():
+                        q.kill()
+                    raise storage_lost(spec.storage, ConnectionError("a worker process lost its connection to the study database"))
                 if p.exitcode != 0 and local:
                     # on a shared study the heartbeat gives its run to another worker; here nobody else would
                     reason = f"a worker process died (killed, out of memory, or crashed; exit code {p.exitcode}) during this run"
@@ -233,6 +255,11 @@ def _run_processes(spec: WorkerSpec, n: int, devices: tuple[str, ...], study, lo
                 if p.exitcode != 0:
                     start(next_index)
                     next_index += 1
+    except Exception as e:
+        if not local and database_error(e):
+            for q in procs.values():
+                q.kill()
+        raise
     finally:
         for p in procs.values():
             p.terminate()

@@ -132,6 +132,9 @@ def parse_seeds(text: str) -> list[int]:
         raise ConfigError(f"--seeds {text!r}: expected comma-separated integers, e.g. 1,2,3") from None
     if not seeds:
         raise ConfigError(f"--seeds {text!r}: no seeds")
+    bad = [s for s in seeds if not 0 <= s < 2**32]
+    if bad:
+        raise ConfigError(f"--seeds {text!r}: seed {bad[0]} is not between 0 and 2**32-1")
     return list(dict.fromkeys(seeds))
 
 

@@ -44,6 +44,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ...cache import diff_provenance
+from ...errors import masked_url
 from .spec import SweepError, config_slug, run_name
 
 LOCAL_STUDY_FILE = "study.log"
@@ -55,6 +56,47 @@ LOCAL_UNDECIDED_GRACE = 30.0
 META_KEY = "sppscl"
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported by the sweep itself, with their errors
+
+
+class StorageLost(SweepError):
+    """The shared study's database stopped answering during a sweep: the run was tried and failed (exit 1)."""
+
+    exit_code = 1
+
+
+masked = masked_url
+
+
+def scrub(text: str, url: str | None) -> str:
+    """``text`` (a driver's or SQLAlchemy's message) with the storage URL masked and its password, wherever it
+    appears, replaced by ``***``."""
+    if not url:
+        return text
+    from sqlalchemy.engine import make_url
+
+    text = text.replace(url, masked(url))
+    try:
+        password = make_url(url).password
+    except Exception:  # noqa: BLE001 - an unparseable URL has no password to find
+        password = None
+    return text.replace(str(password), "***") if password else text
+
+
+def database_error(e: BaseException) -> bool:
+    """Whether ``e`` comes from the study's database (server gone, connection refused or reset, a failed commit)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return isinstance(e, (SQLAlchemyError, optuna.exceptions.StorageInternalError))
+
+
+def storage_lost(url: str, e: BaseException) -> StorageLost:
+    """The one line for a lost study database: which storage (masked), the driver's first line, what to do."""
+    cause = e.__cause__ if isinstance(e, optuna.exceptions.StorageInternalError) and e.__cause__ is not None else e
+    first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    return StorageLost(
+        f"lost the study database {masked(url)} ({type(cause).__name__}: {scrub(first, url)[:300]}). Finished runs are "
+        "kept in it; once the database answers again, rerun the same command on every machine to continue the sweep"
+    )
 
 
 def open_storage(url: str | None, out: Path, heartbeat: int = DEFAULT_HEARTBEAT) -> optuna.storages.BaseStorage:
@@ -78,7 +120,7 @@ def open_storage(url: str | None, out: Path, heartbeat: int = DEFAULT_HEARTBEAT)
                     # no retry callback: `requeue` queues the run of a failed trial again (with its name), one mechanism for every retry
                 )
         except ModuleNotFoundError as e:
-            raise SweepError(f"--storage {url}: the database driver is not installed ({e}); for PostgreSQL: pip install 'sppscl[postgres]'") from None
+            raise SweepError(f"--storage {masked(url)}: the database driver is not installed ({e}); for PostgreSQL: pip install 'sppscl[postgres]'") from None
         except Exception as e:  # sqlalchemy's errors: the server, the user or the database is wrong
             from sqlalchemy.exc import IntegrityError
 
@@ -86,7 +128,11 @@ def open_storage(url: str | None, out: Path, heartbeat: int = DEFAULT_HEARTBEAT)
                 # machines starting at once on a new database all create Optuna's tables; the losers see them on retry
                 time.sleep(0.5 + random.random())
                 continue
-            raise SweepError(f"--storage {url}: cannot open the study storage: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise SweepError(
+                f"--storage {masked(url)}: cannot open the study storage: {type(e).__name__}: {scrub(first, url)[:300]}. Check that the "
+                "server runs and the user, password (in the URL, or PGPASSWORD / ~/.pgpass for PostgreSQL) and database are right"
+            ) from None
 
 
 def open_study(storage, name: str, meta: dict, where: str) -> optuna.Study:

@@ -9,7 +9,6 @@ accuracy (ties by the dataset's primary F1); test columns are reported beside, n
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ...outputs import atomic_write, csv_text
 from ..intervals import runs_interval
 from ..stats import METRICS as INTERVAL_METRICS
 from ..stats import bootstrap_method, mean_std
@@ -128,17 +128,9 @@ def aggregate(rows: list[dict], keys: list[str], primary_f1: str = "weighted") -
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not rows:
-        path.write_text("")
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: "" if v is None else v for k, v in r.items()})
-    os.replace(tmp, path)
+    head = list(rows[0]) if rows else []
+    text = csv_text(head, [["" if r.get(k) is None else r.get(k) for k in head] for r in rows]) if rows else ""
+    atomic_write(path, text, "the runs table")
 
 
 def cell(mean: float | None, std: float | None, n: int | None = None, ci: tuple[float, float] | None = None) -> str:
@@ -203,7 +195,7 @@ def write_summary(out: Path, summary: list[dict], keys: list[str], primary_f1: s
         if i == 0 and s["n"] > 0:
             names = [f"**{x}**" for x in names]
         lines.append("| " + " | ".join([*names, str(s["n"]), str(s["n_failed"]), *[summary_cell(s, c) for c in cols]]) + " |")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    atomic_write(out / "summary.md", "\n".join(lines) + "\n", "the sweep summary")
 
 
 def print_summary(result: SweepResult, console: Console, trained: bool = True) -> None:

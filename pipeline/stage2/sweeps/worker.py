@@ -29,12 +29,16 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from ...cache import FeatureCache, SplitData, diff_provenance
 from ...config import Config
+from ...outputs import atomic_write
 from ..ownership import clear_run, own_run
 from ..train import train
 from .plans import ListPlan, SearchPlan, run_name
 from .spec import SweepError, config_slug, run_config
-from .study import all_trials, check_stale, claim, is_queued, open_storage, requeue
+from .study import all_trials, check_stale, claim, database_error, is_queued, open_storage, requeue
 from .tables import read_run
+
+# a worker process's exit status when the shared study's database stopped answering (EX_TEMPFAIL)
+EXIT_STORAGE_LOST = 75
 
 # placement, not configuration: a run trained on another device or thread count is the same run
 PLACEMENT_KEYS = ("device", "threads")
@@ -113,11 +117,34 @@ def worker_main(spec: WorkerSpec, parent_pid: int) -> None:
     if spec.threads:
         # each worker gets its share of the cores: N workers x all cores would oversubscribe the CPU
         torch.set_num_threads(spec.threads)
-    work(spec, SharedCache(spec.cache_path, spec.memory_budget))
+    try:
+        work(spec, SharedCache(spec.cache_path, spec.memory_budget))
+    except Exception as e:
+        if spec.storage is not None and (database_error(e) or isinstance(e, SweepError)):
+            # the parent says it once, for every worker: no traceback per process
+            sys.exit(EXIT_STORAGE_LOST)
+        raise
+
+
+def _quiet_lost_database_in_threads() -> None:
+    """Optuna's heartbeat thread meets a lost database too; the main thread reports it once, so the thread's own
+    traceback is not printed."""
+    previous = threading.excepthook
+    if getattr(previous, "sppscl_quiet", False):
+        return
+
+    def hook(args) -> None:
+        if not database_error(args.exc_value):
+            previous(args)
+
+    hook.sppscl_quiet = True
+    threading.excepthook = hook
 
 
 def work(spec: WorkerSpec, cache: FeatureCache, after_trial: Callable[[], None] | None = None) -> None:
     """Train the study's runs until none is left to start (and, on a shared study, none is left running elsewhere)."""
+    if spec.storage is not None:
+        _quiet_lost_database_in_threads()
     storage = open_storage(spec.storage, Path(spec.out), spec.heartbeat)
     # on a shared study every process is worker 0 of its own machine: their samplers must not draw the same stream
     stream = spec.index if spec.storage is None else hash((socket.gethostname(), os.getpid(), spec.index)) % 2**31
@@ -218,10 +245,10 @@ class Objective:
             except Exception as e:
                 error = f"{type(e).__name__}: {e}"
                 run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / "error.txt").write_text(error + "\n\n" + traceback.format_exc())
+                atomic_write(run_dir / "error.txt", error + "\n\n" + traceback.format_exc(), "the run's error")
                 return {**read_run(run_dir, "failed", error, time.perf_counter() - t0), **about}
             wall = time.perf_counter() - t0
-            (run_dir / "sweep-run.json").write_text(json.dumps({"wall_s": wall, "pid": os.getpid(), "host": self.host}))
+            atomic_write(run_dir / "sweep-run.json", json.dumps({"wall_s": wall, "pid": os.getpid(), "host": self.host}), "the run record")
             return {**read_run(run_dir, "ok", "", wall), **about}
 
 
