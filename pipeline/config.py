@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .errors import SppsclError, check_input_file, shown
+from .errors import SppsclError, check_input_file, shown, shown_key
 
 
 def _preset_dir() -> Path:
@@ -293,7 +293,7 @@ def _merge_section(cfg: Config, section: str, values: dict[str, Any], origin: st
     known = {f.name for f in dataclasses.fields(obj)}
     for key, value in values.items():
         if key not in known:
-            raise ConfigError(f"{origin}: unknown key {section}.{shown(key)} (known: {', '.join(sorted(known))})")
+            raise ConfigError(f"{origin}: unknown key {section}.{shown_key(key)} (known: {', '.join(sorted(known))})")
         setattr(obj, key, coerce_value(value, getattr(obj, key), f"{origin}: {section}.{key}"))
 
 

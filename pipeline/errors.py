@@ -106,6 +106,11 @@ def shown(value: object, limit: int = SHOWN_CHARS) -> str:
     return text if len(text) <= limit else f"{text[: limit - 1]}… ({len(text)} characters)"
 
 
+def shown_key(value: object) -> str:
+    """A key name for an error message: as is when it is a short string, else :func:`shown`."""
+    return value if isinstance(value, str) and len(value) <= SHOWN_CHARS else shown(value)
+
+
 def file_kind(mode: int) -> str:
     """What a ``st_mode`` is, in words ("a FIFO (named pipe)", "a character device", ...)."""
     for test, words in (
