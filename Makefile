@@ -9,7 +9,7 @@ DATASET ?= demo
 DATA_DIR ?=
 ARGS ?=
 
-.PHONY: help install demo test test-all test-realdata extract train bench clean
+.PHONY: help install demo test test-all test-realdata extract train bench bench-gpu clean
 
 help:
 	@echo "make demo                 run the whole pipeline on synthetic data (offline encoders)"
@@ -18,6 +18,7 @@ help:
 	@echo "make extract DATASET=hfm DATA_DIR=path/to/HFM   stage one for a preset in configs/ (ARGS='--device cuda ...')"
 	@echo "make train DATASET=hfm    stage two from cache/\$$DATASET.h5 (ARGS='--set lr=5e-5 ...')"
 	@echo "make bench                benchmarks -> bench/results.json, bench/results.md"
+	@echo "make bench-gpu            the GPU acceptance run on this node's own python3 (no venv, installs nothing) -> bench/results-gpu.md"
 
 # constraints.txt pins torch/torchvision for this project's machines; the package itself accepts a range
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -52,6 +53,10 @@ train: install
 
 bench: install
 	$(PY) -m bench.run $(ARGS)
+
+# no install step: on a GPU node the run uses the node's own torch (docs/gpu.md)
+bench-gpu:
+	$(PYTHON) -m bench.run --gpu $(ARGS)
 
 clean:
 	rm -rf runs/demo cache/demo.h5 cache/demo-data

@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from sppscl.stage1.encoders import IMAGENET_MEAN, IMAGENET_STD, ImageEncoder, TextEncoder, feature_trunk, load_text_encoder
+from sppscl.stage1.encoders import IMAGENET_MEAN, IMAGENET_STD, EncoderUnavailable, ImageEncoder, TextEncoder, feature_trunk, load_text_encoder
 from sppscl.stage2.heads import ModelOutput, SPPSCLModel
 
 SEED = 0
@@ -50,20 +50,25 @@ def tiny_cnn_random(channels: int) -> ImageEncoder:
 def bert_random(tiny: bool, max_length: int, layers: int) -> TextEncoder:
     """BERT-base (``BertConfig()``: 12 layers x 768) with random weights, or a 4-layer x 32 BERT when ``tiny``.
 
-    BERT-base uses MiniLM-L6's tokenizer, which is bert-base-uncased's 30,522-word-piece vocabulary.
+    BERT-base uses MiniLM-L6's tokenizer, which is bert-base-uncased's 30,522-word-piece vocabulary; where its package
+    is not installed (a GPU node's own Python), tiny-bert's generated vocabulary tokenizes instead, and the name says so.
     """
     from transformers import BertConfig, BertModel
 
+    name = "tiny bert (random init)" if tiny else "bert-base (random init)"
     if tiny:
         tokenizer = load_text_encoder("tiny-bert").tokenizer
         config = BertConfig(
             vocab_size=len(tokenizer.get_vocab()), hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64
         )
     else:
-        tokenizer = load_text_encoder("minilm-l6").tokenizer
+        try:
+            tokenizer = load_text_encoder("minilm-l6").tokenizer
+        except EncoderUnavailable:
+            tokenizer = load_text_encoder("tiny-bert").tokenizer
+            name = "bert-base (random init, tiny-bert's tokenizer)"
         config = BertConfig()
     model = _seeded(lambda: BertModel(config))
-    name = "tiny bert (random init)" if tiny else "bert-base (random init)"
     return TextEncoder(name, model, tokenizer, f"random-init seed {SEED}", max_length=max_length, layers=layers)
 
 

@@ -1,5 +1,9 @@
 """Run the benchmark suite: ``python -m bench.run [--quick] [--only caching,extraction,...] [--scale 1000,5000,25000]``.
 
+``python -m bench.run --gpu [--quick] [--budget SECONDS]`` is the GPU acceptance run instead (``bench.gpu``): it is
+dispatched before anything but the standard library is imported, because a GPU node's own Python may lack the
+suite's packages (each GPU section says which one it misses).
+
 Writes ``results.json`` and ``results.md`` to ``--out`` (default ``bench/``; ``bench/out/quick/`` with
 ``--quick``, so a development run never overwrites the committed results). Temporary files (synthetic data,
 caches up to ~10 GB) go to a fresh ``work-<pid>`` folder under ``--workdir`` (default the git-ignored
@@ -10,30 +14,25 @@ they never fail on a time); 2 for bad arguments.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-import torch
-from rich.console import Console
-
-from . import caching, compute, extraction, loader, ranks, scale, serving, sweeps
-from .common import Context, Section, default_threads, load_average, machine_info, markdown, rich_table, write_json
-from .profiles import FULL, QUICK
-
 BENCH_DIR = Path(__file__).resolve().parent
 # Execution order: extraction first, so the caching section's 150-epoch projection can use its measured rate.
+# Each section is a module of this package (section name -> module); its run(ctx) measures it.
 RUNNERS = {
-    "extraction": extraction.run,
-    "ranks": ranks.run,
-    "caching": caching.run,
-    "loader": loader.run,
-    "scale": scale.run,
-    "compute": compute.run,
-    "sweeps": sweeps.run,
-    "serve": serving.run,
+    "extraction": "extraction",
+    "ranks": "ranks",
+    "caching": "caching",
+    "loader": "loader",
+    "scale": "scale",
+    "compute": "compute",
+    "sweeps": "sweeps",
+    "serve": "serving",
 }
 # Table order: the issue's.
 TABLE_ORDER = ["caching", "extraction", "ranks", "loader", "scale", "compute", "sweeps", "serve"]
@@ -41,6 +40,7 @@ TABLE_ORDER = ["caching", "extraction", "ranks", "loader", "scale", "compute", "
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gpu", action="store_true", help="the GPU acceptance run instead of this suite (--gpu --help for its options)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes and tiny encoders (smoke test, development)")
     ap.add_argument("--only", default="", help=f"comma-separated sections to run (default all): {','.join(TABLE_ORDER)}")
     ap.add_argument("--scale", default="", help="total samples per scale cache, e.g. 1000,5000,25000")
@@ -60,6 +60,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def resolve(args: argparse.Namespace):
     """(profile, sections) from the arguments; ValueError names the bad value."""
+    from .profiles import FULL, QUICK
+
     profile = QUICK if args.quick else FULL
     if args.scale:
         try:
@@ -82,13 +84,23 @@ def resolve(args: argparse.Namespace):
     return profile, [s for s in RUNNERS if s in sections]
 
 
-def main(argv: list[str] | None = None, console: Console | None = None) -> int:
+def main(argv: list[str] | None = None, console=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--gpu" in argv:
+        from .gpu.main import main as gpu_main
+
+        return gpu_main([a for a in argv if a != "--gpu"])
+    import torch
+    from rich.console import Console
+
+    from .common import Context, Section, default_threads, load_average, machine_info, markdown, rich_table, write_json
+
     if console is None:
         console = Console()
         if not console.is_terminal:
             # logs and CI: the results table is wider than the 80 columns rich assumes without a terminal
             console = Console(width=200)
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     try:
         profile, sections = resolve(args)
     except ValueError as e:
@@ -110,7 +122,7 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
         for name in sections:
             ctx.log(name, f"start (load average {load_average()[0]})")
             s0 = time.perf_counter()
-            results[name] = RUNNERS[name](ctx)
+            results[name] = importlib.import_module(f"{__package__}.{RUNNERS[name]}").run(ctx)
             results[name].seconds = time.perf_counter() - s0
             ctx.log(name, f"done in {results[name].seconds:.0f} s")
     finally:
@@ -136,7 +148,7 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     report = {
         "profile": profile.to_dict(),
         "sections_run": sections,
-        "argv": sys.argv[1:] if argv is None else list(argv),
+        "argv": argv,
         "machine": machine,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "wall_seconds": wall,

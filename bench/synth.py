@@ -64,6 +64,7 @@ def write_cache(
     mean_tokens: int,
     max_length: int,
     seed: int = 0,
+    classes: list[str] = CLASSES,
 ) -> WriteStats:
     """A complete cache with ``split_rows[split]`` random rows per split, via create_cache/CacheFiller/finalize_cache.
 
@@ -79,13 +80,13 @@ def write_cache(
                 split,
                 [f"{split}{i:06d}" for i in range(n)],
                 [f"synthetic text {i}" for i in range(n)],
-                rng.integers(0, len(CLASSES), size=n).astype(np.int16),
+                rng.integers(0, len(classes), size=n).astype(np.int16),
                 lengths[split],
             )
         )
     provenance = {
         "schema_version": 1,
-        "dataset": {"name": "bench-synthetic", "format": "synthetic", "classes": CLASSES, "primary_f1": "weighted"},
+        "dataset": {"name": "bench-synthetic", "format": "synthetic", "classes": list(classes), "primary_f1": "weighted"},
         "encoders": {"image": {"name": "synthetic", "shape": list(image_shape)}, "text": {"name": "synthetic", "layers": layers, "hidden": hidden}},
         "dtype": "float16",
     }

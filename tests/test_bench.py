@@ -154,3 +154,114 @@ def test_serve_section_answers_equal_predict_alone(tmp_path):
     raw = report["sections"]["serve"]["raw"]
     assert raw["mismatches_single"] == raw["mismatches_batch"] == 0 and raw["answers_checked"] >= 16 + 4 + 1 + 16 * 4
     assert [lv["clients"] for lv in raw["single"]] == [1, 4, 16] and all(_positive(lv["p95_s"]) for lv in raw["single"] + raw["batch_levels"])
+
+
+# ----------------------------------------------------------------------------------------- the GPU run's CPU form
+
+GPU_SECTIONS = ["extraction", "ranks", "stage2", "sweeps"]
+
+
+@pytest.fixture(scope="module")
+def gpu_quick_run(tmp_path_factory) -> tuple[int, dict, str, Path]:
+    """``python -m bench.run --gpu --quick`` on the CPU, the same code the GPU run takes (a generous budget: the
+    shared test machine must not turn a slow section into a budget skip)."""
+    root = tmp_path_factory.mktemp("bench-gpu")
+    out, work = root / "out", root / "work"
+    code = main(["--gpu", "--quick", "--device", "cpu", "--budget", "900", "--out", str(out), "--workdir", str(work)])
+    return code, json.loads((out / "results-gpu.json").read_text()), (out / "results-gpu.md").read_text(), work
+
+
+def _figures(report: dict, section: str) -> list[dict]:
+    return [f for f in report["figures"] if f["section"] == section]
+
+
+def test_gpu_quick_runs_every_section_and_cleans_up(gpu_quick_run):
+    code, report, md, work = gpu_quick_run
+    assert code == 0, report["failed"]
+    assert report["sections_run"] == GPU_SECTIONS
+    assert report["failed"] == [] and report["skipped"] == []
+    assert all(_figures(report, s) for s in GPU_SECTIONS)
+    assert set(report["section_timings"]) == set(GPU_SECTIONS)
+    # one table line per figure, bars inside cells escaped
+    table = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert len(table) == 1 + len(report["figures"])
+    assert all(ln.replace("\\|", "").count("|") == 5 for ln in table)
+    assert work.is_dir() and not any(work.iterdir())
+
+
+def test_gpu_quick_extraction_measures_precisions_and_layouts(gpu_quick_run):
+    _, report, _, _ = gpu_quick_run
+    runs = [f["raw"] for f in _figures(report, "extraction") if "samples_per_s" in f["raw"]]
+    assert {(r["precision"], r["channels_last"]) for r in runs} == {("fp32", True), ("fp32", False), ("bf16", True), ("bf16", False)}
+    assert all(_positive(r["samples_per_s"]) and _positive(r["encoders_alone_samples_per_s"]) for r in runs)
+    diffs = {f["measurement"].split(": ", 1)[1]: f["raw"] for f in _figures(report, "extraction") if "image" in f["raw"]}
+    bf16 = diffs["largest fp32 − bf16 difference in the cache"]
+    layout = diffs["largest channels_last on − off difference in the cache (fp32)"]
+    for kind in ("image", "tokens"):
+        # bf16 really ran (its features differ), and the two layouts compute the same features up to rounding
+        assert 0 < bf16[kind]["max_abs_diff"] < 0.05 * bf16[kind]["max_abs_value"]
+        assert layout[kind]["max_abs_diff"] <= 1e-3 * layout[kind]["max_abs_value"]
+    assert {f["raw"]["ratio"] > 0 for f in _figures(report, "extraction") if "ratio" in f["raw"]} == {True}
+
+
+def test_gpu_quick_torchrun_rank_forms_a_group_and_equals_a_single_process(gpu_quick_run):
+    _, report, _, _ = gpu_quick_run
+    (check,) = _figures(report, "ranks")
+    assert check["raw"] == {"held": True, "backend": "gloo", "identical": True, "differing": []}
+
+
+def test_gpu_quick_stage_two_and_sweeps(gpu_quick_run):
+    _, report, _, _ = gpu_quick_run
+    epochs = _figures(report, "stage2")
+    assert [f["measurement"].split(",")[1].split("(")[0].strip() for f in epochs] == ["MVSA-Single", "HFM"]
+    assert all(_positive(f["raw"]["epoch_seconds"]) for f in epochs)
+    (sweep,) = _figures(report, "sweeps")
+    assert sweep["raw"]["runs_per_device"] == 1 and sweep["raw"]["devices"] == ["cpu"]
+    assert _positive(sweep["raw"]["runs_per_minute"]) and sweep["raw"]["gpu_utilisation_percent"] is None
+
+
+def test_gpu_section_with_a_missing_package_is_skipped_with_one_line(tmp_path, monkeypatch, capsys):
+    from bench.gpu import main as gpu_main
+    from bench.gpu.report import Report
+
+    class Missing:
+        @staticmethod
+        def run(ctx, report):
+            raise ModuleNotFoundError("No module named 'h5py'", name="h5py")
+
+    monkeypatch.setattr(gpu_main.importlib, "import_module", lambda name: Missing)
+    report = Report(tmp_path / "r.md", tmp_path / "r.json")
+    gpu_main.run_section("stage2", None, report)
+    assert report.skips == [("stage2", "needs the Python package 'h5py', which is not installed here")]
+    assert report.failures == []
+    assert "stage2     skipped: needs the Python package 'h5py'" in capsys.readouterr().out
+    assert "- stage2: needs the Python package 'h5py'" in (tmp_path / "r.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--quick", "--only", "stage2,warp"], "unknown section(s) warp"),
+        (["--quick", "--budget", "0"], "--budget 0.0: expected a positive number"),
+        (["--quick", "--device", "meta"], "only cuda and cpu are measured"),
+        (["--quick", "--device", "warp"], "is not a device"),
+    ],
+)
+def test_gpu_bad_arguments_exit_2(tmp_path, capsys, args, message):
+    assert main(["--gpu", *args, "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA device")
+def test_gpu_full_run_without_cuda_says_to_use_quick(tmp_path, capsys):
+    assert main(["--gpu", "--out", str(tmp_path / "o")]) == 2
+    assert "python -m bench.run --gpu --quick" in capsys.readouterr().err
+
+
+def test_gpu_entry_imports_only_the_standard_library_and_torch():
+    """A GPU node's own Python may lack the suite's packages: `--gpu` must get to its sections without them."""
+    code = "import sys, bench.run, bench.gpu.main; print(','.join(m for m in ('rich', 'h5py', 'sppscl', 'optuna', 'transformers') if m in sys.modules))"
+    done = __import__("subprocess").run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ""

@@ -49,18 +49,22 @@ def _collective(fn, *args) -> None:
 
 @dataclass
 class Ranks:
-    """This process's place in a torchrun job; a single process is rank 0 of 1 and no process group exists."""
+    """This process's place in a torchrun job; a plain process is rank 0 of 1 and no process group exists.
+
+    A torchrun job of one process (``--nproc-per-node 1``) forms its group too: the job runs the same collectives
+    (NCCL on a GPU) whatever its size, so a one-GPU node checks the path a many-GPU job takes."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launched: bool = False  # started by torchrun (its variables are set), whatever the world size
     _group: bool = False
 
     @classmethod
     def from_env(cls) -> "Ranks":
         # torchrun exports these to every worker (as read by torchvision's reference scripts); a plain run has none
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            return cls(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+            return cls(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)), launched=True)
         return cls()
 
     @property
@@ -78,7 +82,7 @@ class Ranks:
     def device(self, requested: str) -> torch.device:
         """The requested device; under torchrun a CUDA request means this node's GPU number LOCAL_RANK."""
         dev = resolve_device(requested)
-        if self.distributed and dev.type == "cuda":
+        if self.launched and dev.type == "cuda":
             n = torch.cuda.device_count()
             if self.local_rank >= n:
                 raise ConfigError(
@@ -90,7 +94,7 @@ class Ranks:
 
     def start(self, dev: torch.device) -> None:
         """Join the job's process group: NCCL between GPUs, gloo between CPU processes."""
-        if not self.distributed:
+        if not self.launched:
             return
         if dev.type == "cuda":
             torch.cuda.set_device(dev)  # NCCL's collectives (barriers, object broadcasts) run on the current device

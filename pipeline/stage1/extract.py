@@ -268,11 +268,20 @@ def decoding_workers(requested: int, dev: torch.device) -> int:
     return max(1, min(MAX_AUTO_WORKERS, cores - 1))
 
 
-def prepare_encoders(image_enc: ImageEncoder, dev: torch.device) -> None:
-    """On CUDA the CNN runs channels_last (NHWC), the layout cuDNN's tensor-core convolutions use natively;
-    on CPU the layout stays, so fp32 CPU features are computed exactly as before."""
-    if dev.type == "cuda":
+def use_channels_last(dev: torch.device, channels_last: bool | None = None) -> bool:
+    """Whether the CNN runs channels_last (NHWC): by default on CUDA, the layout cuDNN's tensor-core convolutions
+    use natively; on CPU the layout stays, so fp32 CPU features are computed exactly as before. ``channels_last``
+    True/False forces it either way (the GPU benchmark measures both)."""
+    return dev.type == "cuda" if channels_last is None else channels_last
+
+
+def prepare_encoders(image_enc: ImageEncoder, dev: torch.device, channels_last: bool | None = None) -> None:
+    """Put the CNN's weights in the layout :func:`use_channels_last` picks (both ways: an encoder object reused
+    by a later extraction is converted back)."""
+    if use_channels_last(dev, channels_last):
         image_enc.to(memory_format=torch.channels_last)
+    elif channels_last is not None:
+        image_enc.to(memory_format=torch.contiguous_format)
 
 
 def extract(
@@ -289,8 +298,11 @@ def extract(
     console=None,
     shard: Shard | None = None,
     precision: str | None = None,
+    channels_last: bool | None = None,
 ) -> ExtractSummary:
-    """Write (or continue) the cache at ``out``; under torchrun, this rank's share of it (see module doc)."""
+    """Write (or continue) the cache at ``out``; under torchrun, this rank's share of it (see module doc).
+
+    ``channels_last``: None runs the CNN channels_last on CUDA only (:func:`use_channels_last`)."""
     if on_error not in ON_ERROR:
         raise ConfigError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
     for flag, value, low in (("--batch-size", batch_size, 1), ("--limit", limit, 1), ("--workers", num_workers, -1)):
@@ -325,14 +337,15 @@ def extract(
         # write only after rank 0 has shared the pending batches, and rank 0 waits for them in all_done.
         with ranks.on_zero(claim, share=False) or nullcontext():
             return _extract(
-                cfg, out, data_dir, dev, batch_size, limit, on_error, force, num_workers, progress, console, shard, ranks, precision
+                cfg, out, data_dir, dev, batch_size, limit, on_error, force, num_workers, progress, console, shard, ranks, precision,
+                use_channels_last(dev, channels_last),
             )
     finally:
         ranks.stop()
 
 
 def _extract(
-    cfg, out, data_dir, dev, batch_size, limit, on_error, force, num_workers, progress, console, shard, ranks, precision
+    cfg, out, data_dir, dev, batch_size, limit, on_error, force, num_workers, progress, console, shard, ranks, precision, channels_last
 ) -> ExtractSummary:
     # the concrete layout (format: auto) is what the cache's provenance records
     cfg, ddir, layout = resolve_dataset(cfg, data_dir)
@@ -359,7 +372,7 @@ def _extract(
     dtype = cfg.extract.dtype
     image_enc = load_image_encoder(cfg.encoders.image, device=str(dev))
     text_enc = load_text_encoder(cfg.encoders.text, max_length=cfg.encoders.max_length, layers=cfg.encoders.layers, device=str(dev))
-    prepare_encoders(image_enc, dev)
+    prepare_encoders(image_enc, dev, channels_last)
     provenance = build_provenance(cfg, ddir, by_split, image_enc, text_enc, dtype, limit, precision)
     requested_bs = cfg.extract.batch_size if batch_size is None else batch_size
     # an unfinished cache continues with the batches it was started with, whatever --batch-size says now
@@ -482,7 +495,7 @@ def _extract(
                                 "the same command to continue, or rerun with --on-error skip."
                             )
                     img_feats, tok_feats = encode_batch(
-                        image_enc, text_enc, images, [texts_ids[split][i] for i in idx], dev, np_dtype, precision
+                        image_enc, text_enc, images, [texts_ids[split][i] for i in idx], dev, np_dtype, precision, channels_last
                     )
                     try:
                         filler.write(split, np.array(idx), img_feats, tok_feats, ok)
@@ -554,19 +567,20 @@ def precision_context(dev: torch.device, precision: str):
     return torch.autocast(dev.type, dtype=AUTOCAST_DTYPES[precision])
 
 
-def encode_batch(image_enc, text_enc, images, token_ids, dev, np_dtype, precision: str = "fp32"):
+def encode_batch(image_enc, text_enc, images, token_ids, dev, np_dtype, precision: str = "fp32", channels_last: bool | None = None):
     """Image maps ``(B, C, h, w)`` and one ``(tokens, layers, H)`` array per text, as ``np_dtype`` arrays.
 
     ``precision`` other than fp32 runs both encoders under autocast. Outputs are widened to float32 before the
-    cast to the storage dtype, so fp32 features take exactly the path they always took. On CUDA the images go
-    in as channels_last, which the image encoder was converted to (:func:`prepare_encoders`).
+    cast to the storage dtype, so fp32 features take exactly the path they always took. The images go in as
+    channels_last where :func:`use_channels_last` says so (on CUDA by default), as the image encoder was
+    converted by :func:`prepare_encoders`.
     """
     cuda = dev.type == "cuda"
     ids, mask = pad_token_ids(token_ids, text_enc.pad_id, pin=cuda)
     with torch.inference_mode():
         with precision_context(dev, precision):
             x = images.to(dev, non_blocking=True)
-            if cuda:
+            if use_channels_last(dev, channels_last):
                 x = x.contiguous(memory_format=torch.channels_last)
             img = image_enc(x)
             hs = text_enc(ids.to(dev, non_blocking=True), mask.to(dev, non_blocking=True))  # (B, N, L, H)
