@@ -391,7 +391,8 @@ def is_preset_file(path: str | Path) -> bool:
 def preset_path(name_or_path: str | Path) -> Path:
     """A preset name (``hfm``) or a YAML path."""
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
+    # a folder named like a preset (the HFM release cloned into ./hfm) is data, not a configuration file
+    if p.suffix in (".yaml", ".yml") or p.is_file():
         if not p.exists():
             raise ConfigError(f"config file {p} does not exist")
         return p

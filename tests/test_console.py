@@ -162,3 +162,12 @@ def test_presets_show_takes_set_and_refuses_unknown_keys(capsys):
     assert "# with --set epochs=3 --set encoders.text=minilm-l6" in text
     assert main(["presets", "show", "mvsa-single", "--set", "epoch=3"]) == 2
     assert "did you mean 'epochs'" in capsys.readouterr().err
+
+
+def test_a_data_folder_named_like_a_preset_is_not_read_as_the_config(tmp_path, monkeypatch):
+    """docs/datasets.md clones HFM's release into ./hfm, then runs --config hfm (found by the docs' command test)."""
+    from sppscl.config import load_config
+
+    (tmp_path / "hfm").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert load_config("hfm").dataset.name == "hfm"
