@@ -101,10 +101,11 @@ def _images(folder: Path, ids) -> None:
         make_image(["positive", "neutral", "negative"][i % 3], rng, size=32).save(folder / f"{sid}.jpg")
 
 
-def _clmlf(folder: Path, splits: dict[str, str], classes: int, first: int = 1) -> None:
+def _clmlf(folder: Path, splits: dict[str, str], classes: int, first: int = 1, rows_per_split: dict[str, int] | None = None) -> None:
     sid = first
+    sizes = {"train": 12, **(rows_per_split or {})}
     for split, name in splits.items():
-        rows = [{"id": str(sid + i), "text": f"post {sid + i}", "emotion_label": i % classes} for i in range(12 if split == "train" else 6)]
+        rows = [{"id": str(sid + i), "text": f"post {sid + i}", "emotion_label": i % classes} for i in range(sizes.get(split, 6))]
         _write_json(folder / name, rows)
         sid += len(rows)
 
@@ -131,9 +132,10 @@ def stand_ins(root: Path, page: str) -> None:
         from sppscl.stage1.extract import extract
 
         data = root / "mvsa"
-        _clmlf(data / "10-flod-1", {s: f"{s}.json" for s in ("train", "dev")}, 3)
+        # enough rows for 2 folds with a stratified validation part of 1/8 holding every class
+        _clmlf(data / "10-flod-1", {s: f"{s}.json" for s in ("train", "dev")}, 3, rows_per_split={"train": 48, "dev": 24})
         _clmlf(data / "10-flod-1", {"test": "test.json"}, 3, first=500)
-        _images(data / "images", [*range(1, 19), *range(500, 506)])
+        _images(data / "images", [*range(1, 73), *range(500, 506)])
         cfg = load_config("mvsa-single", ["encoders.image=tiny-cnn", "encoders.text=tiny-bert", "encoders.max_length=32"])
         extract(cfg, root / "cache" / "mvsa-single-offline.h5", data, progress=False)
 
