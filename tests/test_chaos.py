@@ -55,7 +55,7 @@ def chaos(cache, preset, out: Path, grid: list[str], runs: set[str], rounds: int
     """``rounds`` sweeps each killed by SIGKILL, then one left to finish; checks the tables and every run folder.
 
     The moment: odd rounds at a blind random delay in ``window`` (seconds from the start: starting up, opening
-    the study, queuing, training), even rounds a random 0-2 s after 0-2 more runs have finished and one has
+    the study, queuing, training), even rounds a random 0-2 s after 1-2 more runs have finished and one has
     started writing (checkpoints, metrics, results). A round that finishes before its moment is let be."""
     cmd = [sys.executable, "-m", "sppscl", "sweep", "--cache", str(cache), "--config", str(preset), *grid, "--out", str(out), "--quiet", "--jobs", str(jobs)]
     if storage is not None:
@@ -68,8 +68,8 @@ def chaos(cache, preset, out: Path, grid: list[str], runs: set[str], rounds: int
         t0 = time.time()
         p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         if r % 2 == 0:
-            # a random point of the sweep: after 0-2 more runs have finished, while one is training
-            target = min(len(list(out.glob("runs/*/results.json"))) + rng.randint(0, 2), len(runs) - 1)
+            # a random point of the sweep: after 1-2 more runs have finished, while another one is training
+            target = min(len(list(out.glob("runs/*/results.json"))) + rng.randint(1, 2), len(runs) - 1)
             while p.poll() is None and time.time() - t0 < 300 and not (
                 len(list(out.glob("runs/*/results.json"))) >= target and _training_since(out, t0)
             ):
