@@ -276,7 +276,7 @@ def evaluate(
     from .cache import FeatureCache
     from .devices import resolve_device
     from .stage2.intervals import report_interval
-    from .stage2.runs import RunError, compatible, evaluate_split, load_checkpoint, model_from_checkpoint, resolve_checkpoint, write_predictions
+    from .stage2.runs import RunError, check_fold_split, compatible, evaluate_split, load_checkpoint, model_from_checkpoint, resolve_checkpoint, write_predictions
 
     out = Path(out) if out is not None else None
     json_out = out is not None and out.suffix.lower() == ".json"
@@ -290,6 +290,7 @@ def evaluate(
     diffs = compatible(fc.provenance, ckpt["cache_provenance"])
     if diffs:
         raise RunError(f"{cache} was not extracted like the checkpoint's cache; refusing. What differs:\n  " + "\n  ".join(diffs))
+    check_fold_split(ckpt, fc, split, path)
     dev = resolve_device(device)
     model, cfg = model_from_checkpoint(ckpt, dev)
     data = fc.load(split)

@@ -39,6 +39,11 @@ PENDING, WRITTEN, SKIPPED = 0, 1, 2
 _STR = h5py.string_dtype(encoding="utf-8")
 
 
+# root attribute: the dataset folder the cache was extracted from (resolved), as the run records name it. Kept out of
+# the provenance, which must match between shards and resumed runs that read one dataset from different mount points.
+DATA_DIR_ATTR = "data_dir"
+
+
 class CacheError(SppsclError, RuntimeError):
     """A cache cannot be used as asked: missing, incomplete, or from a different configuration."""
 
@@ -469,6 +474,7 @@ class SplitData:
     tokens: np.ndarray | RowFile  # (T, L, H) float16, in RAM or streamed from the file
     rows: np.ndarray  # int64 indices of usable rows
     in_memory: bool
+    path: str = ""  # the cache file the features come from (named when a row is refused)
 
     @property
     def n_tokens(self) -> np.ndarray:
@@ -482,6 +488,34 @@ class SplitData:
         """[CLS] states of the cached layers, (len(rows), L, H)."""
         rows = self.rows if rows is None else rows
         return np.asarray(self.tokens[self.offsets[rows]])
+
+
+def check_finite_rows(split: SplitData, rows: np.ndarray, image: np.ndarray, tokens: np.ndarray, counts: np.ndarray) -> None:
+    """Refuse rows whose features hold NaN or infinity, as stage two reads them: ``image`` is the rows' maps,
+    ``tokens`` their token states concatenated (``counts`` per row). The error names the file, the split, the row
+    and its id. Called on every batch read (``stage2.data``), so a large cache is never scanned up front and a bad
+    row is found before it reaches a model: a NaN feature would otherwise make every loss and prediction NaN."""
+    if np.isfinite(image).all() and np.isfinite(tokens).all():
+        return
+    bad_image = _non_finite_rows(image)
+    bad_tokens = np.zeros(len(rows), dtype=bool)
+    bad_tokens[np.repeat(np.arange(len(rows)), counts)[_non_finite_rows(tokens)]] = True
+    bad = np.flatnonzero(bad_image | bad_tokens)
+    j = int(bad[0])
+    what = "image feature map" if bad_image[j] else "text token states"
+    more = f" ({len(bad) - 1} more such row(s) in the same batch)" if len(bad) > 1 else ""
+    raise CacheError(
+        f"{split.path or 'features'}: split {split.name}, row {int(rows[j])} (id {str(split.ids[rows[j]])!r}): its {what} "
+        f"hold NaN or infinite values{more}. The cache is damaged; rebuild it: sppscl extract --config <preset> --out "
+        f"{split.path or 'CACHE'} --force"
+    )
+
+
+def _non_finite_rows(a: np.ndarray) -> np.ndarray:
+    """Per row of ``a``: does it hold a NaN or an infinity."""
+    if a.size == 0:
+        return np.zeros(len(a), dtype=bool)
+    return ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
 
 
 class FeatureCache:
@@ -576,7 +610,7 @@ class FeatureCache:
                     arr = _row_file(self.path, d)
                 arrays[key] = arr
         rows = np.flatnonzero(status == WRITTEN).astype(np.int64)
-        return SplitData(split, ids, texts, labels, offsets, arrays["image"], arrays["tokens"], rows, in_memory)
+        return SplitData(split, ids, texts, labels, offsets, arrays["image"], arrays["tokens"], rows, in_memory, str(self.path))
 
     def iter_splits(self) -> Iterator[str]:
         yield from self.splits

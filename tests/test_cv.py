@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from sppscl.cache import CacheError, FeatureCache
 from sppscl.cli import main
@@ -16,7 +19,8 @@ from sppscl.stage1.extract import extract
 from sppscl.stage2 import train as train_mod
 from sppscl.stage2.cv import cross_validate
 from sppscl.stage2.data import SplitBatches
-from sppscl.stage2.ensemble import ensemble
+from sppscl.stage2.checkpoint import META_KEY
+from sppscl.stage2.ensemble import cached_ensemble, ensemble
 from sppscl.stage2.sweeps import Execution
 from sppscl.stage2.folds import FoldView, StackedRows, fold_rows, pool_labels
 from sppscl.stage2.gate import GateDecision
@@ -219,6 +223,60 @@ def test_ensemble_refuses_other_encoders_and_other_folds(two_runs, tmp_path, cap
     assert "cv_fold" in capsys.readouterr().err
     assert main(["ensemble", str(root / "s1"), str(root / "s2"), "--cache", str(path), "--out", str(tmp_path / "e")]) == 0
     assert "members alone" in capsys.readouterr().out
+
+
+def _rewrite_checkpoint(weights, edit_meta=None, edit_tensors=None):
+    """Rewrite a checkpoint's weights file (metadata and tensors) in place, as a retrain or a hand edit would."""
+    with safe_open(weights, framework="pt") as fh:
+        meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+    if edit_meta:
+        doc = json.loads(meta[META_KEY])
+        edit_meta(doc)
+        meta[META_KEY] = json.dumps(doc)
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_file(tensors, weights, metadata=meta)
+
+
+def test_ensemble_refuses_duplicates_and_another_class_order_in_one_line(two_runs, tmp_path, capsys):
+    path, _, root = two_runs
+
+    def refused(*members):
+        assert main(["ensemble", *map(str, members), "--cache", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "Traceback" not in err, err
+        return err
+
+    err = refused(root / "s1", root / "s2", root / "s1")
+    assert f"is the same checkpoint as {root / 's1' / 'best.safetensors'}" in err and "appear once" in err
+    shutil.copytree(root / "s2", tmp_path / "copy")
+    assert "has the same weights as" in refused(root / "s2", tmp_path / "copy")
+
+    shutil.copytree(root / "s2", tmp_path / "reordered")
+    _rewrite_checkpoint(tmp_path / "reordered" / "best.safetensors", edit_meta=lambda d: d["classes"].reverse())
+    err = refused(tmp_path / "reordered")
+    assert "predicts the classes ['negative', 'neutral', 'positive']" in err and "['positive', 'neutral', 'negative']" in err
+    assert "the order differs" in refused(root / "s1", tmp_path / "reordered")
+
+
+def test_a_stored_ensemble_result_is_reused_only_for_the_same_checkpoint_contents(two_runs, tmp_path):
+    path, _, root = two_runs
+    for s in ("s1", "s2"):
+        shutil.copytree(root / s, tmp_path / s)
+    members, out = [tmp_path / "s1", tmp_path / "s2"], tmp_path / "e"
+    first = cached_ensemble(members, path, out)
+    assert cached_ensemble(members, path, out) == first  # unchanged members: the stored result
+
+    def retrained(tensors):  # s2 retrained in place: same folder, other weights
+        for k, t in tensors.items():
+            if k.startswith("model/") and t.is_floating_point():
+                tensors[k] = t * 3.0 + 0.5
+
+    _rewrite_checkpoint(tmp_path / "s2" / "best.safetensors", edit_tensors=retrained)
+    again = cached_ensemble(members, path, out)
+    assert again["members_sha256"][1] != first["members_sha256"][1] and again["members_sha256"][0] == first["members_sha256"][0]
+    assert again == ensemble(members, path)  # evaluated afresh, not the stored result
+    assert again["members_mean"] != first["members_mean"]
 
 
 def test_predict_with_two_checkpoints_averages_them(two_runs):

@@ -27,6 +27,7 @@ from .. import __version__
 from ..cache import (
     PENDING,
     SKIPPED,
+    DATA_DIR_ATTR,
     CacheError,
     CacheFiller,
     FeatureShapes,
@@ -433,7 +434,9 @@ def _extract(
         if free is not None and free < needed:
             raise disk_full(out, needed, "rerun the same command", free)
         try:
-            create_cache(out, plans, shapes, provenance, skipped, attrs={"extract_batch_size": bs})
+            create_cache(
+                out, plans, shapes, provenance, skipped, attrs={"extract_batch_size": bs, DATA_DIR_ATTR: str(Path(ddir).resolve())}
+            )
         except OSError as e:
             # nothing was extracted yet: leave no half-made file behind, so the next run starts clean
             for p in (out, out.with_name(out.name + ".partial")):

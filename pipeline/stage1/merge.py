@@ -15,7 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..cache import SKIPPED, WRITTEN, CacheError, CacheFiller, FeatureShapes, SplitPlan, create_cache, diff_provenance, finalize_cache, read_provenance
+from ..cache import DATA_DIR_ATTR, SKIPPED, WRITTEN, CacheError, CacheFiller, FeatureShapes, SplitPlan, create_cache, diff_provenance, finalize_cache, read_provenance
 from ..outputs import check_output_file, check_writable_dir, fresh_temp
 from ..progress import make_progress
 from .distributed import Shard
@@ -148,7 +148,7 @@ def merge_shards(paths: list[Path], out: Path, force: bool = False, progress: bo
         summary = MergeSummary(out, [(s.path, s.name) for s in shards])
 
         meta = {split: {"ids": [None] * n, "texts": [None] * n, "labels": np.zeros(n, np.int16), "n_tokens": np.zeros(n, np.int64)} for split, n in split_rows.items()}
-        planned, image_reasons = None, {}
+        planned, image_reasons, data_dirs = None, {}, set()
         for s in shards:
             with h5py.File(s.path, "r") as f:
                 plan_skips, reasons = _plan_skips(f, s)
@@ -164,6 +164,7 @@ def merge_shards(paths: list[Path], out: Path, force: bool = False, progress: bo
                             m[key][r] = v
                     m["labels"][rows] = g["labels"][()]
                     m["n_tokens"][rows] = np.diff(g["offsets"][()])
+                data_dirs.add(str(f.attrs.get(DATA_DIR_ATTR, "")))
                 if s is base:
                     g = f[f"splits/{next(iter(split_rows))}"]
                     shapes = FeatureShapes(tuple(g["image"].shape[1:]), g["tokens"].shape[1], g["tokens"].shape[2], g["image"].dtype.name)
@@ -171,7 +172,9 @@ def merge_shards(paths: list[Path], out: Path, force: bool = False, progress: bo
         plans = [SplitPlan(split, m["ids"], m["texts"], m["labels"], m["n_tokens"]) for split, m in meta.items()]
         # built beside the target and moved into place when complete: a crash leaves no half-merged cache at --out
         tmp = fresh_temp(out.with_name(out.name + ".merging"), "the cache being merged")
-        create_cache(tmp, plans, shapes, base.provenance, planned, attrs={"extract_batch_size": base.record["batch_size"]})
+        # shards read on machines that mount the data elsewhere: every folder is named
+        attrs = {"extract_batch_size": base.record["batch_size"], DATA_DIR_ATTR: "; ".join(sorted(data_dirs - {""}))}
+        create_cache(tmp, plans, shapes, base.provenance, planned, attrs=attrs)
         filler = CacheFiller(tmp)
         bs = base.record["batch_size"]
         try:

@@ -24,7 +24,7 @@ from ..config import Config
 from ..devices import resolve_device
 from ..outputs import atomic_write, save_figure
 from .data import SplitBatches
-from .runs import RunError, build_model, resolve_checkpoint, compatible, load_checkpoint, model_from_checkpoint
+from .runs import RunError, build_model, check_fold_split, resolve_checkpoint, compatible, load_checkpoint, model_from_checkpoint
 
 MEASURES = ("IID", "TTD", "ITD")
 SPACES = ("l2", "raw")
@@ -291,6 +291,7 @@ def analyze(
         diffs = compatible(fc.provenance, c["cache_provenance"])
         if diffs:
             raise RunError(f"{fc.path} was not extracted like the cache of {path}; refusing. What differs:\n  " + "\n  ".join(diffs))
+        check_fold_split(c, fc, split, path)
     data = fc.load(split)
     if not len(data.rows) or not data.has_labels:
         raise RunError(f"{fc.path}: split {split!r} has no labelled rows; the same-label distances need labels")

@@ -136,6 +136,7 @@ def load_checkpoint_file(path: str | Path) -> dict:
         raise CheckpointError(f"{weights}: not an sppscl checkpoint")
     if ckpt.get("version") != VERSION:
         raise CheckpointError(f"{weights}: checkpoint version {ckpt.get('version')!r}, this sppscl reads version {VERSION}")
+    check_finite_weights(ckpt, weights)
     return ckpt
 
 
@@ -145,6 +146,19 @@ def _present(path: Path) -> bool:
         return check_input_file(path, "a checkpoint file")
     except SppsclError as e:
         raise CheckpointError(str(e)) from None
+
+
+def check_finite_weights(ckpt: dict, path: Path) -> None:
+    """Refuse a checkpoint whose model weights hold NaN or infinity, naming the file and the first such tensor: a
+    model with them predicts NaN probabilities (and class 0 for every row) instead of failing."""
+    model = ckpt.get("model")
+    for name, t in (model.items() if isinstance(model, dict) else ()):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(
+                f"{path}: model tensor {name!r} holds {bad} NaN or infinite value(s) of {t.numel()}; the weights are "
+                "damaged or the run diverged. Use another checkpoint (the run's other one, or retrain)"
+            )
 
 
 def _load_legacy(path: Path) -> dict:
@@ -170,6 +184,7 @@ def _load_legacy(path: Path) -> dict:
         raise CheckpointError(f"{path}: field epoch or best.epoch missing or not a number ({type(e).__name__}: {shown(str(e))})") from None
     ckpt["version"] = VERSION
     ckpt["converted_from"] = str(path)
+    check_finite_weights(ckpt, path)
     return ckpt
 
 

@@ -12,7 +12,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..cache import SplitData, gather_ranges
+from ..cache import SplitData, check_finite_rows, gather_ranges
 
 
 @dataclass
@@ -45,12 +45,15 @@ class SplitBatches:
         # (sample, position) slot in the padded batch of every real token, in the order gather_ranges returns them
         pos = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
         which = np.repeat(np.arange(n), lens)
+        states = gather_ranges(s.tokens, s.offsets[rows], lens)
+        maps = np.asarray(s.image[rows])
+        check_finite_rows(s, rows, maps, states, lens)
         tok = torch.zeros((n, width, *s.tokens.shape[1:]), dtype=torch.float32)
         if len(pos):
-            tok[which, pos] = torch.from_numpy(gather_ranges(s.tokens, s.offsets[rows], lens)).float()
+            tok[which, pos] = torch.from_numpy(states).float()
         mask = torch.zeros((n, width), dtype=torch.bool)
         mask[which, pos] = True
-        image = torch.from_numpy(np.asarray(s.image[rows])).float()
+        image = torch.from_numpy(maps).float()
         labels = torch.from_numpy(s.labels[rows].astype(np.int64))
         return Batch(rows, image, tok, mask, labels)
 

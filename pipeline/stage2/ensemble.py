@@ -26,7 +26,7 @@ from .intervals import report_interval
 from .metrics import classification_report
 from .stats import METRICS, bootstrap_interval, bootstrap_method
 from .plots import plot_confusions
-from .runs import RunError, resolve_checkpoint, compatible, load_checkpoint, model_from_checkpoint, predict_split, write_predictions
+from .runs import RunError, checkpoint_sha256, resolve_checkpoint, compatible, load_checkpoint, model_from_checkpoint, predict_split, write_predictions
 
 CV_KEYS = ("cv_folds", "cv_fold", "cv_seed", "cv_val_fraction")
 HELD_OUT = "test"  # the split no member saw in training or selection (a CV fold's held-out rows are its view's test)
@@ -39,6 +39,7 @@ class Member:
     cfg: Config
     classes: list[str]
     provenance: dict  # of the cache the member was trained on
+    sha256: str = ""  # of its weights file: two members are one model when these match
 
 
 def load_members(runs: list[Path], device: torch.device, same_fold: bool = True, which: str = "best") -> list[Member]:
@@ -47,14 +48,18 @@ def load_members(runs: list[Path], device: torch.device, same_fold: bool = True,
     different folds may predict new pairs)."""
     if not runs:
         raise RunError("an ensemble needs at least one run directory or checkpoint")
-    members = []
+    members: list[Member] = []
     for run in runs:
         path = resolve_checkpoint(run, which)
         ckpt = load_checkpoint(path)
         model, cfg = model_from_checkpoint(ckpt, device)
-        members.append(Member(path, model, cfg, list(ckpt["classes"]), ckpt["cache_provenance"]))
+        member = Member(path, model, cfg, list(ckpt["classes"]), ckpt["cache_provenance"], checkpoint_sha256(path))
+        check_not_duplicate(member, members, run)
+        members.append(member)
     first = members[0]
     for m in members[1:]:
+        if m.classes != first.classes:
+            raise RunError(f"{m.path} predicts the classes {m.classes}, {first.path} predicts {first.classes}: the order differs, refusing to average them")
         diffs = compatible(m.provenance, first.provenance)
         if same_fold:
             diffs += diff_provenance(_cv(first.cfg), _cv(m.cfg))
@@ -64,6 +69,26 @@ def load_members(runs: list[Path], device: torch.device, same_fold: bool = True,
                 + "\n  ".join(d.replace("cache has", f"{first.path} has").replace("request has", f"{m.path} has") for d in diffs)
             )
     return members
+
+
+def check_not_duplicate(member: Member, members: list[Member], given: Path) -> None:
+    """Refuse a member that is already in the ensemble (the same file, or a copy with identical weights): it would
+    count one model twice and report a spread of zero between the two."""
+    for m in members:
+        if m.sha256 == member.sha256:
+            same = "is the same checkpoint as" if m.path.resolve() == member.path.resolve() else "has the same weights as"
+            raise RunError(f"{given} ({member.path}) {same} {m.path}: an ensemble member may appear once; drop the duplicate")
+
+
+def check_member_classes(members: list[Member], cache) -> None:
+    """Refuse a member whose classes, in order, are not the cache's: its output k would be scored as the cache's
+    class k, another class."""
+    for m in members:
+        if m.classes != list(cache.classes):
+            raise RunError(
+                f"{m.path} predicts the classes {m.classes}, but {cache.path} labels rows as {list(cache.classes)} (order "
+                "matters: output k is scored as class k); refusing. Ensemble runs trained on caches with this class order"
+            )
 
 
 def _cv(cfg: Config) -> dict:
@@ -99,11 +124,14 @@ def ensemble(runs: list[Path], cache: Path | FeatureCache, out: Path | None = No
     dev = resolve_device(device)
     members = load_members(runs, dev, which=which)
     fc = cache if isinstance(cache, (FeatureCache, FoldView)) else FeatureCache(cache)
+    check_member_classes(members, fc)
     view = member_view(fc.base if isinstance(fc, FoldView) else fc, members)
     classes = members[0].classes
     first_provenance = members[0].provenance
     results: dict = {
         "members": [str(m.path) for m in members],
+        # what the members are: a stored result is reused only for these exact weights (cached_ensemble)
+        "members_sha256": [m.sha256 for m in members],
         "how": f"mean of the members' class probabilities; each member's {which} checkpoint"
         + (" (selected on dev)" if which == "best" else " (of its last epoch)"),
         "classes": classes,
@@ -143,14 +171,16 @@ def ensemble(runs: list[Path], cache: Path | FeatureCache, out: Path | None = No
 
 
 def cached_ensemble(runs: list[Path], cache, out: Path, device: str = "cpu") -> dict:
-    """``ensemble`` unless ``out`` already holds the result for exactly these members (sweeps rerun cheaply)."""
+    """``ensemble`` unless ``out`` already holds the result for exactly these members (sweeps rerun cheaply): the
+    same checkpoints by content, so a member retrained in place is evaluated again."""
     done = Path(out) / "results.json"
-    members = [str(resolve_checkpoint(r)) for r in runs]
+    paths = [resolve_checkpoint(r) for r in runs]
     if done.exists():
         res = json.loads(done.read_text())
         held_out = res.get("splits", {}).get(HELD_OUT, {})
-        # a result from before the intervals were recorded is computed again
-        if res.get("members") == members and ("accuracy" not in held_out or "ci95" in held_out):
+        # the same checkpoints by content; a result from before the intervals were recorded is computed again
+        same = res.get("members") == [str(p) for p in paths] and res.get("members_sha256") == [checkpoint_sha256(p) for p in paths]
+        if same and ("accuracy" not in held_out or "ci95" in held_out):
             return res
     return ensemble(runs, cache, out, device)
 

@@ -83,6 +83,7 @@ def pool_splits(parts: list[SplitData]) -> SplitData:
         tokens=StackedRows([p.tokens for p in parts]),
         rows=np.concatenate([p.rows + n_rows[k] for k, p in enumerate(parts)]).astype(np.int64),
         in_memory=all(p.in_memory for p in parts),
+        path=parts[0].path,
     )
 
 

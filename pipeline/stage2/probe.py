@@ -11,7 +11,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from ..cache import FeatureCache, SplitData
+from ..cache import FeatureCache, SplitData, check_finite_rows
 from ..config import ConfigError
 from .intervals import report_interval
 from .metrics import classification_report
@@ -25,11 +25,14 @@ def pooled_features(split: SplitData, modalities: str = "both", chunk: int = 512
     parts = []
     for start in range(0, len(split.rows), chunk):
         rows = split.rows[start : start + chunk]
+        maps = np.asarray(split.image[rows]) if modalities in ("both", "image") else np.zeros((len(rows), 0))
+        cls = split.cls_states(rows) if modalities in ("both", "text") else np.zeros((len(rows), 0))
+        check_finite_rows(split, rows, maps, cls, np.ones(len(rows), dtype=np.int64))
         feats = []
         if modalities in ("both", "image"):
-            feats.append(np.asarray(split.image[rows], dtype=np.float32).mean(axis=(2, 3)))
+            feats.append(maps.astype(np.float32).mean(axis=(2, 3)))
         if modalities in ("both", "text"):
-            feats.append(split.cls_states(rows)[:, -1, :].astype(np.float32))
+            feats.append(cls[:, -1, :].astype(np.float32))
         parts.append(np.concatenate(feats, axis=1))
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 

@@ -9,6 +9,7 @@ they accept a checkpoint (``resolve_checkpoint``: its ``best`` checkpoint, or ``
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -20,8 +21,9 @@ from ..cache import FeatureCache, SplitData, diff_provenance
 from ..config import Config, ConfigError
 from ..errors import SppsclError, shown
 from ..outputs import atomic_write, csv_text
-from .checkpoint import WEIGHTS_SUFFIX, CheckpointError, load_checkpoint_file
+from .checkpoint import WEIGHTS_SUFFIX, CheckpointError, checkpoint_files, load_checkpoint_file
 from .data import SplitBatches
+from .folds import POOLED
 from .heads import SPPSCLModel
 from .metrics import classification_report
 
@@ -155,6 +157,36 @@ def compatible(cache_prov: dict, ckpt_prov: dict) -> list[str]:
         "classes": p["dataset"]["classes"],
     }
     return diff_provenance(keys(cache_prov), keys(ckpt_prov), names=("this cache", "the checkpoint's cache"))
+
+
+def checkpoint_sha256(path: Path) -> str:
+    """The SHA-256 of a checkpoint's weights file (which holds its metadata too): what it is, wherever it lies, so a
+    run retrained in place is a new checkpoint to anything keyed by it."""
+    weights = path if path.suffix == ".pt" else checkpoint_files(path)[0]
+    h = hashlib.sha256()
+    with open(weights, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_fold_split(ckpt: dict, cache: FeatureCache, split: str, checkpoint: Path) -> None:
+    """Refuse to score a cross-validation fold's checkpoint on the train or dev split of the cache it was trained on.
+
+    Its fold's training and validation parts are drawn from that cache's train+dev rows, so about (K-1)/K of either
+    split trained or selected it and its figures there would be inflated; its test split (never pooled) is fair, and
+    so is its held-out fold, which ``ensemble`` scores through the fold view."""
+    tc = ckpt["config"].get("train", {})
+    folds = int(tc.get("cv_folds", 0) or 0)
+    if not folds or split not in POOLED:
+        return
+    if diff_provenance(cache.provenance["dataset"], ckpt["cache_provenance"]["dataset"]):
+        return  # another dataset's rows: none of them trained it
+    raise RunError(
+        f"{checkpoint} was trained on cross-validation fold {tc.get('cv_fold', 0)} of {folds} of this cache's train+dev "
+        f"rows, so about {(folds - 1) / folds:.0%} of {cache.path}:{split} trained or selected it; refusing to score it "
+        f"there. Use --split test, or score its held-out fold: sppscl ensemble {checkpoint} --cache {cache.path}"
+    )
 
 
 # ------------------------------------------------------------------------------------ evaluation

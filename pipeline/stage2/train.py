@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 from ..cache import FeatureCache, diff_provenance
 from ..config import STAGE_SECTIONS, Config, ConfigError, apply_overrides, resolve_key
 from ..devices import resolve_device
-from ..errors import shown
+from ..errors import EXIT_FAILED, shown
 from ..outputs import atomic_write, check_output_folder, check_writable_dir
 from ..progress import make_progress
 from .checkpoint import FORMAT, VERSION, checkpoint_files, save_checkpoint
@@ -36,6 +37,7 @@ from .card import write_run_card
 from .ownership import own_run
 from .plots import plot_confusions, plot_curves
 from .baselines import baselines
+from .provenance import cache_record, config_as_trained
 from .runs import RunError, build_model, cache_dims, evaluate_split, load_checkpoint, model_from_checkpoint, write_predictions
 
 def seed_everything(seed: int) -> None:
@@ -108,6 +110,26 @@ def one_step_update(model, opt, batch: Batch, tc) -> StepLog:
     return StepLog(f["ce"], f["cl_i"], f["cl_t"], f["cl_m"], False, f["total"])
 
 
+class TrainingDiverged(RunError):
+    """A loss became NaN or infinite: the run failed (exit 1), it is no result."""
+
+    exit_code = EXIT_FAILED
+
+
+def check_finite_loss(log: StepLog, epoch: int, step: int, steps: int, lr: float) -> None:
+    """Stop the run at the first step whose loss is NaN or infinite, naming the epoch, the step and the loss terms.
+
+    A diverged model still predicts (NaN logits argmax to class 0), so without this a run would report a dev accuracy
+    and a sweep would rank it; the check reads floats the step computed anyway."""
+    if math.isfinite(log.total):
+        return
+    terms = f"λ·CE {log.lambda_ce:.4g}, intra image {log.intra_image:.4g}, intra text {log.intra_text:.4g}, inter {log.inter:.4g}"
+    raise TrainingDiverged(
+        f"non-finite loss at epoch {epoch}, step {step} of {steps}: total {log.total:.4g} ({terms}). Training diverged, most "
+        f"often because the learning rate is too high (train.lr={lr:g}): rerun with a lower one, e.g. --set lr={lr / 10:g}"
+    )
+
+
 # ------------------------------------------------------------------------------------ checkpoints
 
 # how a run that stopped on an error continues (full disk: after freeing space)
@@ -156,6 +178,8 @@ def _train(cache_path, cfg: Config, out_dir: Path, resume, progress, console, in
             raise RunError(f"{cache.path}: training needs a '{needed}' split; the cache has {', '.join(cache.splits)}")
     # the cache decides the dataset's classes; the preset's primary F1 applies when it names the same dataset
     primary = cache.provenance["dataset"].get("primary_f1", cfg.dataset.primary_f1)
+    # config.json, the checkpoints and the trackers name the encoders, precision and data folder of this cache
+    cfg = config_as_trained(cfg, cache)
 
     last_path, best_path = out_dir / "last", out_dir / "best"
     metrics_path = out_dir / "metrics.jsonl"
@@ -180,6 +204,7 @@ def _train(cache_path, cfg: Config, out_dir: Path, resume, progress, console, in
         # a resumed run takes its configuration from the checkpoint, not the command line
         requested = cfg
         cfg, notes = resume_config(Config.from_dict(ckpt["config"]), resume_overrides or [], ckpt["epoch"], out_dir)
+        cfg = config_as_trained(cfg, cache)  # a run started before runs recorded their cache truly is corrected
         if resume_preset is not None:
             # an explicit --config must describe this run: a preset that differs would otherwise be ignored silently
             keys = lambda c: {k: v for k, v in dataclasses.asdict(c.train).items() if k not in ("threads", "device")}  # noqa: E731
@@ -260,8 +285,9 @@ def _train(cache_path, cfg: Config, out_dir: Path, resume, progress, console, in
             t0 = time.perf_counter()
             prog.reset(b_task, total=n_batches)
             logs: list[StepLog] = []
-            for batch in train_batches.train_batches(tc.batch_size, rng):
+            for step, batch in enumerate(train_batches.train_batches(tc.batch_size, rng), 1):
                 logs.append(update(model, opt, batch.to(device), tc))
+                check_finite_loss(logs[-1], epoch, step, n_batches, tc.lr)
                 prog.advance(b_task)
             lr = opt.param_groups[0]["lr"]
             sched.step()
@@ -337,6 +363,7 @@ def finish_run(out_dir: Path, cache: FeatureCache, classes: list[str], device, i
         "splits": {},
         "skipped_rows": len(cache.skipped),
         "epochs_trained": _epochs_logged(out_dir / "metrics.jsonl"),
+        "cache": cache_record(cache.base if isinstance(cache, FoldView) else cache),
     }
     if isinstance(cache, FoldView):
         results["cv"] = cache.describe()

@@ -31,6 +31,8 @@ from ...cache import FeatureCache, SplitData, diff_provenance
 from ...config import Config
 from ...outputs import atomic_write
 from ..ownership import clear_run, own_run
+from ...errors import SppsclError
+from ..provenance import config_as_trained
 from ..train import train
 from .plans import ListPlan, SearchPlan, run_name
 from .spec import SweepError, config_slug, run_config
@@ -234,7 +236,8 @@ class Objective:
         # one owner per run directory across every process and command: wait while another one trains this run
         with own_run(run_dir, wait=True, what=f"sweep worker, invocation {self.spec.invocation}"):
             try:
-                cfg = run_config(self.spec.base, overrides, seed)
+                # as train records it (the cache's encoders, precision, data folder), so a finished run compares equal
+                cfg = config_as_trained(run_config(self.spec.base, overrides, seed), self.cache)
                 if self.spec.device is not None:
                     cfg.train.device = self.spec.device
                 if (run_dir / "results.json").exists():
@@ -243,7 +246,8 @@ class Objective:
                 clear_run(run_dir)  # interrupted or failed: rerun from scratch
                 train(self.cache, cfg, run_dir, progress=False)
             except Exception as e:
-                error = f"{type(e).__name__}: {e}"
+                # an error the user can act on is its own message ("non-finite loss at epoch 3, ..."); a bug keeps its type
+                error = str(e) if isinstance(e, SppsclError) else f"{type(e).__name__}: {e}"
                 run_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write(run_dir / "error.txt", error + "\n\n" + traceback.format_exc(), "the run's error")
                 return {**read_run(run_dir, "failed", error, time.perf_counter() - t0), **about}
