@@ -36,6 +36,7 @@ from .study import (
     requeue, storage_lost,
 )
 from .tables import SweepResult, aggregate, first_line, study_rows, write_csv, write_summary
+from ..provenance import config_as_trained
 from .worker import EXIT_STORAGE_LOST, PLACEMENT_KEYS, SharedCache, WorkerSpec, check_finished_run, cpu_count, work, worker_main
 
 
@@ -159,7 +160,7 @@ def run_configs(
         for overrides, seed in plan.runs:  # refuse before anything trains, as the worker would for each run
             run_dir = runs_dir / run_name(overrides, seed)
             if (run_dir / "results.json").exists():
-                check_finished_run(run_dir, run_config(base_dict, overrides, seed))
+                check_finished_run(run_dir, config_as_trained(run_config(base_dict, overrides, seed), cache))
 
     try:
         with folder_lock(out) if local else nullcontext():
