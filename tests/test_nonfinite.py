@@ -20,7 +20,6 @@ from sppscl.config import apply_overrides
 from sppscl.stage2.checkpoint import META_KEY
 from sppscl.stage2.data import SplitBatches
 from sppscl.stage2.sweeps import Execution, sweep
-from sppscl.stage2.train import train
 
 
 def _preset(cfg, tmp_path):
@@ -47,10 +46,16 @@ def test_lr_1e30_stops_the_run_with_exit_1_and_one_line(tiny_cache, tmp_path, ca
     assert not (run / "metrics.jsonl").exists()  # and no epoch of it logged as if it were one
 
 
-def test_a_sweep_records_a_diverged_run_as_failed_and_never_ranks_it(tiny_cache, tmp_path):
+@pytest.fixture(scope="module")
+def lr_sweep(tiny_cache, tmp_path_factory):
+    """One epoch at lr=1e30 and at lr=1e-3 (a finished run the checkpoint test below reuses)."""
     path, cfg = tiny_cache
-    cfg = apply_overrides(cfg, ["epochs=1"])
-    res = sweep(path, cfg, tmp_path / "s", grid=["lr=1e30,1e-3"], seeds=[1], execution=Execution(workers=1), progress=False)
+    out = tmp_path_factory.mktemp("lr") / "s"
+    return sweep(path, apply_overrides(cfg, ["epochs=1"]), out, grid=["lr=1e30,1e-3"], seeds=[1], execution=Execution(workers=1), progress=False)
+
+
+def test_a_sweep_records_a_diverged_run_as_failed_and_never_ranks_it(lr_sweep):
+    res = lr_sweep
     rows = {r["lr"]: r for r in res.rows}
     assert rows[1e30]["status"] == "failed" and rows[1e30]["error"].startswith("non-finite loss at epoch 1"), rows[1e30]
     assert rows[1e30]["dev_accuracy"] is None and rows[1e-3]["status"] == "ok"
@@ -96,10 +101,11 @@ def test_training_on_a_cache_with_a_nan_row_fails_naming_it(tiny_cache, tmp_path
     assert f"split train, row 7 (id '{sample_id}')" in _err(capsys)
 
 
-def test_a_checkpoint_with_nan_weights_is_refused_naming_the_file_and_tensor(tiny_cache, tmp_path, capsys):
-    path, cfg = tiny_cache
+def test_a_checkpoint_with_nan_weights_is_refused_naming_the_file_and_tensor(tiny_cache, lr_sweep, tmp_path, capsys):
+    path, _ = tiny_cache
+    (ok,) = [r for r in lr_sweep.rows if r["status"] == "ok"]
     run = tmp_path / "run"
-    train(path, apply_overrides(cfg, ["epochs=1"]), run, progress=False)
+    shutil.copytree(lr_sweep.runs_dir / ok["run"], run)
     weights = run / "best.safetensors"
     with safe_open(weights, framework="pt") as fh:
         meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}

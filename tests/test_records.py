@@ -11,24 +11,30 @@ import pytest
 import yaml
 
 from sppscl.cli import main
-from sppscl.config import apply_overrides
 from sppscl.stage2 import train as train_mod
 from sppscl.stage2.loggers import flat_params
-from sppscl.stage2.train import train
 
 
-def test_a_run_records_the_cache_it_used_not_the_preset(tiny_cache, tmp_path, monkeypatch):
-    """The preset names no encoders, so its defaults (resnet50 + bert-base-uncased, fp32, cache/demo-data) are what a
-    run on the tiny-cnn + tiny-bert cache used to record in config.json and the tracker's hyperparameters."""
+@pytest.fixture(scope="module")
+def fold_run(tiny_cache, tmp_path_factory):
+    """Fold 0 of 3, trained through the CLI with a preset that names no encoders: its defaults (resnet50 +
+    bert-base-uncased, fp32, cache/demo-data) are what a run on the tiny-cnn + tiny-bert cache used to record in
+    config.json and the tracker's hyperparameters. Returns (cache, run, the tracker's hyperparameters)."""
     path, cfg = tiny_cache
-    preset = tmp_path / "p.yaml"
+    root = tmp_path_factory.mktemp("fold")
+    preset = root / "p.yaml"
     preset.write_text(yaml.safe_dump({"train": dict(cfg.train.__dict__)}))
     tracked = []
     real = train_mod.make_logger
-    monkeypatch.setattr(train_mod, "make_logger", lambda c, d: tracked.append(flat_params(c)) or real(c, d))
-    run = tmp_path / "run"
-    assert main(["train", "--cache", str(path), "--config", str(preset), "--set", "epochs=1", "--out", str(run), "--quiet"]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_mod, "make_logger", lambda c, d: tracked.append(flat_params(c)) or real(c, d))
+        argv = ["train", "--cache", str(path), "--config", str(preset), "--set", "epochs=1", "--set", "cv_folds=3", "--set", "cv_fold=0"]
+        assert main([*argv, "--out", str(root / "f0"), "--quiet"]) == 0
+    return path, root / "f0", tracked
 
+
+def test_a_run_records_the_cache_it_used_not_the_preset(fold_run):
+    path, run, tracked = fold_run
     data_dir = str((path.parent / "data").resolve())
     stored = json.loads((run / "config.json").read_text())
     assert stored["encoders"] == {"image": "tiny-cnn", "text": "tiny-bert", "max_length": 32, "layers": 4}
@@ -43,17 +49,9 @@ def test_a_run_records_the_cache_it_used_not_the_preset(tiny_cache, tmp_path, mo
     assert (record["image_encoder"], record["text_encoder"], record["precision"]) == ("tiny-cnn", "tiny-bert", "fp32")
 
 
-@pytest.fixture(scope="module")
-def fold_run(tiny_cache, tmp_path_factory):
-    path, cfg = tiny_cache
-    run = tmp_path_factory.mktemp("fold") / "f0"
-    train(path, apply_overrides(cfg, ["epochs=1", "cv_folds=3", "cv_fold=0"]), run, progress=False)
-    return path, run
-
-
 @pytest.mark.parametrize("split", ["train", "dev"])
 def test_a_cv_fold_checkpoint_is_refused_on_its_own_caches_train_and_dev(fold_run, capsys, split, tmp_path):
-    path, run = fold_run
+    path, run, _ = fold_run
     for argv in (["evaluate"], ["analyze", "--out", str(tmp_path / "a")]):
         assert main([*argv, "--checkpoint", str(run), "--cache", str(path), "--split", split]) == 2
         err = " ".join(capsys.readouterr().err.split())
@@ -63,7 +61,7 @@ def test_a_cv_fold_checkpoint_is_refused_on_its_own_caches_train_and_dev(fold_ru
 
 
 def test_a_cv_fold_checkpoint_is_scored_on_test_and_on_its_held_out_fold(fold_run, capsys, tmp_path):
-    path, run = fold_run
+    path, run, _ = fold_run
     assert main(["evaluate", "--checkpoint", str(run), "--cache", str(path), "--split", "test", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["splits"]["test"]["n"] > 0
     # the way the refusal points to: the fold view scores the held-out fold (none of its rows trained the model)
