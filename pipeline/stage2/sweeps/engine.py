@@ -174,35 +174,35 @@ def run_configs(
             requeue(study, plan, local, include_failed=True)
             invocation = uuid.uuid4().hex
             trials = all_trials(study)
+            todo = sum(t.state.name == "WAITING" for t in trials) + plan.fresh(trials)
+            n_workers = execution.worker_count(todo)
+            cpus = cpu_count()
+            spec = WorkerSpec(
+                str(cache_path), str(runs_dir), base_dict, plan, execution.storage, str(out), name, execution.heartbeat, invocation,
+                threads=max(1, cpus // n_workers), memory_budget=default_memory_budget() // n_workers,
+            )
+            with make_progress(enabled=progress, console=console, unit="runs/s") as prog:
+                label = f"runs ({n_workers} worker{'s' if n_workers > 1 else ''}" + (f" on {', '.join(execution.devices)})" if execution.devices else ")")
+                task = prog.add_task(label, total=plan.total(trials))
+                report = _Reporter(study, plan, local, prog, task, out / "runs.csv", keys, base_cfg)
+                report()
+                if todo or not local:
+                    if n_workers == 1 and len(execution.devices) <= 1:
+                        device = execution.devices[0] if execution.devices else None
+                        work(replace(spec, device=device, threads=0), cache, after_trial=report)
+                    else:
+                        _run_processes(spec, n_workers, execution.devices, study, local, report)
+                if local:
+                    # every worker is gone and the folder is ours: a trial still running lost its worker between taking
+                    # the trial and saying who it is; it is recorded failed (the table says so) and the next command retries it
+                    fail_running(study, "the worker running this run died before it recorded its outcome")
+                report()
+            trials = all_trials(study)
     except Exception as e:
         if local or not database_error(e):
             raise
         # one line naming the storage (password masked) and what to do, whatever call met the lost database
         raise storage_lost(execution.storage, e) from None
-        todo = sum(t.state.name == "WAITING" for t in trials) + plan.fresh(trials)
-        n_workers = execution.worker_count(todo)
-        cpus = cpu_count()
-        spec = WorkerSpec(
-            str(cache_path), str(runs_dir), base_dict, plan, execution.storage, str(out), name, execution.heartbeat, invocation,
-            threads=max(1, cpus // n_workers), memory_budget=default_memory_budget() // n_workers,
-        )
-        with make_progress(enabled=progress, console=console, unit="runs/s") as prog:
-            label = f"runs ({n_workers} worker{'s' if n_workers > 1 else ''}" + (f" on {', '.join(execution.devices)})" if execution.devices else ")")
-            task = prog.add_task(label, total=plan.total(trials))
-            report = _Reporter(study, plan, local, prog, task, out / "runs.csv", keys, base_cfg)
-            report()
-            if todo or not local:
-                if n_workers == 1 and len(execution.devices) <= 1:
-                    device = execution.devices[0] if execution.devices else None
-                    work(replace(spec, device=device, threads=0), cache, after_trial=report)
-                else:
-                    _run_processes(spec, n_workers, execution.devices, study, local, report)
-            if local:
-                # every worker is gone and the folder is ours: a trial still running lost its worker between taking
-                # the trial and saying who it is; it is recorded failed (the table says so) and the next command retries it
-                fail_running(study, "the worker running this run died before it recorded its outcome")
-            report()
-        trials = all_trials(study)
 
     rows = study_rows(trials, plan, keys, base_dict["train"], local)
     write_csv(out / "runs.csv", rows)
