@@ -29,3 +29,14 @@ def test_long_titles_are_cut_in_the_middle():
     cut = short_name(long)
     assert len(cut) == 48 and cut.startswith("evaluate /tmp/") and cut.endswith("folder/best.safetensors")
     assert short_name("short") == "short"
+
+
+def test_few_epochs_get_one_tick_each():
+    from sppscl.stage2.plots import epoch_axis
+
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([1], [0.5])
+    epoch_axis(ax, [1])
+    assert list(ax.get_xticks()) == [1] and ax.get_xlabel() == "epoch"

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from ..stage2.plots import confusion_axes, draw_curves
+from ..stage2.plots import confusion_axes, draw_curves, epoch_axis
 
 # a sweep of many configurations gets one panel each up to this many; the rest are named, not drawn
 MAX_PANELS = 24
@@ -38,16 +38,13 @@ def curves_by_config(groups: list[tuple[str, list[tuple[str, list[dict]]]]], met
     rows = math.ceil(len(groups) / cols)
     fig = _figure(3.6 * cols, 2.8 * rows + 0.3)
     axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
-    from matplotlib.ticker import MaxNLocator
-
     for ax, (title, runs) in zip(axes.flat, groups):
         for name, metrics in runs:
             epochs = [r["epoch"] for r in metrics if metric in r]
             ax.plot(epochs, [r[metric] for r in metrics if metric in r], marker="." if len(epochs) < 30 else None, label=name)
         ax.set_title(title, fontsize=9, wrap=True)
-        ax.set_xlabel("epoch")
         ax.set_ylabel(label)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        epoch_axis(ax, [r["epoch"] for _, metrics in runs for r in metrics])
         ax.grid(alpha=0.3)
         if len(runs) <= 6:
             ax.legend(fontsize=7)

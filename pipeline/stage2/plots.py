@@ -40,6 +40,17 @@ def _marker(n: int) -> str | None:
     return "." if n < 30 else None
 
 
+def epoch_axis(ax, epochs: list[int]) -> None:
+    """Whole epochs on the x axis: each one as a tick when there are few (one epoch got ticks at 0.95, 1.00, 1.05)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("epoch")
+    if 0 < len(set(epochs)) <= 12:
+        ax.set_xticks(sorted(set(epochs)))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_curves(metrics_path: Path, out: Path) -> Path:
     """curves.png: the total loss, its terms on their own scale, dev accuracy and F1, and the step-2 firing rate per
     epoch (epochs from 1). The total is λ·CE plus the contrastive terms, so beside them it would flatten them."""
@@ -53,7 +64,7 @@ def plot_curves(metrics_path: Path, out: Path) -> Path:
 
 def draw_curves(fig, rows: list[dict]) -> None:
     """The four panels of curves.png on ``fig``, from metrics.jsonl's rows."""
-    from matplotlib.ticker import MaxNLocator, PercentFormatter
+    from matplotlib.ticker import PercentFormatter
 
     epochs = [r["epoch"] for r in rows]
     mk = _marker(len(rows))
@@ -79,8 +90,7 @@ def draw_curves(fig, rows: list[dict]) -> None:
     axes[3].set_title("step 2 (inter-modal) fired")
     axes[3].set_ylabel("share of the epoch's batches")
     for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
+        epoch_axis(ax, epochs)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     axes[2].legend(fontsize=8)
