@@ -106,13 +106,11 @@ def test_train_keeps_glibc_defaults(tmp_path):
     """Stage two measured no faster with the setting (docs/performance.md), so train leaves malloc alone."""
     code = CHURN + """
 import sys
-import sppscl.stage2.train as t
+import sppscl.api as api
 def measure(*args, **kw):
     print("faults", churn_faults())
     raise SystemExit(0)
-t.train = measure
-import sppscl.cli.training as cli_training
-cli_training.train_config = lambda *a, **k: None
+api.train = measure  # the function `sppscl train` calls (the CLI is thin over the API)
 from sppscl.cli import app
 sys.argv = ["sppscl", "train", "--cache", "c.h5", "--quiet"]
 app()
