@@ -100,7 +100,9 @@ def run(ctx, report) -> None:
             error = Path(res.runs_dir) / res.failed[0] / "error.txt"
             first = error.read_text().splitlines()[0] if error.exists() else "no error.txt"
             raise RuntimeError(f"--runs-per-device {k}: {len(res.failed)} of {n} runs failed (first, {res.failed[0]}: {first}; traceback in {error})")
-        placed = {json.loads((Path(res.runs_dir) / r / "config.json").read_text())["train"]["device"] for r in res.ran}
+        if len(res.rows) != n:
+            raise RuntimeError(f"--runs-per-device {k}: the sweep returned {len(res.rows)} finished runs of the {n} it was given")
+        placed = {json.loads((Path(res.runs_dir) / r["run"] / "config.json").read_text())["train"]["device"] for r in res.rows}
         last = (k, wall)
         gpu = f"GPU utilisation {sum(util) / len(util):.0f}% (mean of {len(util)} samples)" if util else (
             "GPU utilisation: nvidia-smi did not answer" if dev.type == "cuda" else "no GPU"
