@@ -1156,6 +1156,16 @@ def ckpt17_malicious_pickle_as_image_encoder(env: Env) -> Expect:
 
 
 
+
+@case
+def verify17_control_characters_in_an_id_are_shown_escaped(env: Env) -> Expect:
+    """An id holding a terminal escape sequence reaches the console escaped, never raw."""
+    ds = env.dataset()
+    ds.splits["train"][0]["id"] = "evil\x1b[2J\x1b[31mid"
+    ds.splits["train"][0]["text"] = ""
+    preset = ds.write()
+    return Expect(["data", "verify", "--config", str(preset), "--workers", "1"], 1, ["evil\\x1b[2J\\x1b[31mid", "empty text"], [ds.data])
+
 # usage errors: exit 2 before anything is created
 def _nothing_created(env: Env, *names: str) -> Callable[[], None]:
     def after() -> None:

@@ -23,7 +23,7 @@ from rich.progress import track
 from rich.table import Table
 
 from sppscl.config import ConfigError
-from sppscl.errors import InputError, check_input_file
+from sppscl.errors import InputError, check_input_file, printable
 from sppscl.stage1.adapters import inside
 from sppscl.stage1.encoders import RESIZE, to_rgb
 from sppscl.stage1.records import LoadReport, Sample
@@ -226,7 +226,7 @@ class VerifyReport:
             + (f"; {sum(outside.values())} images resolve (through symbolic links) to {len(outside)} folder(s) outside the dataset folder:" if outside else "")
         )
         for folder, n in list(outside.items())[:SHOW_IDS]:
-            console.print(f"  {folder} ({n} images)", markup=False, highlight=False, soft_wrap=True)
+            console.print(printable(f"  {folder} ({n} images)"), markup=False, highlight=False, soft_wrap=True)
 
         kinds = Table(title="problems")
         kinds.add_column("kind")
@@ -244,7 +244,7 @@ class VerifyReport:
             console.print(f"[bold red]{kind}[/] ({len(items)}):")
             for sid, detail in items[:SHOW_IDS]:
                 # not wrapped: paths stay whole, to copy and to search for
-                console.print(f"  {sid}: {detail}", markup=False, highlight=False, soft_wrap=True)
+                console.print(printable(f"  {sid}: {detail}"), markup=False, highlight=False, soft_wrap=True)
             if len(items) > SHOW_IDS:
                 console.print(f"  ... and {len(items) - SHOW_IDS} more")
         console.print("[green]OK: no problems found[/]" if self.ok else "[red]problems found[/]")
