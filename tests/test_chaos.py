@@ -24,7 +24,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from sppscl.stage2.sweeps.study import open_storage
+from sppscl.stage2.sweeps.study import attrs, open_storage
 
 EPOCHS = 3
 
@@ -112,7 +112,7 @@ def chaos(cache, preset, out: Path, grid: list[str], runs: set[str], rounds: int
     trials = optuna.load_study(study_name=name, storage=store).get_trials()
     for run in runs:
         complete = [t for t in trials if t.user_attrs.get("run") == run and t.state == TrialState.COMPLETE]
-        assert complete and sum(not t.user_attrs.get("reused") for t in complete) <= 1, run
+        assert complete and sum(not attrs(t).get("reused") for t in complete) <= 1, run
     return log
 
 

@@ -19,7 +19,7 @@ from sppscl.config import apply_overrides
 from sppscl.stage2.ownership import RunInUseError, lock_path, new_run_dir, own_run
 from sppscl.stage2.sweeps import Execution, sweep
 from sppscl.stage2.sweeps import worker as worker_mod
-from sppscl.stage2.sweeps.study import open_storage
+from sppscl.stage2.sweeps.study import attrs, open_storage
 
 INLINE = Execution(workers=1)  # runs in the test process
 
@@ -36,7 +36,7 @@ def _trained(out) -> dict[str, int]:
     (name,) = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     counts: dict[str, int] = {}
     for t in optuna.load_study(study_name=name, storage=storage).get_trials():
-        if t.state == TrialState.COMPLETE and not t.user_attrs.get("reused"):
+        if t.state == TrialState.COMPLETE and not attrs(t).get("reused"):
             counts[t.user_attrs["run"]] = counts.get(t.user_attrs["run"], 0) + 1
     return counts
 

@@ -191,6 +191,8 @@ def test_optuna_random_search_writes_study_and_resumes(base, tmp_path):
     trials = study.get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
     assert sorted(t.value for t in trials) == sorted(r["dev_accuracy"] for r in res.rows)
+    # a trial's results are one attribute (one write to a shared study's database), beside who ran it
+    assert all(set(t.user_attrs) - {"config", "overrides", "seed", "draw", "run", "host", "pid", "invocation"} == {"result"} for t in trials)
     # rerunning draws nothing new and trains nothing; a different space is refused
     again = sweep(path, cfg, out, **args)
     assert again.ran == [] and len(again.rows) == 2
@@ -293,3 +295,25 @@ def test_search_runs_every_seed_of_every_draw(base, tmp_path):
     assert [r["status"] for r in res.rows] == ["ok"] * 4 and len(res.ran) == 4
     assert [r["seed"] for r in res.rows] == [0, 1, 0, 1] and len({r["config"] for r in res.rows}) == 2
     assert [s["n"] for s in res.summary] == [2, 2]
+
+
+def test_trials_of_older_sweeps_with_one_attribute_per_result_field_still_read():
+    """Sweeps before issue 20 stored each result field as its own user attribute: their studies still read."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from sppscl.stage2.sweeps.plans import ListPlan
+    from sppscl.stage2.sweeps.study import attrs, has_result, outcome
+    from sppscl.stage2.sweeps.tables import study_rows
+
+    fields = {"status": "ok", "best_epoch": 2, "dev_accuracy": 0.5, "test_accuracy": 0.25, "wall_s": 1.5, "host": "h", "run_dir": "/x", "error": ""}
+    old = optuna.trial.create_trial(
+        state=TrialState.COMPLETE, value=0.5, user_attrs={"run": "fusion-batch-seed0", "config": "fusion-batch", "overrides": {"fusion": "batch"}, "seed": 0, **fields}
+    )
+    old.number = 0
+    new = optuna.trial.create_trial(state=TrialState.COMPLETE, value=0.5, user_attrs={"run": "fusion-batch-seed0", "result": fields})
+    for t in (old, new):
+        assert attrs(t)["dev_accuracy"] == 0.5 and has_result(t)
+    assert outcome([old], local=False) is old
+    (row,) = study_rows([old], ListPlan([{"fusion": "batch"}], [0]), ["fusion"], {"fusion": "concat"}, local=False)
+    assert (row["run"], row["status"], row["dev_accuracy"], row["test_accuracy"], row["best_epoch"]) == ("fusion-batch-seed0", "ok", 0.5, 0.25, 2)

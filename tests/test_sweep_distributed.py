@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from sppscl.cli import main
 from sppscl.config import ConfigError
 from sppscl.stage2.sweeps import Execution, parse_devices, sweep
-from sppscl.stage2.sweeps.study import claim, open_storage
+from sppscl.stage2.sweeps.study import attrs, claim, open_storage
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = ["--grid", "fusion=batch,concat", "--grid", "ha_layers=2,4", "--seeds", "1,2"]
@@ -54,7 +54,7 @@ def _trained(study: optuna.Study) -> dict[str, list]:
     """Run name -> trials that trained it to the end (not reused from disk, not stepped aside)."""
     out: dict[str, list] = {}
     for t in study.get_trials():
-        if t.state == TrialState.COMPLETE and not t.user_attrs.get("reused"):
+        if t.state == TrialState.COMPLETE and not attrs(t).get("reused"):
             out.setdefault(t.user_attrs["run"], []).append(t)
     return out
 
@@ -101,8 +101,8 @@ def test_two_processes_share_a_grid_each_run_once_and_summary_equals_local(postg
     # each run directory exists on exactly one machine, and the trial says which
     for run, (t,) in trained.items():
         homes = [m for m in ("m0", "m1") if (tmp_path / m / "runs" / run / "results.json").exists()]
-        assert len(homes) == 1 and Path(t.user_attrs["run_dir"]) == (tmp_path / homes[0] / "runs" / run).resolve()
-        assert {"dev_accuracy", "test_accuracy", "best_epoch", "host", "wall_s", "error"} <= set(t.user_attrs)
+        assert len(homes) == 1 and Path(attrs(t)["run_dir"]) == (tmp_path / homes[0] / "runs" / run).resolve()
+        assert {"dev_accuracy", "test_accuracy", "best_epoch", "host", "wall_s", "error"} <= set(attrs(t))
     print("runs per process:", {m: len(list((tmp_path / m / "runs").glob("*/results.json"))) for m in ("m0", "m1")})
 
     # the tables from the study, on a third "machine", equal a local sweep's of the same grid
@@ -146,7 +146,7 @@ def test_killed_process_run_is_trained_again_by_the_other(postgres, preset, tmp_
     # the killed trial was failed by the heartbeat check (not by a timer) and its run queued again as a new named trial
     trials = study.get_trials()
     (killed,) = [t for t in trials if t.user_attrs.get("pid") == victim.pid and t.user_attrs.get("run") == killed_run]
-    assert killed.state == TrialState.FAIL and "status" not in killed.user_attrs
+    assert killed.state == TrialState.FAIL and "status" not in attrs(killed)
     assert any(t.user_attrs["run"] == killed_run and t.number > killed.number and "fixed_params" in t.system_attrs for t in trials), [
         (t.number, t.state.name, t.user_attrs.get("run"), t.user_attrs.get("pid"), t.user_attrs.get("duplicate_of")) for t in trials
     ]

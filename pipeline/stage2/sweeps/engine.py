@@ -32,8 +32,8 @@ from ...progress import make_progress
 from .plans import ListPlan, SearchPlan, run_name
 from .spec import SweepError, run_config
 from .study import (
-    DEFAULT_HEARTBEAT, LOCAL_STUDY_FILE, all_trials, by_run, database_error, fail_running, masked, open_storage, open_study, outcome,
-    requeue, storage_lost,
+    DEFAULT_HEARTBEAT, LOCAL_STUDY_FILE, all_trials, attrs, by_run, database_error, fail_running, has_result, masked, open_storage,
+    open_study, outcome, requeue, storage_lost,
 )
 from .tables import SweepResult, aggregate, first_line, study_rows, write_csv, write_summary
 from ..provenance import config_as_trained
@@ -208,7 +208,7 @@ def run_configs(
     write_csv(out / "runs.csv", rows)
     summary = aggregate(rows, keys, primary)
     write_summary(out, summary, keys, primary, len(plan.seeds))
-    by_number = {t.number: t.user_attrs for t in trials}
+    by_number = {t.number: attrs(t) for t in trials}
     ran = [r["run"] for r in rows if by_number[r["trial"]].get("invocation") == invocation and not by_number[r["trial"]].get("reused")]
     failed = [r["run"] for r in rows if r["status"] != "ok"]
     return SweepResult(out, runs_dir, keys, rows, summary, ran, failed, primary, plan.seeds)
@@ -285,7 +285,7 @@ class _Reporter:
 
     def __call__(self) -> None:
         trials = all_trials(self.study)
-        new = [t for t in trials if t.number not in self.seen and t.state.is_finished() and "status" in t.user_attrs]
+        new = [t for t in trials if t.number not in self.seen and t.state.is_finished() and has_result(t)]
         for t in new:
             self.seen.add(t.number)
             if not self.first:
@@ -298,7 +298,7 @@ class _Reporter:
             write_csv(self.runs_csv, study_rows(trials, self.plan, self.keys, self.base_cfg.to_dict()["train"], self.local))
 
     def _note(self, t: FrozenTrial) -> None:
-        a = t.user_attrs
+        a = attrs(t)
         where = "" if self.local else f" on {a.get('host')}"
         if a["status"] == "ok":
             if not a.get("reused"):

@@ -172,6 +172,23 @@ def all_trials(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False)
 
 
+# A run's results (status, metrics, best epoch, wall time, error, where it ran) are stored on its trial as this one
+# attribute: one write, where one attribute per field took about 20 round trips to a shared study's database.
+RESULT_KEY = "result"
+
+
+def attrs(t: FrozenTrial) -> dict[str, Any]:
+    """A trial's user attributes with its results among them, whether stored as the one ``result`` attribute or, by
+    sweeps of older versions, as one attribute per field."""
+    result = t.user_attrs.get(RESULT_KEY)
+    return {**t.user_attrs, **result} if isinstance(result, dict) else t.user_attrs
+
+
+def has_result(t: FrozenTrial) -> bool:
+    """Whether the trial's run recorded an outcome (a status: ok or failed, with its error)."""
+    return "status" in attrs(t)
+
+
 def is_queued(t: FrozenTrial) -> bool:
     """A trial created with its run already fixed (queued by ``requeue``), not by the sampler."""
     return "fixed_params" in t.system_attrs or "failed_trial" in t.system_attrs
@@ -189,7 +206,7 @@ def is_done(t: FrozenTrial, local: bool) -> bool:
     """A finished run. In a local sweep the run directory is the artifact: a run whose results.json was deleted is redone."""
     if t.state != TrialState.COMPLETE:
         return False
-    return not local or (Path(t.user_attrs.get("run_dir", "")) / "results.json").exists()
+    return not local or (Path(attrs(t).get("run_dir", "")) / "results.json").exists()
 
 
 def outcome(trials: list[FrozenTrial], local: bool) -> FrozenTrial | None:
@@ -197,7 +214,7 @@ def outcome(trials: list[FrozenTrial], local: bool) -> FrozenTrial | None:
     done = [t for t in trials if is_done(t, local)]
     if done:
         return max(done, key=lambda t: t.number)
-    failed = [t for t in trials if t.state == TrialState.FAIL and "status" in t.user_attrs]
+    failed = [t for t in trials if t.state == TrialState.FAIL and has_result(t)]
     return max(failed, key=lambda t: t.number) if failed else None
 
 
@@ -253,7 +270,7 @@ def _settled(trials: list[FrozenTrial]) -> bool:
     if not finished:
         return False
     last = max(finished, key=lambda t: t.number)
-    return last.state == TrialState.COMPLETE or "status" in last.user_attrs
+    return last.state == TrialState.COMPLETE or has_result(last)
 
 
 def requeue(study: optuna.Study, plan, local: bool, include_failed: bool, trials: list[FrozenTrial] | None = None) -> list[str]:
@@ -284,8 +301,7 @@ def fail_running(study: optuna.Study, reason: str, only: Callable[[FrozenTrial],
     for t in all_trials(study):
         if t.state == TrialState.RUNNING and only(t):
             if "run" in t.user_attrs:
-                study._storage.set_trial_user_attr(t._trial_id, "status", "failed")
-                study._storage.set_trial_user_attr(t._trial_id, "error", reason)
+                study._storage.set_trial_user_attr(t._trial_id, RESULT_KEY, {"status": "failed", "error": reason})
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             n += 1
     return n

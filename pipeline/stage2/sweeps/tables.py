@@ -66,7 +66,7 @@ def study_rows(trials: list, plan, keys: list[str], base_train: dict, local: boo
 
     A configuration's value of each key is its override, or the base configuration's when it does not set it."""
     from .spec import run_name
-    from .study import by_run, outcome
+    from .study import attrs, by_run, outcome
 
     held = by_run(trials)
     rows = []
@@ -75,7 +75,7 @@ def study_rows(trials: list, plan, keys: list[str], base_train: dict, local: boo
         t = outcome(held.get(name, []), local)
         if t is None:
             continue
-        a = t.user_attrs
+        a = attrs(t)
         values = {k: overrides.get(k, base_train[k]) for k in keys}
         result = {c: a.get(c) for c in ("status", "best_epoch", *METRIC_COLUMNS, "wall_s", "host", "run_dir")}
         rows.append({"run": name, "config": a["config"], **values, "seed": seed, "trial": t.number, **result, "error": a.get("error", "")})

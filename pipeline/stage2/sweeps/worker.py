@@ -36,7 +36,7 @@ from ..provenance import config_as_trained
 from ..train import train
 from .plans import ListPlan, SearchPlan, run_name
 from .spec import SweepError, config_slug, run_config
-from .study import all_trials, check_stale, claim, database_error, is_queued, open_storage, requeue
+from .study import RESULT_KEY, all_trials, check_stale, claim, database_error, is_queued, open_storage, requeue
 from .tables import read_run
 
 # a worker process's exit status when the shared study's database stopped answering (EX_TEMPFAIL)
@@ -222,8 +222,7 @@ class Objective:
             # the draw's other seeds, queued now so other workers train them in parallel
             requeue(study, plan, self.local, include_failed=False)
         row = self._run(overrides, seed, name)
-        for key, value in row.items():
-            trial.set_user_attr(key, value)
+        trial.set_user_attr(RESULT_KEY, row)
         if row["status"] != "ok":
             raise RunFailed(row["error"])
         return row["dev_accuracy"]
