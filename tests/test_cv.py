@@ -253,7 +253,12 @@ def test_ensemble_refuses_duplicates_and_another_class_order_in_one_line(two_run
     assert "has the same weights as" in refused(root / "s2", tmp_path / "copy")
 
     shutil.copytree(root / "s2", tmp_path / "reordered")
-    _rewrite_checkpoint(tmp_path / "reordered" / "best.safetensors", edit_meta=lambda d: d["classes"].reverse())
+    # a consistent checkpoint of another class order: its classes and its cache's both reversed (a checkpoint whose
+    # classes disagree with its own cache is refused at open, as altered)
+    _rewrite_checkpoint(
+        tmp_path / "reordered" / "best.safetensors",
+        edit_meta=lambda d: (d["classes"].reverse(), d["cache_provenance"]["dataset"]["classes"].reverse()),
+    )
     err = refused(tmp_path / "reordered")
     assert "predicts the classes ['negative', 'neutral', 'positive']" in err and "['positive', 'neutral', 'negative']" in err
     assert "the order differs" in refused(root / "s1", tmp_path / "reordered")
