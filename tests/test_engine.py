@@ -106,6 +106,7 @@ HOLDER = textwrap.dedent(
     fcntl.flock(fh, fcntl.LOCK_EX)
     fh.write(f"pid {os.getpid()} (test holder)"); fh.flush()
     open(os.path.join(folder, "holder-was-here"), "w").close()
+    open(os.path.join(folder, "config.json"), "w").close()  # a run in progress writes its configuration first
     print("holding", flush=True)
     time.sleep(seconds)
     print("released", os.path.exists(os.path.join(folder, "holder-was-here")), time.time(), flush=True)
@@ -133,7 +134,7 @@ def test_train_into_a_folder_another_process_owns_exits_2_naming_it(tiny_cache, 
         assert main(["train", "--cache", str(path), "--set", "epochs=1", "--set", "device=cpu", "--out", str(run), "--quiet"]) == 2
         err = capsys.readouterr().err
         assert f"pid {holder.pid} (test holder)" in err and str(run) in err
-        assert sorted(p.name for p in run.iterdir()) == ["holder-was-here"]  # nothing of the holder's touched
+        assert sorted(p.name for p in run.iterdir()) == ["config.json", "holder-was-here"]  # nothing of the holder's touched
     finally:
         holder.kill()
         holder.wait()

@@ -110,4 +110,4 @@ def test_installed_copy_lists_shows_and_uses_the_presets(installed, tmp_path):
                 "--device", "cpu", "--workers", "0", "--quiet", "--image-encoder", "tiny-cnn", "--text-encoder", "tiny-bert",
                 "--set", "encoders.max_length=16"], work, env)
     assert (work / "hfm.h5").is_file(), done.stdout
-    assert "CLMLF split files" in done.stdout
+    assert "CLMLF split files" in done.stderr  # notes go to stderr, results to stdout
