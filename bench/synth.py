@@ -87,7 +87,7 @@ def write_cache(
     provenance = {
         "schema_version": 1,
         "dataset": {"name": "bench-synthetic", "format": "synthetic", "classes": list(classes), "primary_f1": "weighted"},
-        "encoders": {"image": {"name": "synthetic", "shape": list(image_shape)}, "text": {"name": "synthetic", "layers": layers, "hidden": hidden}},
+        "encoders": {"image": {"name": "synthetic", "shape": list(image_shape)}, "text": {"name": "synthetic", "layers": list(range(-layers, 0)), "hidden_size": hidden, "tokenizer": {"max_length": max_length}}},
         "dtype": "float16",
     }
     shapes = FeatureShapes(tuple(image_shape), layers, hidden, "float16")

@@ -31,9 +31,8 @@ def cache_record(cache: FeatureCache) -> dict:
         "classes": list(prov["dataset"]["classes"]),
         "image_encoder": prov["encoders"]["image"]["name"],
         "text_encoder": text["name"],
-        # caches written by tools other than extract (the benchmarks' synthetic ones) may record only the shapes
-        "max_length": int(text["tokenizer"]["max_length"]) if "max_length" in text.get("tokenizer", {}) else None,
-        "layers": len(text["layers"]) if isinstance(text.get("layers"), list) else int(cache.layers),
+        "max_length": int(text["tokenizer"]["max_length"]),
+        "layers": len(text["layers"]),
         "dtype": prov["dtype"],
         # caches from before --precision were all computed in float32
         "precision": prov.get("precision", "fp32"),
@@ -51,6 +50,6 @@ def config_as_trained(cfg: Config, cache: FeatureCache) -> Config:
     # unknown for an old cache: empty rather than the preset's folder, which the features need not come from
     out.dataset.data_dir = r["data_dir"] or ""
     out.encoders.image, out.encoders.text = r["image_encoder"], r["text_encoder"]
-    out.encoders.max_length, out.encoders.layers = r["max_length"] or out.encoders.max_length, r["layers"]
+    out.encoders.max_length, out.encoders.layers = r["max_length"], r["layers"]
     out.extract.dtype, out.extract.precision = r["dtype"], r["precision"]
     return out
