@@ -278,12 +278,7 @@ def evaluate(
     from .stage2.intervals import report_interval
     from .stage2.runs import RunError, check_fold_split, compatible, evaluate_split, load_checkpoint, model_from_checkpoint, resolve_checkpoint, write_predictions
 
-    out = Path(out) if out is not None else None
-    json_out = out is not None and out.suffix.lower() == ".json"
-    if out is not None:
-        # before any work: --out names a JSON file or a folder, and nothing else (a FIFO, device, link) is there
-        check_output_file(out, "the results") if json_out else check_output_folder(out, "the results")
-        check_writable_dir(out.parent if json_out else out, "the results")
+    out, json_out = _results_target(out)
     path = resolve_checkpoint(checkpoint, which)
     ckpt = load_checkpoint(path)
     fc = FeatureCache(Path(cache))
@@ -311,6 +306,18 @@ def evaluate(
     return results
 
 
+def _results_target(out: str | Path | None) -> tuple[Path | None, bool]:
+    """(``out`` as a path, whether it names a JSON file rather than a folder), checked before any work: --out names a
+    JSON file or a folder, and nothing else (a FIFO, device, link) is there."""
+    if out is None:
+        return None, False
+    out = Path(out)
+    json_out = out.suffix.lower() == ".json"
+    check_output_file(out, "the results") if json_out else check_output_folder(out, "the results")
+    check_writable_dir(out.parent if json_out else out, "the results")
+    return out, json_out
+
+
 def _save_results(out: Path, results: dict, what: str) -> None:
     """``out`` ending in .json: the results there, alone; else a folder with results.json and confusion-<split>.png."""
     from .stage2.plots import plot_confusions
@@ -331,12 +338,7 @@ def probe(cache: str | Path, *, modalities: str = "both", seed: int = 0, out: st
     from .stage2.baselines import record_probe
     from .stage2.probe import run_probe
 
-    out = Path(out) if out is not None else None
-    json_out = out is not None and out.suffix.lower() == ".json"
-    if out is not None:
-        # before any work: --out names a JSON file or a folder, and nothing else (a FIFO, device, link) is there
-        check_output_file(out, "the results") if json_out else check_output_folder(out, "the results")
-        check_writable_dir(out.parent if json_out else out, "the results")
+    out, json_out = _results_target(out)
     res = run_probe(Path(cache), seed=seed, modalities=modalities)
     results = {"cache": str(cache), **res, "probe_record": record_probe(Path(cache), res, seed)}
     if out is not None:
