@@ -49,10 +49,9 @@ def tiny_cache(tmp_path_factory) -> tuple[Path, Config]:
     return root / "tiny.h5", cfg
 
 
-@pytest.fixture(scope="session")
-def postgres():
-    """A PostgreSQL server for the shared-study tests, in a temporary folder, stopped at the end (skips when
-    PostgreSQL is not installed)."""
+def start_postgres():
+    """A started PostgreSQL server in a temporary folder (``.url``; the caller stops it), or the test is skipped
+    with the reason when PostgreSQL is not installed."""
     import sys
 
     sys.path.insert(0, str(REPO))  # bench/ is not installed with the package
@@ -64,6 +63,13 @@ def postgres():
     except PostgresUnavailable as e:
         pg.stop()
         pytest.skip(f"PostgreSQL tests skipped: {e}")
+    return pg
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for the shared-study tests, stopped at the end of the session."""
+    pg = start_postgres()
     yield pg.url
     pg.stop()
 

@@ -311,16 +311,10 @@ def test_password_comes_from_pgpassword_or_pgpass_and_is_never_shown(pg_with_pas
 
 @pytest.mark.slow
 def test_lost_database_is_one_line_workers_exit_and_the_rerun_continues(preset, tmp_path):
-    sys.path.insert(0, str(REPO))
-    from bench.postgres import PostgresUnavailable, TempPostgres
+    from conftest import start_postgres  # its own server: the test stops it mid-sweep
 
     cache, cfg_file = preset
-    pg = TempPostgres()
-    try:
-        pg.start()
-    except PostgresUnavailable as e:
-        pg.stop()
-        pytest.skip(f"PostgreSQL tests skipped: {e}")
+    pg = start_postgres()
     try:
         url = pg.url.replace("sppscl@", "sppscl:hidden-pw@")  # trust auth ignores it; it must never be shown
         shared = ["--storage", url, "--study", "outage", "--heartbeat", "1", "--jobs", "2"]
