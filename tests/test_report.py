@@ -7,6 +7,7 @@ import csv
 import json
 import re
 import shutil
+from pathlib import Path
 from html.parser import HTMLParser
 
 import pytest
@@ -173,6 +174,17 @@ def test_markdown_tables_keep_every_column_and_their_notes():
     assert t.title == "T" and t.head == ["a", "n", "acc", "ci95"] and t.highlight_first
     assert t.rows == [["x", "2", "0.5 ± 0.1", "[0.3, 0.7]"], ["y", "1", "0.4 ± 0.0", "[0.4, 0.4]"]]
     assert t.notes == ["above", "a note"]
+
+
+def test_curve_lines_name_the_runs_when_their_seeds_do_not_tell_them_apart():
+    """A configuration's seeds are labelled by seed; runs compared side by side (often all seed 42) by their names."""
+    from sppscl.report.collect import _line_labels
+
+    def run(name, seed):
+        return Run(name, Path(name), {}, [], {"config": {"train": {"seed": seed}}})
+
+    assert _line_labels([run("lr-1-seed1", 1), run("lr-1-seed2", 2)]) == ["seed 1", "seed 2"]
+    assert _line_labels([run("spp-scl", 42), run("text-only", 42)]) == ["spp-scl", "text-only"]
 
 
 def test_majority_reference_is_the_constant_classifier(tmp_path):

@@ -163,11 +163,18 @@ def runs_of(rows: list[dict], folder: Path) -> tuple[dict[str, list[Run]], list[
     return groups, missing
 
 
+def _line_labels(runs: list[Run]) -> list[str]:
+    """A panel's line labels: ``seed N`` when that tells its runs apart (a configuration's seeds), else the run names
+    (runs compared side by side often share a seed)."""
+    seeds = [f"seed {r.checkpoint.get('config', {}).get('train', {}).get('seed', r.name)}" for r in runs]
+    return seeds if len(set(seeds)) == len(seeds) else [r.name for r in runs]
+
+
 def curves_chart(groups: dict[str, list[Run]], what: str) -> list[Chart]:
     if not groups:
         return []
-    items = [(config, [(f"seed {r.checkpoint.get('config', {}).get('train', {}).get('seed', r.name)}", r.metrics) for r in runs]) for config, runs in groups.items()]
-    caption = f"{what}: every run's dev accuracy per epoch (the checkpoint selection's score), one panel per configuration, one line per seed."
+    items = [(config, [(label, r.metrics) for label, r in zip(_line_labels(runs), runs)]) for config, runs in groups.items()]
+    caption = f"{what}: every run's dev accuracy per epoch (the checkpoint selection's score), one panel per configuration, one line per run."
     if len(items) > charts.MAX_PANELS:
         caption += f" The first {charts.MAX_PANELS} of {len(items)} configurations are drawn."
     return [Chart("dev curves by configuration", charts.curves_by_config(items), caption)]
