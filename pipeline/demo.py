@@ -44,7 +44,7 @@ def run_demo(out: Path, cache: Path, epochs: int | None, console: Console, progr
     log.rule("[bold]1/2 stage one: generate the synthetic set, extract features with EfficientNet-Lite0 + MiniLM-L6")
     summary = extract(cfg, cache, progress=True, console=log)
     speed = f"{summary.samples_per_second:.1f} samples/s" if summary.samples_encoded else "already complete, reused"
-    log.print(f"cache {cache}: {sum(summary.rows.values())} rows ({speed})")
+    log.print(f"cache {cache}: {sum(summary.rows.values())} rows ({speed})", markup=False, highlight=False)
     if out.exists():
         shutil.rmtree(out)
     results, run_dirs = {}, {}
@@ -59,6 +59,6 @@ def run_demo(out: Path, cache: Path, epochs: int | None, console: Console, progr
         d, t = r["splits"]["dev"], r["splits"]["test"]
         table.add_row(name, f"{d['accuracy']:.3f}", f"{d['macro_f1']:.3f}", f"{t['accuracy']:.3f}", f"{t['macro_f1']:.3f}")
     console.print(table)
-    console.print(f"runs (checkpoints, metrics.jsonl, results.json, predictions, curves.png): {', '.join(str(p) for p in run_dirs.values())}")
+    console.print(f"runs (checkpoints, metrics.jsonl, results.json, predictions, curves.png): {', '.join(str(p) for p in run_dirs.values())}", markup=False, highlight=False)
     console.print(f"demo finished in {time.perf_counter() - t0:.0f}s")
     return results

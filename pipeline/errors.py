@@ -150,6 +150,15 @@ def printable(text: str) -> str:
     return str(text).translate(_UNPRINTABLE)
 
 
+def safe(text: object) -> str:
+    """Text from data for a rich console or table (a run name, a path, a class name, an id): rich markup escaped (so
+    ``[red]`` or ``[/]`` in a name is shown, never applied nor a crash) and control characters shown escaped
+    (:func:`printable`). The one helper every console line and table cell built from data goes through."""
+    from rich.markup import escape
+
+    return escape(printable(str(text)))
+
+
 def masked_url(url: str) -> str:
     """A storage URL as it may be shown (console, logs, errors, records): SQLAlchemy's own rendering with the password
     as ``***``. A URL SQLAlchemy cannot parse is not shown at all: it might hold a password in an unknown place."""

@@ -171,3 +171,95 @@ def test_a_data_folder_named_like_a_preset_is_not_read_as_the_config(tmp_path, m
     (tmp_path / "hfm").mkdir()
     monkeypatch.chdir(tmp_path)
     assert load_config("hfm").dataset.name == "hfm"
+
+
+# ------------------------------------------------------------------------------------ data in console output (issue 17 leftovers)
+
+# what a hostile run name, path, class name or grid value may hold: a terminal escape (clear screen, red), CR, a C1
+# CSI, a bidirectional override, and rich markup (a closing tag with nothing open made rich raise before)
+HOSTILE = "ev\x1b[2J\x1b[31mil\r\x9b1m\u202e[/][bold]x"
+SHOWN = "ev\\x1b[2J\\x1b[31mil\\x0d\\x9b1m\\u202e[/][bold]x"
+
+
+def _printed(fn) -> str:
+    import io
+
+    from sppscl.cli.console import LogConsole
+
+    buf = io.StringIO()
+    fn(LogConsole(file=buf))
+    return buf.getvalue()
+
+
+def test_any_string_a_console_shows_has_its_control_characters_escaped():
+    """The consoles escape control characters in every string they render (lines, cells, titles, captions), so a
+    print path that forgot the helper cannot send data raw to the terminal."""
+    from rich.table import Table
+
+    def show(c):
+        t = Table(title="t " + HOSTILE.replace("[", "("), caption="c " + HOSTILE.replace("[", "("))
+        t.add_column("h")
+        t.add_row("cell " + HOSTILE.replace("[", "("))
+        c.print(t)
+        c.print("line " + HOSTILE.replace("[", "("), markup=False)
+
+    text = _printed(show)
+    assert not [c for c in ("\x1b", "\r", "\x9b", "\u202e") if c in text], repr(text)
+    assert text.count("\\x1b(2J") == 4 and text.count("\\u202e") == 4, text
+
+
+def test_sweep_summary_table_shows_names_and_paths_from_data_escaped(tmp_path):
+    from sppscl.stage2.sweeps import METRIC_COLUMNS, SweepResult, print_summary
+
+    row = {"lr": HOSTILE, "config": HOSTILE, "n": 1, "n_failed": 0, "test_ci95_note": ""}
+    row.update({f"{c}_mean": 0.5 for c in METRIC_COLUMNS} | {f"{c}_std": 0.0 for c in METRIC_COLUMNS})
+    run = {"run": HOSTILE, "status": "failed", "error": "boom " + HOSTILE}
+    result = SweepResult(tmp_path / HOSTILE, tmp_path / "runs", ["lr"], [run], [row], [], [HOSTILE], "weighted", [1])
+    text = _printed(lambda c: print_summary(result, c))
+    assert text.count(SHOWN) >= 4, text  # title, the lr cell, the failed run and its error.txt path
+    assert not [c for c in ("\x1b", "\r", "\x9b", "\u202e") if c in text], repr(text)
+
+
+def test_cv_and_reproduce_tables_show_cells_and_paths_from_data_escaped(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from sppscl.stage2 import cv, reproduce
+
+    monkeypatch.setattr(cv, "table_cells", lambda r: (["model " + HOSTILE, "acc"], [[HOSTILE, "0.5"]]))
+    monkeypatch.setattr(cv, "notes", lambda r: ["note " + HOSTILE])
+    fake = SimpleNamespace(folds=2, out=tmp_path / HOSTILE, sweep=SimpleNamespace(runs_dir=tmp_path / HOSTILE))
+    text = _printed(lambda c: cv.print_cv(fake, c))
+    assert text.count(SHOWN) >= 5, text
+    assert not [c for c in ("\x1b", "\r", "\x9b", "\u202e") if c in text], repr(text)
+
+    monkeypatch.setattr(reproduce, "table_cells", lambda *a: (["variant", "acc"], [[HOSTILE, "0.5"]]))
+    monkeypatch.setattr(reproduce, "_notes", lambda *a: ["note " + HOSTILE])
+    rep = SimpleNamespace(warning="warn " + HOSTILE, cv=None, spec=SimpleNamespace(title="Table 4 " + HOSTILE), dataset=HOSTILE, rows=[],
+                          paper_column=None, sweep=SimpleNamespace(primary_f1="weighted", runs_dir=tmp_path / HOSTILE), ensembles={},
+                          files=[tmp_path / HOSTILE])
+    monkeypatch.setattr(reproduce, "_has_test", lambda rows: False)
+    text = _printed(lambda c: reproduce.print_reproduction(rep, c))
+    assert text.count(SHOWN) >= 5, text
+    assert not [c for c in ("\x1b", "\r", "\x9b", "\u202e") if c in text], repr(text)
+
+
+def test_evaluate_and_ensemble_tables_show_class_and_split_names_escaped(tmp_path, monkeypatch, capsys):
+    from sppscl.cli import console as cli_console
+    from sppscl.cli.console import print_metrics
+    from sppscl.stage2 import ensemble as ens
+
+    metrics = {"accuracy": 0.5, "weighted_f1": 0.5, "macro_f1": 0.5, "confusion_matrix": [[1]],
+               "per_class": {HOSTILE: {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1}}}
+    monkeypatch.setattr(cli_console, "console", cli_console.LogConsole(file=(buf := __import__("io").StringIO())))
+    print_metrics(metrics, "on " + HOSTILE)
+    text = buf.getvalue()
+    assert text.count(SHOWN) == 2, text
+    assert "\x1b" not in text and "\u202e" not in text
+
+    m = {"n": 3, "accuracy": 0.5, "weighted_f1": 0.5, "macro_f1": 0.5}
+    mm = {k: {"mean": 0.5, "std": 0.0} for k in ("accuracy", "weighted_f1", "macro_f1")}
+    monkeypatch.setattr(ens, "ensemble", lambda *a, **k: {"splits": {HOSTILE: m}, "members": ["a", "b"], "members_mean": {HOSTILE: mm}})
+    assert main(["ensemble", "a", "b", "--cache", str(tmp_path / "c.h5")]) == 0
+    out = capsys.readouterr().out
+    assert out.count(SHOWN) == 2, out
+    assert "\x1b" not in out and "\u202e" not in out

@@ -362,3 +362,20 @@ def test_cv_confusions_sum_each_variants_held_out_folds(tmp_path):
     charts = held_out_confusions(groups)
     # one chart per variant, each summing both folds
     assert [c.title for c in charts] == ["confusion: cv_folds-2, held-out folds", "confusion: alpha-0.5__cv_folds-2, held-out folds"]
+
+
+def test_text_from_data_is_html_escaped_and_its_control_characters_shown():
+    """Autoescape is on for every field: a run name, path, class name or command holding HTML stays text; control
+    characters and bidirectional overrides are shown escaped, as on the console."""
+    from sppscl.report import render
+    from sppscl.report.collect import Section, Table
+
+    evil = '<script>alert(1)</script><img src=x onerror=alert(2)>\x1b[31m\u202e"'
+    sec = Section(evil, "run", evil, tables=[Table(evil, [evil], [[evil]], [evil], evil)], notes=[evil],
+                  provenance=[(evil, evil)], commands=[evil], missing=[evil])
+    html = render([sec], evil, [evil])
+    assert "<script>alert" not in html and "<img src=x" not in html
+    assert "\x1b" not in html and "\u202e" not in html
+    assert html.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 10
+    assert "\\x1b[31m\\u202e" in html
+    assert Page(html).tables[0] == [[evil.replace("\x1b", "\\x1b").replace("\u202e", "\\u202e")]]

@@ -29,4 +29,4 @@ def merge(
     if s.skipped:
         console.print(f"[yellow]skipped {len(s.skipped)} samples[/] (recorded in the cache under /skipped)")
     names = ", ".join(f"{path} ({name})" for path, name in s.shards)
-    console.print(f"merged {len(s.shards)} shards into {s.path} in {s.seconds:.1f}s, {s.file_bytes / 1e6:.1f} MB: {names}", highlight=False)
+    console.print(f"merged {len(s.shards)} shards into {s.path} in {s.seconds:.1f}s, {s.file_bytes / 1e6:.1f} MB: {names}", markup=False, highlight=False)

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console, ConsoleDimensions
-from rich.markup import escape
 from rich.table import Table
 
-from ..errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, SppsclError, disk_full, is_disk_full, printable
+from ..errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, SppsclError, disk_full, is_disk_full, printable, safe
 
 # one default for sweep and reproduce: every mean they print is over the same three seeds unless told otherwise
 DEFAULT_SEEDS = "1,2,3"
@@ -48,6 +47,13 @@ class LogConsole(Console):
     @size.setter
     def size(self, new_size: tuple[int, int]) -> None:
         Console.size.fset(self, new_size)
+
+    def render_str(self, text: str, **kwargs):
+        """Every string this console shows (a line, a table cell, a title or caption) has its control characters
+        shown escaped (:func:`~sppscl.errors.printable`): a run name, path or class name from data that holds
+        ``ESC[2J`` or a bidirectional override cannot drive the terminal, whichever print path it takes. Markup in
+        data is escaped where the line is built (:func:`~sppscl.errors.safe`)."""
+        return super().render_str(printable(text), **kwargs)
 
     def rule(self, title="", **kwargs) -> None:
         """A rule spans the terminal; in a log it spans 80 columns (and its title stays whole)."""
@@ -96,7 +102,7 @@ def rows_table(rows: dict[str, int], title: str) -> Table:
     t.add_column("split")
     t.add_column("rows", justify="right")
     for split, n in rows.items():
-        t.add_row(split, str(n))
+        t.add_row(safe(split), str(n))
     return t
 
 
@@ -107,7 +113,7 @@ def print_results(results: dict, title: str = "best checkpoint") -> None:
 
     console.print(split_table(results["splits"], f"{title} (epoch {results['best_epoch']}, selected on dev accuracy)"))
     for line in baseline_lines(results):
-        console.print(f"reference: {line}", highlight=False, soft_wrap=True)
+        console.print(f"reference: {line}", markup=False, highlight=False, soft_wrap=True)
 
 
 def metric_cell(m: dict, key: str) -> str:
@@ -120,14 +126,14 @@ def split_table(splits: dict[str, dict], title: str | None = None) -> Table:
     """Accuracy and F1 per split (with [95% CI] where the split holds one, named in the caption); an unlabelled split
     shows as predictions only."""
     methods = sorted({f"{name}: {m['ci95_method']}" for name, m in splits.items() if "ci95_method" in m})
-    t = Table(title=title, caption="[95% CI] " + "; ".join(methods) if methods else None)
+    t = Table(title=None if title is None else safe(title), caption="[95% CI] " + "; ".join(methods) if methods else None)
     for col in ("split", "n", "accuracy", "weighted F1", "macro F1"):
         t.add_column(col, justify="right" if col != "split" else "left")
     for name, m in splits.items():
         if "accuracy" in m:
-            t.add_row(name, str(m["n"]), *[metric_cell(m, k) for k in ("accuracy", "weighted_f1", "macro_f1")])
+            t.add_row(safe(name), str(m["n"]), *[metric_cell(m, k) for k in ("accuracy", "weighted_f1", "macro_f1")])
         else:
-            t.add_row(name, str(m["n"]), "-", "-", "predictions only")
+            t.add_row(safe(name), str(m["n"]), "-", "-", "predictions only")
     return t
 
 
@@ -145,7 +151,7 @@ def print_metrics(metrics: dict, title: str) -> None:
     caption = None
     if "ci95_method" in metrics:
         caption = f"[95% CI]: {metrics['ci95_method']}; it covers which rows were drawn (on a split that selected the checkpoint, the score itself is optimistic)"
-    t = Table(title=title, caption=caption)
+    t = Table(title=safe(title), caption=caption)
     for c in ("accuracy", "weighted F1", "macro F1"):
         t.add_column(c, justify="right")
     t.add_row(*[metric_cell(metrics, k) for k in ("accuracy", "weighted_f1", "macro_f1")])
@@ -154,18 +160,13 @@ def print_metrics(metrics: dict, title: str) -> None:
     for c in ("class", "precision", "recall", "F1", "support"):
         pc.add_column(c)
     for name, v in metrics["per_class"].items():
-        pc.add_row(name, f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", str(v["support"]))
+        pc.add_row(safe(name), f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", str(v["support"]))
     console.print(pc)
-    console.print(f"confusion matrix (rows true, columns predicted): {metrics['confusion_matrix']}")
+    console.print(f"confusion matrix (rows true, columns predicted): {metrics['confusion_matrix']}", markup=False, highlight=False)
 
 
 
 INTERRUPTED = "interrupted; what was written is kept: rerun the same command to resume (train: add --resume)"
-
-
-def safe(text: object) -> str:
-    """Text from data for a rich console: markup escaped and control characters shown escaped (errors.printable)."""
-    return escape(printable(str(text)))
 
 
 def error_exit(e: BaseException) -> tuple[int, str]:

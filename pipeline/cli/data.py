@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from .console import ALLOW_DOWNLOAD_HELP, DEVICE_HELP, console, err_console, error_exit, rows_table
 from .options import stage1_config
-from ..errors import EXIT_FAILED
+from ..errors import EXIT_FAILED, safe
 
 DATA_DIR_HELP = (
     "Dataset folder (relative to the current directory); overrides the preset's data_dir. "
@@ -35,9 +35,9 @@ def data_verify(
     cfg = stage1_config(config, set_, "data verify")
     report = load_samples(cfg, data_dir)
     for note in report.notes:
-        err_console.print(f"[yellow]note:[/] {note}")
+        err_console.print(f"[yellow]note:[/] {safe(note)}", highlight=False)
     for reason, ids in report.dropped.items():
-        console.print(f"[yellow]dropped by the adapter:[/] {len(ids)} rows ({reason})")
+        console.print(f"[yellow]dropped by the adapter:[/] {len(ids)} rows ({safe(reason)})", highlight=False)
     result = verify_samples(
         report.samples, len(cfg.dataset.classes), check_images=not no_images, workers=workers, progress=True,
         load_report=report, data_dir=cfg.data_dir(data_dir),
@@ -104,19 +104,19 @@ def extract(
 
 def _print_extract_summary(s) -> None:
     for note in s.notes:
-        err_console.print(f"[yellow]note:[/] {note}")
+        err_console.print(f"[yellow]note:[/] {safe(note)}", highlight=False)
     for warning in s.warnings:
-        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        err_console.print(f"[yellow]warning:[/] {safe(warning)}", highlight=False)
     if s.status == "up-to-date":
-        console.print(f"{s.path} is complete and matches this request: nothing to do (use --force to rebuild).")
-    console.print(rows_table(s.rows, f"cache {s.path} ({s.status})"))
+        console.print(f"{s.path} is complete and matches this request: nothing to do (use --force to rebuild).", markup=False, highlight=False)
+    console.print(rows_table(s.rows, f"cache {safe(s.path)} ({s.status})"))
     if s.dropped_by_adapter:
         for reason, n in s.dropped_by_adapter.items():
-            console.print(f"dropped by the adapter: {n} ({reason})")
+            console.print(f"dropped by the adapter: {n} ({reason})", markup=False, highlight=False)
     if s.skipped:
         console.print(f"[yellow]skipped {len(s.skipped)} samples[/] (recorded in the cache under /skipped):")
         for split, sid, reason in s.skipped[:20]:
-            console.print(f"  {split} {sid}: {reason}")
+            console.print(f"  {split} {sid}: {reason}", markup=False, highlight=False)
         if len(s.skipped) > 20:
             console.print(f"  ... and {len(s.skipped) - 20} more")
     if s.samples_encoded:

@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from ..config import ConfigError
-from ..errors import masked_url
+from ..errors import masked_url, safe
 from ..report import record_command
 from .banner import DRY_RUN_HELP, print_banner
 from .console import DEFAULT_SEEDS, DEVICE_HELP, STORAGE_HELP, WHICH_HELP, console, err_console, split_table, state
@@ -81,7 +80,7 @@ def sweep(
         for i, h in enumerate(head):
             t.add_column(h, justify="left" if i < len(result.keys or ["config"]) + 1 else "right")
         for b in body:
-            t.add_row(*[escape(x) for x in b])
+            t.add_row(*[safe(x) for x in b])
         console.print(t)
     folder_report(out)
     if result.failed:
@@ -110,7 +109,7 @@ def _banner(cache: Path, config: Optional[str], cfg, out: Path, what: str, runs:
     base = train_config(cache, config, [], None, None, what.split()[0])
     print_banner(err_console, cache, cfg, base, out, what)
     if dry_run:
-        console.print(f"dry run: would train {runs} into {out}; nothing written", highlight=False)
+        console.print(f"dry run: would train {runs} into {out}; nothing written", markup=False, highlight=False)
     return dry_run
 
 
@@ -124,9 +123,9 @@ def folder_report(folder: Path) -> None:
     except Exception as e:  # noqa: BLE001 - any failure here must not turn finished runs into a failed command
         if state.debug:
             raise
-        err_console.print(f"[yellow]warning:[/] no report ({escape(str(e))}); rebuild it with: sppscl report {folder} --out {folder / REPORT_FILE}", highlight=False)
+        err_console.print(f"[yellow]warning:[/] no report ({safe(e)}); rebuild it with: sppscl report {safe(folder)} --out {safe(folder / REPORT_FILE)}", highlight=False)
         return
-    console.print(f"report: {path}", highlight=False)
+    console.print(f"report: {path}", markup=False, highlight=False)
 
 
 def reproduce(
@@ -160,7 +159,7 @@ def reproduce(
         what = f"{n_variants * n_seeds * (cv or 1)} runs ({n_variants} variants x {n_seeds} seed(s)" + (f" x {cv} folds" if cv else "") + f") of {cfg.train.epochs} epochs (runs already in {out / 'runs'} are reused)"
         if _banner(cache, config, cfg, out, f"reproduce {table}", what, dry_run):
             return
-    console.print(f"reproduce directory: {out}")
+    console.print(f"reproduce directory: {out}", markup=False, highlight=False)
     record_command(out, state.argv)
     rep = run_reproduce(table, cache, cfg, out, seed_list, execution, progress=not quiet, console=err_console, cv=cv)
     print_reproduction(rep, console)
@@ -203,7 +202,7 @@ def cv(
         what = f"{folds * n_seeds} runs ({folds} folds x {n_seeds} seed(s)) of {cfg.train.epochs} epochs, and the probe on each fold"
         if _banner(cache, config, cfg, out, f"cv --folds {folds}", what, dry_run):
             return
-    console.print(f"cv directory: {out}")
+    console.print(f"cv directory: {out}", markup=False, highlight=False)
     record_command(out, state.argv)
     result = run_cv(
         cache, out, folds=folds, seeds=seed_list, config=cfg, execution=execution, progress=not quiet, console=err_console,
@@ -234,10 +233,10 @@ def ensemble(
     for col in ("split", "accuracy", "weighted F1", "macro F1"):
         single.add_column(col, justify="right" if col != "split" else "left")
     for name, m in res["members_mean"].items():
-        single.add_row(name, *[cell(m[k]["mean"], m[k]["std"], ci=m[k].get("ci95")) for k in ("accuracy", "weighted_f1", "macro_f1")])
+        single.add_row(safe(name), *[cell(m[k]["mean"], m[k]["std"], ci=m[k].get("ci95")) for k in ("accuracy", "weighted_f1", "macro_f1")])
     console.print(single)
     if "cv" in res:
         cvd = res["cv"]
-        console.print(f"cross-validation fold {cvd['fold']} of {cvd['folds']}: " + "; ".join(f"{k} = {v}" for k, v in cvd["splits"].items()), highlight=False)
+        console.print(f"cross-validation fold {cvd['fold']} of {cvd['folds']}: " + "; ".join(f"{k} = {v}" for k, v in cvd["splits"].items()), markup=False, highlight=False)
     if out is not None:
-        console.print(f"written: {out / 'results.json'}, {out}/predictions-<split>.csv, model card {out / 'README.md'}")
+        console.print(f"written: {out / 'results.json'}, {out}/predictions-<split>.csv, model card {out / 'README.md'}", markup=False, highlight=False)

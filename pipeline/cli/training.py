@@ -32,12 +32,12 @@ def train(
         where = out if out is not None else Path("runs") / f"{cache.stem}-<date>-<time>"
         print_banner(err_console, cache, cfg, base, where, "train" + (" --resume (the run's own configuration)" if resume else ""))
         if dry_run:
-            console.print(f"dry run: would train one run of {cfg.train.epochs} epochs (seed {cfg.train.seed}) into {where}; nothing written", highlight=False)
+            console.print(f"dry run: would train one run of {cfg.train.epochs} epochs (seed {cfg.train.seed}) into {where}; nothing written", markup=False, highlight=False)
             return
     run = run_train(cache, out, config=config, overrides=set_, seed=seed, device=device, resume=resume, progress=not quiet, console=err_console)
-    console.print(f"run directory: {run.path}")
+    console.print(f"run directory: {run.path}", markup=False, highlight=False)
     print_results(run.results)
-    console.print(f"model card: {run.model_card}", highlight=False, soft_wrap=True)
+    console.print(f"model card: {run.model_card}", markup=False, highlight=False, soft_wrap=True)
 
 
 
@@ -62,13 +62,13 @@ def evaluate(
     results = run_evaluate(checkpoint, cache, split, which=which, out=out, device=device)
     metrics = results["splits"][split]
     if out is not None:
-        err_console.print(f"results: {out if json_file(out) else out / 'results.json'}", highlight=False)
+        err_console.print(f"results: {out if json_file(out) else out / 'results.json'}", markup=False, highlight=False)
         if not json_file(out):
-            err_console.print(f"predictions: {out / f'predictions-{split}.csv'}", highlight=False)
+            err_console.print(f"predictions: {out / f'predictions-{split}.csv'}", markup=False, highlight=False)
     if json_:
         emit_json(results)
     elif "accuracy" not in metrics:
-        console.print(f"split {split} has no labels: {metrics['n']} predictions, no metrics")
+        console.print(f"split {split} has no labels: {metrics['n']} predictions, no metrics", markup=False, highlight=False)
     else:
         print_metrics(metrics, f"{results['checkpoint']} on {cache}:{split} (n={metrics['n']})")
 
@@ -90,9 +90,9 @@ def probe(
 
     results = run_probe(cache, modalities=modalities, seed=seed, out=out)
     if out is not None:
-        err_console.print(f"results: {out if json_file(out) else out / 'results.json'}", highlight=False)
+        err_console.print(f"results: {out if json_file(out) else out / 'results.json'}", markup=False, highlight=False)
     if results["probe_record"]:
-        err_console.print(f"recorded beside the cache for `sppscl train`: {results['probe_record']}", highlight=False)
+        err_console.print(f"recorded beside the cache for `sppscl train`: {results['probe_record']}", markup=False, highlight=False)
     if json_:
         emit_json(results)
     else:

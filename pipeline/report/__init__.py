@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..errors import masked_argv
+from ..errors import masked_argv, printable
 from ..outputs import atomic_write, check_output_file, check_output_folder
 from .collect import COMMANDS_FILE, ReportError, Section, sections_for, study_section
 
@@ -44,7 +44,12 @@ def render(sections: list[Section], title: str, sources: list[str]) -> str:
 
     from .. import __version__
 
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE), autoescape=True, undefined=jinja2.StrictUndefined)
+    # autoescape: every value from data (run names, paths, class names, commands) is HTML-escaped; finalize shows its
+    # control characters escaped first (a bidirectional override would reorder what the page shows)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(HERE), autoescape=True, undefined=jinja2.StrictUndefined,
+        finalize=lambda v: v if isinstance(v, Markup) or not isinstance(v, str) else printable(v),
+    )
     style = (HERE / "style.css").read_text()
     script = (HERE / "sort.js").read_text()
     return env.get_template("template.html.j2").render(

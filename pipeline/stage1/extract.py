@@ -41,7 +41,7 @@ from ..cache import (
     cache_bytes,
 )
 from ..config import Config, ConfigError
-from ..errors import OutputError, SppsclError, disk_full, free_bytes, is_disk_full
+from ..errors import OutputError, SppsclError, disk_full, free_bytes, is_disk_full, safe
 from ..outputs import check_output_file, check_writable_dir, output_error, what_is_at
 from ..progress import make_progress
 from .adapters import load_samples
@@ -394,7 +394,7 @@ def _extract(
     )
     if console is not None and ranks.is_zero:
         for w in summary.warnings:
-            console.print(f"[yellow]warning:[/] {w}", highlight=False)
+            console.print(f"[yellow]warning:[/] {safe(w)}", highlight=False)
     if shard is not None:
         summary.notes.append(f"{out} is shard {shard} (its rows only); when every shard is done, join them: sppscl cache merge SHARD_FILES... --out WHOLE.h5")
     # (a shard can hold no rows of a small split)

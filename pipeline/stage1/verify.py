@@ -23,7 +23,7 @@ from rich.progress import track
 from rich.table import Table
 
 from sppscl.config import ConfigError
-from sppscl.errors import InputError, check_input_file, printable
+from sppscl.errors import InputError, check_input_file, printable, safe
 from sppscl.stage1.adapters import inside
 from sppscl.stage1.encoders import RESIZE, to_rgb
 from sppscl.stage1.records import LoadReport, Sample
@@ -216,7 +216,7 @@ class VerifyReport:
         splits.add_column("split")
         splits.add_column("samples", justify="right")
         for name, n in self.per_split.items():
-            splits.add_row(name, str(n))
+            splits.add_row(safe(name), str(n))
         splits.add_row("all", str(self.n_samples), style="bold")
         console.print(splits)
 

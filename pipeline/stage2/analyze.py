@@ -378,18 +378,20 @@ def render_analysis(report: dict, console) -> None:
     """The IID/TTD/ITD tables (normalised, then raw): one row per class and the pooled overall row."""
     from rich.table import Table
 
+    from ..errors import safe
+
     a, b = report["model"], report["reference"]
     for space in SPACES:
-        t = Table(title=f"same-label distances on {SPACE_TITLES[space]} ({report['split']}, n={report['n']}): {a['name']} vs {b['name']}")
+        t = Table(title=safe(f"same-label distances on {SPACE_TITLES[space]} ({report['split']}, n={report['n']}): {a['name']} vs {b['name']}"))
         t.add_column("class")
         t.add_column("n", justify="right")
         for m in MEASURES:
-            t.add_column(f"{m}\n{a['name']}", justify="right")
-            t.add_column(f"{m}\n{b['name']}", justify="right")
+            t.add_column(safe(f"{m}\n{a['name']}"), justify="right")
+            t.add_column(safe(f"{m}\n{b['name']}"), justify="right")
         da, db = a["distances"][space], b["distances"][space]
         rows = [(name, da["per_class"][name], db["per_class"][name]) for name in report["classes"]]
         for i, (name, ea, eb) in enumerate([*rows, ("overall", da["overall"], db["overall"])]):
             cells = [c for m in MEASURES for c in (_fmt(ea[m]), _fmt(eb[m]))]
-            t.add_row(name, str(ea["n"]), *cells, style="bold" if i == len(rows) else None)
+            t.add_row(safe(name), str(ea["n"]), *cells, style="bold" if i == len(rows) else None)
         console.print(t)
     console.print("IID/TTD: pairs i != j; ITD: all same-label (image i, text j), i = j included; overall: all same-label pairs pooled.")

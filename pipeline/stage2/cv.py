@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from ..cache import FeatureCache
 from ..config import Config, ConfigError
+from ..errors import safe
 from ..outputs import atomic_write, check_output_folder, csv_text
 from .ensemble import cached_ensemble
 from .folds import FoldView
@@ -267,12 +267,12 @@ def _write_csv(path: Path, rows: list[CVRow], classes: list[str]) -> None:
 
 def print_cv(cv: CVResult, console: Console, title: str | None = None) -> None:
     head, body = table_cells(cv)
-    t = Table(title=title or f"{cv.folds}-fold cross-validation: held-out scores, mean ± std over folds [95% CI, t over folds]")
+    t = Table(title=safe(title) if title else f"{cv.folds}-fold cross-validation: held-out scores, mean ± std over folds [95% CI, t over folds]")
     for i, h in enumerate(head):
-        t.add_column(h, justify="left" if i == 0 else "right")
+        t.add_column(safe(h), justify="left" if i == 0 else "right")
     for b in body:
-        t.add_row(*[escape(x) for x in b])
+        t.add_row(*[safe(x) for x in b])
     console.print(t)
     for n in notes(cv):
-        console.print(escape(n), highlight=False)
-    console.print(f"written: {cv.out / 'cv.md'}, {cv.out / 'cv.csv'}, {cv.out / 'cv.json'} (runs: {cv.sweep.runs_dir})")
+        console.print(safe(n), highlight=False)
+    console.print(f"written: {safe(cv.out / 'cv.md')}, {safe(cv.out / 'cv.csv')}, {safe(cv.out / 'cv.json')} (runs: {safe(cv.sweep.runs_dir)})", highlight=False)

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from ..cache import FeatureCache
 from ..config import Config, ConfigError
+from ..errors import safe
 from ..outputs import atomic_write, check_output_folder, save_figure
 from .cv import CVResult, cross_validate
 from .cv import table_cells as cv_cells
@@ -315,31 +315,31 @@ def render_cv_markdown(spec: PaperTable, res: CVResult, dataset: str, column: st
 
 def print_reproduction(rep: Reproduction, console: Console) -> None:
     if rep.warning:
-        console.print(f"[bold yellow]warning:[/] {escape(rep.warning)}", highlight=False)
+        console.print(f"[bold yellow]warning:[/] {safe(rep.warning)}", highlight=False)
     if rep.cv is not None:
         from .cv import notes as cv_notes
 
         head, body = cv_table(rep.spec, rep.cv, rep.dataset, rep.paper_column)
-        t = Table(title=f"{rep.spec.title} ({rep.dataset}, {rep.cv.folds}-fold CV, held-out scores)")
+        t = Table(title=safe(f"{rep.spec.title} ({rep.dataset}, {rep.cv.folds}-fold CV, held-out scores)"))
         for i, h in enumerate(head):
             t.add_column(h, justify="left" if i == 0 else "right")
         for line in body:
-            t.add_row(*[escape(x) for x in line])
+            t.add_row(*[safe(x) for x in line])
         console.print(t)
         for note in cv_notes(rep.cv):
-            console.print(escape(note), highlight=False)
-        console.print(f"written: {', '.join(str(f) for f in rep.files)} (runs: {rep.sweep.runs_dir})")
+            console.print(safe(note), highlight=False)
+        console.print(f"written: {safe(', '.join(str(f) for f in rep.files))} (runs: {safe(rep.sweep.runs_dir)})", highlight=False)
         return
     head, body = table_cells(rep.rows, rep.dataset, rep.paper_column, rep.sweep.primary_f1, rep.ensembles)
-    t = Table(title=f"{rep.spec.title} ({rep.dataset})")
+    t = Table(title=safe(f"{rep.spec.title} ({rep.dataset})"))
     for i, h in enumerate(head):
         t.add_column(h, justify="left" if i == 0 else "right")
     for line in body:
-        t.add_row(*line)
+        t.add_row(*[safe(x) for x in line])
     console.print(t)
     for note in _notes(rep.spec, rep.dataset, rep.paper_column, rep.sweep, _has_test(rep.rows), rep.warning):
-        console.print(escape(note), highlight=False)
-    console.print(f"written: {', '.join(str(f) for f in rep.files)} (runs: {rep.sweep.runs_dir})")
+        console.print(safe(note), highlight=False)
+    console.print(f"written: {safe(', '.join(str(f) for f in rep.files))} (runs: {safe(rep.sweep.runs_dir)})", highlight=False)
 
 
 def plot_alpha(rows: list[tuple[Variant, dict]], path: Path, dataset: str, primary_f1: str) -> Path:

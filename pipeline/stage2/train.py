@@ -23,7 +23,7 @@ import torch
 from ..cache import FeatureCache, diff_provenance
 from ..config import STAGE_SECTIONS, Config, ConfigError, apply_overrides, resolve_key
 from ..devices import resolve_device
-from ..errors import EXIT_FAILED, shown
+from ..errors import EXIT_FAILED, safe, shown
 from ..outputs import atomic_write, check_output_folder, check_writable_dir
 from ..progress import make_progress
 from .checkpoint import FORMAT, VERSION, checkpoint_files, save_checkpoint
@@ -220,7 +220,7 @@ def _train(cache_path, cfg: Config, out_dir: Path, resume, progress, console, in
             atomic_write(out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2), "the run's configuration", RESUME)
         for note in notes:
             if console is not None:
-                console.print(f"[yellow]note:[/] {note}", highlight=False)
+                console.print(f"[yellow]note:[/] {safe(note)}", highlight=False)
     else:
         if out_dir.exists() and any(out_dir.iterdir()) and not _started(out_dir):
             raise RunError(f"{out_dir} already holds a run; choose another --out, or pass --resume to continue it")

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from ...errors import safe
 from ...outputs import atomic_write, csv_text
 from ..intervals import runs_interval
 from ..stats import METRICS as INTERVAL_METRICS
@@ -204,28 +204,28 @@ def print_summary(result: SweepResult, console: Console, trained: bool = True) -
     ``trained``: say how many runs this command trained (not for a summary read from a study)."""
     cols = _shown_columns(result.summary)
     t = Table(
-        title=f"sweep {result.out}: {len(result.summary)} configurations x {len(result.seeds)} seeds, mean ± std over seeds",
+        title=f"sweep {safe(result.out)}: {len(result.summary)} configurations x {len(result.seeds)} seeds, mean ± std over seeds",
         caption=f"sorted by dev accuracy (ties: dev {result.primary_f1} F1); highlighted: best on dev; test never used to select",
     )
     for k in result.keys or ["config"]:
-        t.add_column(k)
+        t.add_column(safe(k))
     t.add_column("n", justify="right")
     t.add_column("failed", justify="right")
     for c in cols:
         t.add_column(_label(c), justify="right")
     for i, s in enumerate(result.summary):
-        names = [fmt(s[k]) for k in result.keys] or [s["config"]]
+        names = [safe(fmt(s[k])) for k in result.keys] or [safe(s["config"])]
         cells = [summary_cell(s, c) for c in cols]
         t.add_row(*names, str(s["n"]), str(s["n_failed"]), *cells, style="bold green" if i == 0 and s["n"] > 0 else None)
     console.print(t)
     if interval_caption(result.summary):
-        console.print(escape(interval_caption(result.summary)), highlight=False)
+        console.print(safe(interval_caption(result.summary)), highlight=False)
     if trained:
         # a failed run is always retried, so every row not trained now was finished before
         console.print(f"trained now: {len(result.ran)} runs; finished before: {len(result.rows) - len(result.ran)}")
-    console.print(f"tables: {result.out / 'runs.csv'}, {result.out / 'summary.csv'}, {result.out / 'summary.md'}")
+    console.print(f"tables: {safe(result.out / 'runs.csv')}, {safe(result.out / 'summary.csv')}, {safe(result.out / 'summary.md')}", highlight=False)
     if result.failed:
         console.print(f"[bold red]{len(result.failed)} runs failed[/] (rerun the same command to retry them):")
         for r in result.rows:
             if r["status"] != "ok":
-                console.print(f"  {escape(r['run'])}: {escape(first_line(r['error']))}  ({escape(str(result.runs_dir / r['run'] / 'error.txt'))})")
+                console.print(f"  {safe(r['run'])}: {safe(first_line(r['error']))}  ({safe(result.runs_dir / r['run'] / 'error.txt')})", highlight=False)
