@@ -138,6 +138,20 @@ def check_input_file(path: Path, what: str) -> bool:
     return True
 
 
+def check_input_folder(path: Path, what: str) -> bool:
+    """Refuse ``path`` unless it is (a link that leads to) a folder, decided from ``stat`` without opening anything:
+    a FIFO, device or file given where a folder is expected is named as what it is. False when nothing is there."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        raise InputError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    if not stat.S_ISDIR(mode):
+        raise InputError(f"{path} is {file_kind(mode)}, not {what}; refused, not opened")
+    return True
+
+
 # C0/C1 control characters (ESC starts a terminal escape sequence) and the bidirectional overrides that reorder what
 # a terminal shows; newline and tab keep their meaning
 _UNPRINTABLE = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\n\t"}

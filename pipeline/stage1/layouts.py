@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 from sppscl.config import Config
+from sppscl.errors import check_input_folder
 from sppscl.stage1.records import DataError
 
 CLMLF_FOLD_DIR = "10-flod-1"  # sic: the CLMLF repository's spelling
@@ -47,7 +48,7 @@ def resolve_dataset(cfg: Config, data_dir: str | Path | None = None) -> tuple[Co
     root = cfg.data_dir(data_dir)
     if cfg.dataset.format != "auto":
         return cfg, root, None
-    if not root.is_dir():
+    if not check_input_folder(root, f"a data folder (dataset {cfg.dataset.name!r})"):
         raise DataError(
             f"data folder {root} does not exist (dataset {cfg.dataset.name!r}); pass --data-dir with the folder "
             f"holding one of:\n{LAYOUTS_HELP}"

@@ -30,7 +30,7 @@ from ..cache import SplitData, diff_provenance
 from ..progress import make_progress
 from ..stage1.encoders import load_image_encoder, load_text_encoder
 from ..devices import resolve_device
-from ..errors import SppsclError
+from ..errors import SppsclError, check_input_file
 from ..outputs import STDOUT, atomic_write, csv_text
 from ..stage1.batching import fixed_batches
 from ..stage1.extract import encode_batch, prepare_encoders
@@ -140,7 +140,7 @@ def read_pairs(path: Path) -> list[Pair]:
     (missing, not UTF-8, CSV header without ``text``/``image``) raises :class:`PredictError`.
     """
     path = Path(path)
-    if not path.is_file():
+    if not check_input_file(path, "a .jsonl or .csv file of pairs"):  # a FIFO or device is named, never opened
         raise PredictError(f"{path}: no such input file")
     suffix = path.suffix.lower()
     if suffix not in OUTPUT_SUFFIXES:
