@@ -92,6 +92,8 @@ class Context:
     # numbers one section measures that a later one may reuse (e.g. the paper encoders' extraction rate)
     shared: dict[str, Any] = field(default_factory=dict)
     keep: bool = False
+    # the folder results.json goes to (a section that writes a report of its own puts it beside)
+    out: Path | None = None
 
     def log(self, section: str, message: str) -> None:
         self.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] [bold cyan]{section:<10}[/] {message}", highlight=False)

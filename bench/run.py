@@ -2,7 +2,8 @@
 
 ``python -m bench.run --gpu [--quick] [--budget SECONDS]`` is the GPU acceptance run instead (``bench.gpu``): it is
 dispatched before anything but the standard library is imported, because a GPU node's own Python may lack the
-suite's packages (each GPU section says which one it misses).
+suite's packages (each GPU section says which one it misses). ``--quick`` also runs that GPU run's CPU form as its
+last section (``gpu``), so the one quick run of the bench smoke test covers both.
 
 Writes ``results.json`` and ``results.md`` to ``--out`` (default ``bench/``; ``bench/out/quick/`` with
 ``--quick``, so a development run never overwrites the committed results). Temporary files (synthetic data,
@@ -33,9 +34,12 @@ RUNNERS = {
     "compute": "compute",
     "sweeps": "sweeps",
     "serve": "serving",
+    # the GPU run's CPU form (``--gpu --quick``): quick profile only, it writes results-gpu.md beside results.json
+    "gpu": "gpu_quick",
 }
 # Table order: the issue's.
-TABLE_ORDER = ["caching", "extraction", "ranks", "loader", "scale", "compute", "sweeps", "serve"]
+TABLE_ORDER = ["caching", "extraction", "ranks", "loader", "scale", "compute", "sweeps", "serve", "gpu"]
+QUICK_ONLY = {"gpu"}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -77,10 +81,12 @@ def resolve(args: argparse.Namespace):
         if args.official_batches < 1:
             raise ValueError("--official-batches must be at least 1")
         profile = profile.replace(official_batches=args.official_batches)
-    sections = [s.strip() for s in args.only.split(",") if s.strip()] or list(RUNNERS)
+    sections = [s.strip() for s in args.only.split(",") if s.strip()] or [s for s in RUNNERS if args.quick or s not in QUICK_ONLY]
     unknown = [s for s in sections if s not in RUNNERS]
     if unknown:
         raise ValueError(f"--only: unknown section(s) {', '.join(unknown)}; choose from {','.join(TABLE_ORDER)}")
+    if not args.quick and QUICK_ONLY & set(sections):
+        raise ValueError("--only gpu: the GPU run's CPU form is part of --quick; on a GPU node run python -m bench.run --gpu")
     return profile, [s for s in RUNNERS if s in sections]
 
 
@@ -113,7 +119,7 @@ def main(argv: list[str] | None = None, console=None) -> int:
     threads_before = torch.get_num_threads()
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
-    ctx = Context(profile, workdir, console, keep=args.keep)
+    ctx = Context(profile, workdir, console, keep=args.keep, out=out)
     started = time.time()
     t0 = time.perf_counter()
     load_start = load_average()

@@ -22,27 +22,70 @@ from bench.common import Row, Target, default_threads, fmt, markdown  # noqa: E4
 from bench.run import RUNNERS, TABLE_ORDER, main  # noqa: E402
 
 SECTIONS = {"caching", "extraction", "ranks", "loader", "scale", "compute", "sweeps"}
+# The default suite's one bench run: the CPU suite's in-process sections and the GPU run's CPU form (``gpu``, which
+# writes results-gpu.md/json beside results.json). Extraction, ranks and sweeps start a dozen fresh interpreters between
+# them (about two minutes on 2 cores): their smoke run is ``slow``, and the GPU form's extraction (extract in fp32/bf16,
+# channels_last on and off), ranks (a torchrun rank's cache equal to a plain process's) and sweeps (run_configs) take
+# the same code paths in the default one.
+SMOKE_SECTIONS = {"caching", "loader", "scale", "compute", "gpu"}
 
 
 def _quiet() -> Console:
     return Console(file=open("/dev/null", "w"), width=200)
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory) -> tuple[int, Path, Path]:
-    root = tmp_path_factory.mktemp("bench")
+def _bench(tmp_path_factory, name: str, sections) -> tuple[int, Path, Path]:
+    root = tmp_path_factory.mktemp(name)
     out, work = root / "out", root / "work"
     # serve's section starts sppscl processes and a server: its own slow test below
-    code = main(["--quick", "--scale", "40", "--only", ",".join(s for s in RUNNERS if s in SECTIONS), "--out", str(out), "--workdir", str(work)], console=_quiet())
+    code = main(["--quick", "--scale", "40", "--only", ",".join(s for s in RUNNERS if s in sections), "--out", str(out), "--workdir", str(work)], console=_quiet())
     return code, out, work
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> tuple[int, Path, Path]:
+    """The default suite's one bench run (``--quick``, with the GPU run's CPU form as its last section)."""
+    return _bench(tmp_path_factory, "bench", SMOKE_SECTIONS)
+
+
+@pytest.fixture(scope="module")
+def every_section_run(tmp_path_factory) -> tuple[int, Path, Path]:
+    return _bench(tmp_path_factory, "bench-all", SECTIONS)
+
+
+@pytest.fixture(params=["smoke", pytest.param("every", marks=pytest.mark.slow)])
+def quick_run(request) -> tuple[int, Path, Path]:
+    """Either run: the report-shape checks hold for both."""
+    return request.getfixturevalue("smoke_run" if request.param == "smoke" else "every_section_run")
 
 
 def _positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
-def test_quick_run_writes_json_with_every_section(quick_run):
-    code, out, work = quick_run
+def test_smoke_run_writes_json_with_its_sections_and_the_gpu_form(smoke_run):
+    code, out, work = smoke_run
+    assert code == 0
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["sections"]) == SMOKE_SECTIONS
+    assert {"cores", "torch_threads", "torch", "cpu", "load_average_start"} <= set(report["machine"])
+    assert report["profile"]["name"] == "quick" and report["profile"]["scale_sizes"] == [40]
+    # the GPU form adds its own report, not rows
+    assert {r["section"] for r in report["rows"]} == SMOKE_SECTIONS - {"gpu"}
+    gpu = report["sections"]["gpu"]["raw"]
+    assert gpu["exit_code"] == 0 and gpu["failed"] == [] and gpu["results"] == str(out / "results-gpu.json")
+    keys = {(r["section"], r["key"]) for r in report["rows"]}
+    assert {("scale", "bytes_gzip"), ("caching", "run_hfm")} <= keys
+    assert (("compute", "threads") in keys) == (default_threads() > 1)
+    order = [TABLE_ORDER.index(r["section"]) for r in report["rows"]]
+    assert order == sorted(order)
+    # temporary caches and images are gone (the GPU form's too); the folder given as --workdir itself is left alone
+    assert work.is_dir() and not any(work.iterdir())
+
+
+@pytest.mark.slow
+def test_quick_run_writes_json_with_every_section(every_section_run):
+    code, out, work = every_section_run
     assert code == 0
     report = json.loads((out / "results.json").read_text())
     assert set(report["sections"]) == SECTIONS
@@ -79,13 +122,17 @@ def test_targets_carry_met_flags(quick_run):
     _, out, _ = quick_run
     report = json.loads((out / "results.json").read_text())
     targeted = [r for r in report["rows"] if r["target"] is not None]
-    # caching x3, extraction x2 (+ its kernel share x2), loader x2, peak RSS of the largest size, compute
-    assert len(targeted) == 11
     assert all(isinstance(r["met"], bool) for r in targeted)
     assert [t["met"] for t in report["targets"]] == [r["met"] for r in targeted]
     keys = {(r["section"], r["key"]) for r in targeted}
-    assert {("caching", "epoch_hfm"), ("extraction", "paper"), ("loader", "stream"), ("scale", "rss_40"), ("compute", "flops")} <= keys
-    assert {("extraction", "offline_sys_share"), ("extraction", "paper_sys_share")} <= keys
+    assert {("caching", "epoch_hfm"), ("loader", "stream"), ("scale", "rss_40"), ("compute", "flops")} <= keys
+    if "extraction" in report["sections"]:
+        # caching x3, extraction x2 (+ its kernel share x2), loader x2, peak RSS of the largest size, compute
+        assert len(targeted) == 11
+        assert {("extraction", "paper"), ("extraction", "offline_sys_share"), ("extraction", "paper_sys_share")} <= keys
+    else:
+        # caching x3, loader x2, peak RSS of the largest size, compute
+        assert len(targeted) == 7
 
 
 def test_markdown_table_has_one_line_per_row(quick_run):
@@ -162,13 +209,13 @@ GPU_SECTIONS = ["extraction", "ranks", "stage2", "sweeps"]
 
 
 @pytest.fixture(scope="module")
-def gpu_quick_run(tmp_path_factory) -> tuple[int, dict, str, Path]:
-    """``python -m bench.run --gpu --quick`` on the CPU, the same code the GPU run takes (a generous budget: the
-    shared test machine must not turn a slow section into a budget skip)."""
-    root = tmp_path_factory.mktemp("bench-gpu")
-    out, work = root / "out", root / "work"
-    code = main(["--gpu", "--quick", "--device", "cpu", "--budget", "900", "--out", str(out), "--workdir", str(work)])
-    return code, json.loads((out / "results-gpu.json").read_text()), (out / "results-gpu.md").read_text(), work
+def gpu_quick_run(smoke_run) -> tuple[int, dict, str, Path]:
+    """``python -m bench.run --gpu --quick`` on the CPU, the same code the GPU run takes, as the smoke run's last section
+    (with a generous budget: the shared test machine must not turn a slow section into a budget skip)."""
+    _, out, work = smoke_run
+    report = json.loads((out / "results-gpu.json").read_text())
+    code = json.loads((out / "results.json").read_text())["sections"]["gpu"]["raw"]["exit_code"]
+    return code, report, (out / "results-gpu.md").read_text(), work
 
 
 def _figures(report: dict, section: str) -> list[dict]:
@@ -265,3 +312,11 @@ def test_gpu_entry_imports_only_the_standard_library_and_torch():
     done = __import__("subprocess").run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ""
+
+
+def test_gpu_section_belongs_to_the_quick_profile(tmp_path):
+    buf = Console(file=open(tmp_path / "log.txt", "w"), width=200)
+    assert main(["--only", "gpu", "--out", str(tmp_path / "o")], console=buf) == 2
+    buf.file.close()
+    assert "the GPU run's CPU form is part of --quick" in (tmp_path / "log.txt").read_text()
+    assert not (tmp_path / "o").exists()
