@@ -361,11 +361,14 @@ def sweep(
     execution: "Execution | None" = None,
     progress: bool = False,
     console: Any = None,
+    prune: str | None = None,
 ) -> "SweepResult":
     """``sppscl sweep``: a grid (``grid=["lr=1e-4,5e-5"]``) or ``n_random`` draws of an Optuna search over ``space``
     (``"lr=1e-5:1e-3:log"``), times ``seeds``, on one cache; resumable. Writes runs.csv, summary.csv and summary.md to
     ``out`` and returns them (``.rows``, ``.summary``), with the ensemble of each configuration's seeds (``.ensembles``,
-    ensembles.md). ``execution`` sets parallel jobs, devices and a shared study."""
+    ensembles.md). ``execution`` sets parallel jobs, devices and a shared study. ``prune`` (``"median"`` or
+    ``"hyperband"``, a search only): Optuna's pruner stops configurations whose first seed's dev curve is behind
+    (``.pruned``; their other seeds are not started: ``.skipped``)."""
     from .stage2.ensemble import seed_ensembles, write_ensemble_summary
     from .stage2.sweeps import Execution
     from .stage2.sweeps import sweep as run_sweep
@@ -373,7 +376,8 @@ def sweep(
     cfg = train_config(cache, config, overrides, None, device, "sweep")
     out = Path(out)
     result = run_sweep(
-        Path(cache), cfg, out, list(grid), list(space), n_random, sampler, list(seeds), execution or Execution(), progress=progress, console=console
+        Path(cache), cfg, out, list(grid), list(space), n_random, sampler, list(seeds), execution or Execution(), progress=progress, console=console,
+        prune=prune,
     )
     result.ensembles = seed_ensembles(result, Path(cache), out / "ensembles")
     write_ensemble_summary(out, result, result.ensembles)

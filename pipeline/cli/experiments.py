@@ -15,6 +15,9 @@ from .banner import DRY_RUN_HELP, print_banner
 from .console import DEFAULT_SEEDS, DEVICE_HELP, STORAGE_HELP, WHICH_HELP, console, err_console, split_table, state
 from .options import train_config
 
+# cv and reproduce take --prune only to refuse it in one line (a hidden option), instead of typer's "no such option"
+NEVER_PRUNES = "{command} --prune {flag}: {command} never prunes ({why}); --prune is for searches: sppscl sweep --random N --space ... --prune median|hyperband"
+
 sweep_app = typer.Typer(
     no_args_is_help=False,
     help="Many stage-two runs from one cache: a grid or a random/TPE search, x seeds, resumable; tables mean ± std over seeds.",
@@ -31,6 +34,9 @@ def sweep(
     random_: Optional[int] = typer.Option(None, "--random", min=1, help="Instead of a grid: N configurations drawn by an Optuna study over --space."),
     space: list[str] = typer.Option([], "--space", help="A search dimension for --random: key=low:high, key=low:high:log or key=a,b,c."),
     sampler: str = typer.Option("tpe", help="Optuna sampler for --random: random or tpe."),
+    prune: Optional[str] = typer.Option(
+        None, "--prune", help="With --random: stop a configuration's first seed early when Optuna's pruner finds its per-epoch dev accuracy behind: median or hyperband. Pruned runs are finished (never retried), in no mean; their other seeds are not started. Default: no pruning."
+    ),
     seeds: str = typer.Option(DEFAULT_SEEDS, help="Comma-separated seeds, each configuration runs once per seed (the same default as reproduce)."),
     jobs: Optional[int] = typer.Option(
         None, "--jobs", "-j", min=1, help="Parallel runs on this machine (default: min(runs, cores), or devices x --runs-per-device; each gets cores/jobs threads; 1 runs in this process)."
@@ -56,7 +62,10 @@ def sweep(
         raise ConfigError("sppscl sweep needs --cache (or: sppscl sweep summary ... for the tables of a finished sweep)")
     cfg = train_config(cache, config, set_, None, device, "sweep")  # a bad --set stops here, before the folder is made
     execution = Execution(jobs, parse_devices(devices), runs_per_device, storage, study, heartbeat)
-    out = out or (Path("sweeps") / study if study else default_sweep_dir(cache, config, set_, grid, space, random_, sampler))
+    if prune is not None and random_ is None:
+        raise ConfigError(f"--prune {prune}: only a search prunes (--random N --space ... --sampler tpe|random); a grid trains every run to its end")
+    # a search with pruning is another sweep than one without; the folder of a search without it keeps its name
+    out = out or (Path("sweeps") / study if study else default_sweep_dir(cache, config, set_, grid, space, random_, sampler, *([prune] if prune else [])))
     seed_list = parse_seeds(seeds)  # a usage error stops here, before the folder is made
     if not quiet or dry_run:
         from ..stage2.sweeps.spec import grid_configs, parse_grid
@@ -70,7 +79,7 @@ def sweep(
     record_command(out, state.argv)
     result = run_sweep(
         cache, out, grid=grid, space=space, n_random=random_, sampler=sampler, seeds=seed_list, config=cfg, execution=execution,
-        progress=not quiet, console=err_console,
+        progress=not quiet, console=err_console, prune=prune,
     )
     ensembles = result.ensembles
     print_summary(result, console)
@@ -140,8 +149,11 @@ def reproduce(
     cv: Optional[int] = typer.Option(None, "--cv", help="K: fill the table with K-fold cross-validated estimates over the labelled train+dev rows."),
     quiet: bool = typer.Option(False, help="No progress bar and no start banner."),
     dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
+    prune: Optional[str] = typer.Option(None, "--prune", hidden=True),
 ) -> None:
     """A paper ablation (Tables 4-7, Fig. 5) on this cache, in the paper's layout with the paper's numbers beside ours."""
+    if prune is not None:
+        raise ConfigError(NEVER_PRUNES.format(command="reproduce", flag=prune, why="every variant's mean is over whole runs, as the paper's"))
     from ..stage2.reproduce import print_reproduction
     from ..stage2.reproduce import reproduce as run_reproduce
     from ..stage2.sweeps import Execution, default_sweep_dir, parse_seeds
@@ -182,9 +194,12 @@ def cv(
     out: Optional[Path] = typer.Option(None, help="CV directory (default: sweeps/<cache name>-cv<K>-<hash>); rerun the same command to resume."),
     quiet: bool = typer.Option(False, help="No progress bar and no start banner."),
     dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
+    prune: Optional[str] = typer.Option(None, "--prune", hidden=True),
 ) -> None:
     """Cross-validated estimate: K folds x seeds, each selected on a validation part of its training folds and scored on
     the held-out fold; mean ± std, seed ensembles, and the probe on the same folds."""
+    if prune is not None:
+        raise ConfigError(NEVER_PRUNES.format(command="cv", flag=prune, why="the estimate is the mean over every fold's whole run"))
     from ..api import cv as run_cv
     from ..stage2.cv import print_cv
     from ..stage2.sweeps import Execution, default_sweep_dir, parse_seeds

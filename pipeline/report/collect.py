@@ -268,6 +268,11 @@ def run_section(path: Path) -> Section:
             str(path / "results.json"),
         )
     )
+    if run.results.get("status") == "pruned":
+        s.notes.append(
+            f"Pruned: a search's pruner stopped this run at epoch {run.results.get('pruned_at_epoch')} (its dev curve was behind); "
+            "only its best epoch's dev scores are recorded, no split was evaluated: it is not a result."
+        )
     ref = majority_reference(run)
     if ref:
         s.tables.append(ref)
@@ -323,6 +328,23 @@ def _group_parts(s: Section, folder: Path, rows: list[dict], summary_rows: list[
     return groups
 
 
+def pruned_table(rows: list[dict]) -> Table | None:
+    """The runs of a pruned search (``sweep --prune``) that its pruner stopped, with the epoch each stopped at, and
+    the seeds not started because their configuration's first seed was pruned; None when there are none."""
+    body = [[r["run"], "pruned", r.get("pruned_epoch", "")] for r in rows if r.get("status") == "pruned"]
+    body += [[r["run"], "not started", ""] for r in rows if r.get("status") == "skipped"]
+    if not body:
+        return None
+    return Table(
+        "runs stopped early by the search's pruner",
+        ["run", "status", "stopped at epoch"],
+        body,
+        ["A pruned run is finished, not failed: it is in no mean, ensemble or ranking, and a rerun does not retry it; "
+         "its folder keeps the epochs it trained. A configuration whose first seed was pruned starts no other seed."],
+        "runs.csv",
+    )
+
+
 def sweep_section(folder: Path, title: str | None = None) -> Section:
     s = Section(title or f"sweep {folder}", "sweep", str(folder))
     s.tables += read_markdown(folder / "summary.md", "configurations (mean ± std over seeds)")
@@ -330,6 +352,9 @@ def sweep_section(folder: Path, title: str | None = None) -> Section:
         s.tables += read_markdown(folder / "ensembles.md", "seed ensembles")
     rows = read_csv_rows(folder / "runs.csv") if (folder / "runs.csv").is_file() else []
     summary_rows = read_csv_rows(folder / "summary.csv") if (folder / "summary.csv").is_file() else []
+    stopped = pruned_table(rows)
+    if stopped:
+        s.tables.append(stopped)
     _group_parts(s, folder, rows, summary_rows, "sweep")
     s.commands = commands(folder)
     return s

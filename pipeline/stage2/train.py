@@ -14,6 +14,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,8 +150,13 @@ def train(
     in_memory: bool | None = None,
     resume_overrides: list[str] | None = None,
     resume_preset: str | None = None,
+    on_epoch: Callable[[int, dict], bool] | None = None,
 ) -> dict:
     """Train into ``out_dir`` (or continue the run there with ``resume``); returns the results of the best epoch.
+
+    ``on_epoch(epoch, record)`` is called after each epoch's checkpoint and ``metrics.jsonl`` line (``record`` is that
+    line: ``dev_accuracy`` is the selection's score); returning True stops the run there, as a sweep's pruner asks
+    (``stopped_run``: results.json says so and holds dev only; no split is evaluated).
 
     A resumed run takes its configuration from its checkpoint; ``resume_overrides`` (the command line's
     ``--set``) may only change what keeps it one run (see ``RESUMABLE_KEYS``); anything else is refused, and so is
@@ -165,10 +171,10 @@ def train(
     check_output_folder(out_dir, "a run", markers=RUN_MARKERS)
     check_writable_dir(out_dir, "the run")
     with own_run(out_dir, what="sppscl train"):
-        return _train(cache_path, cfg, out_dir, resume, progress, console, in_memory, resume_overrides, resume_preset)
+        return _train(cache_path, cfg, out_dir, resume, progress, console, in_memory, resume_overrides, resume_preset, on_epoch)
 
 
-def _train(cache_path, cfg: Config, out_dir: Path, resume, progress, console, in_memory, resume_overrides, resume_preset) -> dict:
+def _train(cache_path, cfg: Config, out_dir: Path, resume, progress, console, in_memory, resume_overrides, resume_preset, on_epoch=None) -> dict:
     tc = cfg.train
     # an open FeatureCache may be passed, so sweeps read a cache once per worker, not once per run
     cache = cache_path if isinstance(cache_path, FeatureCache) else FeatureCache(cache_path)
@@ -245,6 +251,7 @@ def _train(cache_path, cfg: Config, out_dir: Path, resume, progress, console, in
     rng = np.random.default_rng(tc.seed)
     # epochs are numbered from 1; ``done`` epochs are finished, best epoch 0 means none yet
     done, best = 0, {"epoch": 0, "key": (-1.0, -1.0), "dev": None}
+    stopped = 0  # the epoch ``on_epoch`` stopped the run at (0: it was not stopped)
 
     if resume:
         try:
@@ -344,9 +351,36 @@ def _train(cache_path, cfg: Config, out_dir: Path, resume, progress, console, in
                 f"step2 {record['step2_fired']:4.0%}  dev acc {record['dev_accuracy']:.4f}  "
                 f"best {best['key'][0]:.4f}@{best['epoch']}{' *' if improved else ''}  {record['epoch_seconds']:.1f}s"
             )
+            if on_epoch is not None and on_epoch(epoch, record):
+                stopped = epoch
+                prog.note(f"stopped at epoch {epoch}: pruned (the sweep's pruner found this run's dev curve worse than its peers')")
+                break
         logger.finish({"epoch": best["epoch"], **{f"dev_{k}": best["dev"][k] for k in ("accuracy", "weighted_f1", "macro_f1")}})
 
+    if stopped:
+        return stopped_run(out_dir, cache, classes, stopped, best, primary)
     return finish_run(out_dir, cache, classes, device, in_memory)
+
+
+def stopped_run(out_dir: Path, cache: FeatureCache, classes: list[str], epoch: int, best: dict, primary_f1: str) -> dict:
+    """results.json of a run stopped at ``epoch`` by ``on_epoch`` (a sweep's pruner): ``status: pruned``, the epoch,
+    and the best epoch's dev scores as logged; no split is evaluated and no prediction written, so no table, mean or
+    ensemble can take it for a result. Its checkpoints and metrics.jsonl stay as written; curves.png is drawn."""
+    results = {
+        "status": "pruned",
+        "pruned_at_epoch": epoch,
+        "best_epoch": best["epoch"],
+        "selection": "dev accuracy, ties by primary F1",
+        "primary_f1": primary_f1,
+        "classes": classes,
+        "splits": {"dev": best["dev"]},
+        "skipped_rows": len(cache.skipped),
+        "epochs_trained": _epochs_logged(out_dir / "metrics.jsonl"),
+        "cache": cache_record(cache.base if isinstance(cache, FoldView) else cache),
+    }
+    atomic_write(out_dir / "results.json", json.dumps(results, indent=2), "the results", RESUME)
+    plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
+    return results
 
 
 def finish_run(out_dir: Path, cache: FeatureCache, classes: list[str], device, in_memory=None) -> dict:

@@ -26,13 +26,18 @@ def sweep(
     execution: Execution = Execution(),
     progress: bool = True,
     console: Console | None = None,
+    prune: str | None = None,
 ) -> SweepResult:
     """``sppscl sweep``: a grid (``key=v1,v2``) or ``n_random`` draws from an Optuna study over ``space``, times ``seeds``.
 
-    ``seeds`` default to the base configuration's ``train.seed``. Returns the tables also written to ``out``."""
+    ``seeds`` default to the base configuration's ``train.seed``. ``prune`` (``median`` or ``hyperband``, searches
+    only): stop a configuration's first seed early when Optuna's pruner finds its dev curve behind (``SearchPlan``).
+    Returns the tables also written to ``out``."""
     grid, space = grid or [], space or []
     seeds = seeds or [base_cfg.train.seed]
     out = Path(out)
+    if prune is not None and n_random is None:
+        raise ConfigError(f"--prune {prune}: only a search prunes (--random N --space ... --sampler tpe|random); a grid trains every run to its end")
     if n_random is not None:
         if grid:
             raise ConfigError("--grid and --random are alternatives: give the random search's dimensions with --space")
@@ -42,7 +47,10 @@ def sweep(
             raise ConfigError(f"--random must be at least 1, got {n_random}")
         dims = parse_space(space)
         FeatureCache(cache_path)  # a missing or incomplete cache is refused before a study is created
-        plan = SearchPlan(dims, n_random, sampler, seeds)
+        epochs = base_cfg.train.epochs
+        if "epochs" in dims:  # the longest run is the hyperband pruner's resource
+            epochs = max(dims["epochs"].choices) if dims["epochs"].choices else int(dims["epochs"].high)
+        plan = SearchPlan(dims, n_random, sampler, seeds, prune, epochs)
         return run_configs(cache_path, base_cfg, plan, seeds, out, list(dims), execution=execution, progress=progress, console=console)
     if space:
         raise ConfigError("--space needs --random N (the number of draws)")
@@ -73,11 +81,11 @@ def summary(out: Path, storage: str | None = None, study: str | None = None) -> 
     if meta["kind"] == "grid":
         plan = ListPlan(meta["configs"], seeds)
     else:
-        plan = SearchPlan(parse_space([f"{k}={v}" for k, v in meta["space"].items()]), 0, "random", seeds)
+        plan = SearchPlan(parse_space([f"{k}={v}" for k, v in meta["space"].items()]), 0, "random", seeds, meta.get("prune"))
     keys, primary = meta["keys"], meta["primary_f1"]
     rows = study_rows(all_trials(opened), plan, keys, meta["base"], local)
     write_csv(out / "runs.csv", rows)
     table = aggregate(rows, keys, primary)
     write_summary(out, table, keys, primary, len(seeds))
-    failed = [r["run"] for r in rows if r["status"] != "ok"]
-    return SweepResult(out, out / "runs", keys, rows, table, [], failed, primary, seeds)
+    failed, pruned, skipped = ([r["run"] for r in rows if r["status"] == s] for s in ("failed", "pruned", "skipped"))
+    return SweepResult(out, out / "runs", keys, rows, table, [], failed, primary, seeds, pruned=pruned, skipped=skipped)

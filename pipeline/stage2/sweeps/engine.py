@@ -209,9 +209,10 @@ def run_configs(
     summary = aggregate(rows, keys, primary)
     write_summary(out, summary, keys, primary, len(plan.seeds))
     by_number = {t.number: attrs(t) for t in trials}
-    ran = [r["run"] for r in rows if by_number[r["trial"]].get("invocation") == invocation and not by_number[r["trial"]].get("reused")]
-    failed = [r["run"] for r in rows if r["status"] != "ok"]
-    return SweepResult(out, runs_dir, keys, rows, summary, ran, failed, primary, plan.seeds)
+    trained = [r for r in rows if r["trial"] is not None]  # not the seeds a pruned first seed kept from starting
+    ran = [r["run"] for r in trained if by_number[r["trial"]].get("invocation") == invocation and not by_number[r["trial"]].get("reused")]
+    failed, pruned, skipped = ([r["run"] for r in rows if r["status"] == s] for s in ("failed", "pruned", "skipped"))
+    return SweepResult(out, runs_dir, keys, rows, summary, ran, failed, primary, plan.seeds, pruned=pruned, skipped=skipped)
 
 
 
@@ -303,5 +304,8 @@ class _Reporter:
         if a["status"] == "ok":
             if not a.get("reused"):
                 self.prog.note(f"[green]done[/] {escape(a['run'])}{where}: dev acc {a['dev_accuracy']:.4f} (best epoch {a['best_epoch']}, {a['wall_s']:.1f}s)")
+        elif a["status"] == "pruned":
+            if not a.get("reused"):
+                self.prog.note(f"[yellow]pruned[/] {escape(a['run'])}{where}: stopped at epoch {a['pruned_epoch']} ({a['wall_s']:.1f}s)")
         else:
             self.prog.note(f"[red]failed[/] {escape(a['run'])}{where}: {escape(first_line(a['error']))} (traceback: {escape(str(Path(a['run_dir']) / 'error.txt'))})")

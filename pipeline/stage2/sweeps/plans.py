@@ -16,8 +16,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from .spec import SAMPLERS, SpaceDim, config_slug, run_name
-from .study import is_queued
+from .spec import PRUNERS, SAMPLERS, SpaceDim, config_slug, run_name
+from .study import attrs, by_run, is_pruned, is_queued, outcome
 
 
 class ListPlan:
@@ -64,6 +64,18 @@ class ListPlan:
     def ordered(self, trials: list[FrozenTrial]) -> list[tuple[dict, int]]:
         return self.runs
 
+    def table(self, trials: list[FrozenTrial]) -> list[tuple[dict, int]]:
+        return self.runs
+
+    def skipped(self, trials: list[FrozenTrial]) -> dict[str, str]:
+        return {}  # a list is never pruned: every run is trained to its end
+
+    def pruner(self) -> optuna.pruners.BasePruner:
+        return optuna.pruners.NopPruner()
+
+    def prunes(self, seed: int) -> bool:
+        return False
+
 
 class SearchPlan:
     """``n`` configurations drawn by a random or TPE sampler over ``space``, each run for every seed.
@@ -71,19 +83,42 @@ class SearchPlan:
     A drawn trial runs the first seed and queues the others (so they train in parallel); every run's value is its
     dev accuracy, so TPE sees each seed as one observation of its configuration. A configuration drawn twice
     shares the runs of the first draw. A draw that dies before it has announced its run holds nothing and is
-    not counted: another draw replaces it."""
+    not counted: another draw replaces it.
+
+    ``prune`` (``median`` or ``hyperband``: Optuna's MedianPruner or HyperbandPruner): a configuration's first seed
+    reports its dev accuracy after every epoch and stops when the pruner says so (a pruned run: finished, never
+    retried, in no mean). Its other seeds are queued only once the first seed finished without being pruned, so
+    a pruned configuration starts no other seed (``skipped``); they are never pruned themselves, so a surviving
+    configuration's mean is over whole runs. ``epochs``: the longest run, the hyperband pruner's ``max_resource``."""
 
     kind = "search"
 
-    def __init__(self, space: dict[str, SpaceDim], n: int, sampler: str, seeds: list[int]):
-        if sampler not in SAMPLERS:
-            from ...config import ConfigError
+    def __init__(self, space: dict[str, SpaceDim], n: int, sampler: str, seeds: list[int], prune: str | None = None, epochs: int | None = None):
+        from ...config import ConfigError
 
+        if sampler not in SAMPLERS:
             raise ConfigError(f"--sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
+        if prune is not None and prune not in PRUNERS:
+            raise ConfigError(f"--prune {prune!r} is not one of {', '.join(PRUNERS)}")
         self.space, self.n, self.sampler_name, self.seeds = space, n, sampler, list(seeds)
+        self.prune, self.epochs = prune, epochs
 
     def meta(self) -> dict:
-        return {"kind": self.kind, "space": {k: d.describe() for k, d in sorted(self.space.items())}, "seeds": self.seeds}
+        meta = {"kind": self.kind, "space": {k: d.describe() for k, d in sorted(self.space.items())}, "seeds": self.seeds}
+        # only when set: a search without pruning keeps the definition it had before pruning existed
+        return {**meta, "prune": self.prune} if self.prune else meta
+
+    def pruner(self) -> optuna.pruners.BasePruner:
+        """The study's pruner (Optuna's own, with its defaults but for hyperband's resource: epochs, from 1 to ``epochs``)."""
+        if self.prune == "median":
+            return optuna.pruners.MedianPruner()
+        if self.prune == "hyperband":
+            return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=self.epochs or "auto")
+        return optuna.pruners.NopPruner()
+
+    def prunes(self, seed: int) -> bool:
+        """Whether the run of ``seed`` reports its epochs to the pruner and may be stopped: a configuration's first seed."""
+        return self.prune is not None and seed == self.seeds[0]
 
     def local_study_name(self) -> str:
         return "sppscl"  # one search per sweep folder: another space there is refused
@@ -115,12 +150,40 @@ class SearchPlan:
         return max(0, self.n - len(self._draws(trials))) * len(self.seeds)
 
     def total(self, trials: list[FrozenTrial]) -> int:
-        return len(self.ordered(trials)) + self.fresh(trials)
+        return len(self.table(trials)) - len(self.skipped(trials)) + self.fresh(trials)
 
-    def ordered(self, trials: list[FrozenTrial]) -> list[tuple[dict, int]]:
-        """Drawn configurations in the order of their first draw, seeds inner."""
+    def table(self, trials: list[FrozenTrial]) -> list[tuple[dict, int]]:
+        """Drawn configurations in the order of their first draw, seeds inner: every run the tables list."""
         configs: dict[str, dict] = {}
         for t in sorted(trials, key=lambda t: t.number):
             if t.user_attrs.get("draw") and "run" in t.user_attrs:  # "run" is announced last: the rest is there
                 configs.setdefault(config_slug(t.user_attrs["overrides"]), t.user_attrs["overrides"])
         return [(c, s) for c in configs.values() for s in self.seeds]
+
+    def _first_outcomes(self, trials: list[FrozenTrial]) -> dict[str, FrozenTrial | None]:
+        """Configuration slug -> the outcome of its first seed's run (None while it has none)."""
+        held = by_run(trials)
+        firsts = {config_slug(c): c for c, s in self.table(trials) if s == self.seeds[0]}
+        return {slug: outcome(held.get(run_name(c, self.seeds[0]), []), local=False) for slug, c in firsts.items()}
+
+    def ordered(self, trials: list[FrozenTrial]) -> list[tuple[dict, int]]:
+        """The runs to train, in table order: with pruning, a configuration's other seeds only once its first seed
+        finished unpruned (or failed with an error: a failure is no pruner's verdict)."""
+        runs = self.table(trials)
+        if self.prune is None or len(self.seeds) == 1:
+            return runs
+        first = self._first_outcomes(trials)
+        released = {slug for slug, t in first.items() if t is not None and not is_pruned(t)}
+        return [(c, s) for c, s in runs if s == self.seeds[0] or config_slug(c) in released]
+
+    def skipped(self, trials: list[FrozenTrial]) -> dict[str, str]:
+        """Run name -> why it is not started: its configuration's first seed was pruned (counted in the tables)."""
+        if self.prune is None or len(self.seeds) == 1:
+            return {}
+        first = self._first_outcomes(trials)
+        out = {}
+        for c, s in self.table(trials):
+            t = first.get(config_slug(c))
+            if s != self.seeds[0] and t is not None and is_pruned(t):
+                out[run_name(c, s)] = f"not started: seed {self.seeds[0]} of this configuration was pruned at epoch {attrs(t).get('pruned_epoch')}"
+        return out

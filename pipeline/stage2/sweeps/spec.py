@@ -17,6 +17,7 @@ from ...config import Config, ConfigError, TrainConfig, apply_overrides, check_v
 from ..runs import RunError
 
 SAMPLERS = ("random", "tpe")
+PRUNERS = ("median", "hyperband")  # Optuna's MedianPruner, HyperbandPruner (searches only)
 
 
 class SweepError(RunError):

@@ -27,6 +27,8 @@ Exactly once: two machines may queue the same run (both saw it missing), and a s
 configuration twice. Trial numbers are given by the storage in creation order, so ``claim`` lets the
 lowest-numbered live trial of a run train it and every other one step aside (state PRUNED, ``duplicate_of``).
 The run directory itself has one owner at a time across every process and command (``stage2/ownership.py``).
+A run stopped early by a search's pruner is PRUNED too, but with its result (``status: pruned``, ``is_pruned``):
+it is finished, as a completed run is.
 """
 
 from __future__ import annotations
@@ -185,7 +187,7 @@ def attrs(t: FrozenTrial) -> dict[str, Any]:
 
 
 def has_result(t: FrozenTrial) -> bool:
-    """Whether the trial's run recorded an outcome (a status: ok or failed, with its error)."""
+    """Whether the trial's run recorded an outcome (a status: ok, pruned, or failed with its error)."""
     return "status" in attrs(t)
 
 
@@ -202,15 +204,23 @@ def by_run(trials: list[FrozenTrial]) -> dict[str, list[FrozenTrial]]:
     return out
 
 
+def is_pruned(t: FrozenTrial) -> bool:
+    """A run stopped early by the search's pruner (``--prune``): finished, never retried, in no mean. Not the trials
+    that step aside for another (``duplicate_of``, ``surplus``): Optuna marks those PRUNED too, with no result."""
+    return t.state == TrialState.PRUNED and attrs(t).get("status") == "pruned"
+
+
 def is_done(t: FrozenTrial, local: bool) -> bool:
-    """A finished run. In a local sweep the run directory is the artifact: a run whose results.json was deleted is redone."""
-    if t.state != TrialState.COMPLETE:
+    """A finished run (trained to its end, or pruned). In a local sweep the run directory is the artifact: a run
+    whose results.json was deleted is redone."""
+    if t.state != TrialState.COMPLETE and not is_pruned(t):
         return False
     return not local or (Path(attrs(t).get("run_dir", "")) / "results.json").exists()
 
 
 def outcome(trials: list[FrozenTrial], local: bool) -> FrozenTrial | None:
-    """The trial that is a run's result: its newest finished success, else its newest failure; None while it has neither."""
+    """The trial that is a run's result: its newest finished success (or pruned run), else its newest failure; None
+    while it has neither."""
     done = [t for t in trials if is_done(t, local)]
     if done:
         return max(done, key=lambda t: t.number)

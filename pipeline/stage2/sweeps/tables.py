@@ -43,19 +43,26 @@ class SweepResult:
     seeds: list[int]
     # configuration slug -> the ensemble of its seeds (``sppscl sweep``: ensembles/<slug>/, ensembles.md)
     ensembles: dict[str, dict] = field(default_factory=dict)
+    pruned: list[str] = field(default_factory=list)  # runs a search's pruner stopped early (finished, no result)
+    skipped: list[str] = field(default_factory=list)  # seeds not started: their configuration's first seed was pruned
 
 
 def read_run(run_dir: Path, status: str, error: str, wall_s: float | None) -> dict:
-    """A run's row: its best epoch (1-based) and dev/test metrics from results.json; only the error when it failed."""
+    """A run's row: its best epoch (1-based) and dev/test metrics from results.json; only the error when it failed;
+    only the epoch it stopped at (``pruned_epoch``) when a search's pruner stopped it: a pruned run has no scores here,
+    so no mean, ranking or ensemble can count it."""
     row: dict[str, Any] = {"status": status, "best_epoch": None, **{c: None for c in METRIC_COLUMNS}, "wall_s": wall_s, "error": error}
-    if status != "ok":
+    if status == "failed":
         return row
     res = json.loads((run_dir / "results.json").read_text())
-    row["best_epoch"] = res["best_epoch"]
-    for split in SPLITS:
-        m = res["splits"].get(split, {})
-        for metric in METRICS:
-            row[f"{split}_{metric}"] = m.get(metric)
+    if status == "pruned":
+        row["pruned_epoch"] = res["pruned_at_epoch"]
+    else:
+        row["best_epoch"] = res["best_epoch"]
+        for split in SPLITS:
+            m = res["splits"].get(split, {})
+            for metric in METRICS:
+                row[f"{split}_{metric}"] = m.get(metric)
     if wall_s is None and (run_dir / "sweep-run.json").exists():
         row["wall_s"] = json.loads((run_dir / "sweep-run.json").read_text())["wall_s"]
     return row
@@ -65,19 +72,26 @@ def study_rows(trials: list, plan, keys: list[str], base_train: dict, local: boo
     """The runs table from a sweep's study: one row per run that has a result, in the plan's order, seeds inner.
 
     A configuration's value of each key is its override, or the base configuration's when it does not set it."""
-    from .spec import run_name
+    from .spec import config_slug, run_name
     from .study import attrs, by_run, outcome
 
     held = by_run(trials)
+    skipped = plan.skipped(trials)
+    # a pruned search's table says where each pruned run stopped; other sweeps' tables keep their columns
+    cols = ("status", "best_epoch", *METRIC_COLUMNS, "wall_s", "host", "run_dir", *(("pruned_epoch",) if getattr(plan, "prune", None) else ()))
     rows = []
-    for overrides, seed in plan.ordered(trials):
+    for overrides, seed in plan.table(trials):
         name = run_name(overrides, seed)
+        values = {k: overrides.get(k, base_train[k]) for k in keys}
         t = outcome(held.get(name, []), local)
         if t is None:
+            if name in skipped:
+                # not a trial: a seed its configuration's pruned first seed kept from starting, listed so it is counted
+                empty = {c: None for c in cols}
+                rows.append({"run": name, "config": config_slug(overrides), **values, "seed": seed, "trial": None, **empty, "status": "skipped", "error": skipped[name]})
             continue
         a = attrs(t)
-        values = {k: overrides.get(k, base_train[k]) for k in keys}
-        result = {c: a.get(c) for c in ("status", "best_epoch", *METRIC_COLUMNS, "wall_s", "host", "run_dir")}
+        result = {c: a.get(c) for c in cols}
         rows.append({"run": name, "config": a["config"], **values, "seed": seed, "trial": t.number, **result, "error": a.get("error", "")})
     return rows
 
@@ -110,10 +124,17 @@ def aggregate(rows: list[dict], keys: list[str], primary_f1: str = "weighted") -
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["config"], []).append(r)
+    pruning = any("pruned_epoch" in r for r in rows)
     summary = []
     for slug, rs in groups.items():
         ok = [r for r in rs if r["status"] == "ok"]
-        s: dict[str, Any] = {"config": slug, **{k: rs[0][k] for k in keys}, "n": len(ok), "n_failed": len(rs) - len(ok)}
+        s: dict[str, Any] = {"config": slug, **{k: rs[0][k] for k in keys}, "n": len(ok), "n_failed": sum(r["status"] == "failed" for r in rs)}
+        if pruning:
+            # a pruned run is finished but no result: counted here, never in a mean
+            pruned = [r for r in rs if r["status"] == "pruned"]
+            s["n_pruned"] = len(pruned)
+            s["pruned_at_epoch"] = min((r["pruned_epoch"] for r in pruned), default=None)
+            s["n_skipped"] = sum(r["status"] == "skipped" for r in rs)
         for col in METRIC_COLUMNS:
             vals = [r[col] for r in ok if r[col] is not None]
             mean, std = mean_std(vals) if vals else (None, None)
@@ -142,6 +163,12 @@ def cell(mean: float | None, std: float | None, n: int | None = None, ci: tuple[
     if ci is not None:
         text += f" [{ci[0]:.4f}, {ci[1]:.4f}]"
     return text if n is None else f"{text} (n={n})"
+
+
+PRUNED_CAPTION = (
+    "pruned: the search's pruner stopped the configuration's first seed at that epoch (its dev curve was behind); a "
+    "pruned run is finished, not failed, and in no mean, ensemble or ranking; its other seeds were not started."
+)
 
 
 def _label(col: str) -> str:
@@ -173,6 +200,14 @@ def missing_intervals(summary: list[dict]) -> str:
     return "No interval for: " + "; ".join(lacking) + "." if lacking else ""
 
 
+def pruned_cell(s: dict) -> str:
+    """A configuration's pruning: ``at epoch 3`` (its first seed stopped there), ``, 2 seeds not started``; "" if none."""
+    if not s.get("n_pruned"):
+        return ""
+    text = f"at epoch {s['pruned_at_epoch']}"
+    return text + (f", {s['n_skipped']} seed{'s' * (s['n_skipped'] > 1)} not started" if s.get("n_skipped") else "")
+
+
 def _shown_columns(summary: list[dict]) -> list[str]:
     return [c for c in METRIC_COLUMNS if c.startswith("dev") or any(s[f"{c}_mean"] is not None for s in summary)]
 
@@ -181,11 +216,13 @@ def write_summary(out: Path, summary: list[dict], keys: list[str], primary_f1: s
     """summary.csv (means and stds as numbers) and summary.md (``mean ± std`` cells, best on dev in bold)."""
     write_csv(out / "summary.csv", summary)
     cols = _shown_columns(summary)
-    head = [*(keys or ["config"]), "n", "failed", *[_label(c) for c in cols]]
+    pruning = any("n_pruned" in s for s in summary)
+    head = [*(keys or ["config"]), "n", "failed", *(["pruned"] if pruning else []), *[_label(c) for c in cols]]
     lines = [
         f"Mean ± sample std (ddof=1; 0 when n=1) over seeds ({n_seeds} per configuration asked; n = seeds finished). "
         f"Sorted by mean dev accuracy, ties by dev {primary_f1} F1; the best configuration (chosen on dev only) is in bold; "
-        "test is reported beside, never used to select." + (f" {interval_caption(summary)}" if interval_caption(summary) else ""),
+        "test is reported beside, never used to select." + (f" {interval_caption(summary)}" if interval_caption(summary) else "")
+        + (f" {PRUNED_CAPTION}" if pruning else ""),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join("---" for _ in head) + "|",
@@ -194,7 +231,8 @@ def write_summary(out: Path, summary: list[dict], keys: list[str], primary_f1: s
         names = [fmt(s[k]) for k in keys] or [s["config"]]
         if i == 0 and s["n"] > 0:
             names = [f"**{x}**" for x in names]
-        lines.append("| " + " | ".join([*names, str(s["n"]), str(s["n_failed"]), *[summary_cell(s, c) for c in cols]]) + " |")
+        pruned = [pruned_cell(s) or "-"] if pruning else []
+        lines.append("| " + " | ".join([*names, str(s["n"]), str(s["n_failed"]), *pruned, *[summary_cell(s, c) for c in cols]]) + " |")
     atomic_write(out / "summary.md", "\n".join(lines) + "\n", "the sweep summary")
 
 
@@ -209,23 +247,34 @@ def print_summary(result: SweepResult, console: Console, trained: bool = True) -
     )
     for k in result.keys or ["config"]:
         t.add_column(safe(k))
+    pruning = any("n_pruned" in s for s in result.summary)
     t.add_column("n", justify="right")
     t.add_column("failed", justify="right")
+    if pruning:
+        t.add_column("pruned")
     for c in cols:
         t.add_column(_label(c), justify="right")
     for i, s in enumerate(result.summary):
         names = [safe(fmt(s[k])) for k in result.keys] or [safe(s["config"])]
         cells = [summary_cell(s, c) for c in cols]
-        t.add_row(*names, str(s["n"]), str(s["n_failed"]), *cells, style="bold green" if i == 0 and s["n"] > 0 else None)
+        pruned = [pruned_cell(s)] if pruning else []
+        t.add_row(*names, str(s["n"]), str(s["n_failed"]), *pruned, *cells, style="bold green" if i == 0 and s["n"] > 0 else None)
     console.print(t)
     if interval_caption(result.summary):
         console.print(safe(interval_caption(result.summary)), highlight=False)
     if trained:
         # a failed run is always retried, so every row not trained now was finished before
-        console.print(f"trained now: {len(result.ran)} runs; finished before: {len(result.rows) - len(result.ran)}")
+        runs = [r for r in result.rows if r["status"] != "skipped"]
+        console.print(f"trained now: {len(result.ran)} runs; finished before: {len(runs) - len(result.ran)}")
+    pruned, skipped = [r for r in result.rows if r["status"] == "pruned"], [r for r in result.rows if r["status"] == "skipped"]
+    if pruned:
+        stops = ", ".join(f"{r['run']} at epoch {r['pruned_epoch']}" for r in pruned)
+        console.print(f"pruned (stopped early, finished, never retried): {len(pruned)} runs: {safe(stops)}", highlight=False)
+    if skipped:
+        console.print(f"not started because their configuration's first seed was pruned: {len(skipped)} runs", highlight=False)
     console.print(f"tables: {safe(result.out / 'runs.csv')}, {safe(result.out / 'summary.csv')}, {safe(result.out / 'summary.md')}", highlight=False)
     if result.failed:
         console.print(f"[bold red]{len(result.failed)} runs failed[/] (rerun the same command to retry them):")
         for r in result.rows:
-            if r["status"] != "ok":
+            if r["status"] == "failed":
                 console.print(f"  {safe(r['run'])}: {safe(first_line(r['error']))}  ({safe(result.runs_dir / r['run'] / 'error.txt')})", highlight=False)

@@ -150,7 +150,8 @@ def work(spec: WorkerSpec, cache: FeatureCache, after_trial: Callable[[], None] 
     storage = open_storage(spec.storage, Path(spec.out), spec.heartbeat)
     # on a shared study every process is worker 0 of its own machine: their samplers must not draw the same stream
     stream = spec.index if spec.storage is None else hash((socket.gethostname(), os.getpid(), spec.index)) % 2**31
-    study = optuna.load_study(study_name=spec.study, storage=storage)
+    # the pruner reads the other trials' per-epoch dev accuracies from the study (a search's --prune; else none)
+    study = optuna.load_study(study_name=spec.study, storage=storage, pruner=spec.plan.pruner())
     # the stream also depends on how far the study is: a rerun continues the search instead of replaying its first draws
     study.sampler = spec.plan.sampler(stream + 7919 * len(all_trials(study)))
     local = spec.storage is None
@@ -221,14 +222,19 @@ class Objective:
         if draw:
             # the draw's other seeds, queued now so other workers train them in parallel
             requeue(study, plan, self.local, include_failed=False)
-        row = self._run(overrides, seed, name)
+        row = self._run(overrides, seed, name, trial if plan.prunes(seed) else None)
         trial.set_user_attr(RESULT_KEY, row)
+        if row["status"] == "pruned":
+            # finished, not failed: the result says pruned, which tells it from a duplicate that stepped aside
+            raise optuna.TrialPruned(f"pruned at epoch {row['pruned_epoch']}")
         if row["status"] != "ok":
             raise RunFailed(row["error"])
         return row["dev_accuracy"]
 
-    def _run(self, overrides: dict, seed: int, name: str) -> dict:
-        """Train the run (never raises: a failure comes back as its error, with the traceback in error.txt)."""
+    def _run(self, overrides: dict, seed: int, name: str, trial: Trial | None = None) -> dict:
+        """Train the run (never raises: a failure comes back as its error, with the traceback in error.txt).
+
+        ``trial``: the run reports each epoch's dev accuracy to it and stops when the study's pruner says so."""
         run_dir = Path(self.spec.runs_dir) / name
         about = {"run_dir": str(run_dir.resolve()), "host": self.host, "pid": os.getpid(), "invocation": self.spec.invocation, "reused": False}
         t0 = time.perf_counter()
@@ -241,9 +247,9 @@ class Objective:
                     cfg.train.device = self.spec.device
                 if (run_dir / "results.json").exists():
                     check_finished_run(run_dir, cfg)  # finished before (another sweep or table sharing these runs): reuse it
-                    return {**read_run(run_dir, "ok", "", None), **about, "reused": True}
+                    return {**read_run(run_dir, run_status(run_dir), "", None), **about, "reused": True}
                 clear_run(run_dir)  # interrupted or failed: rerun from scratch
-                train(self.cache, cfg, run_dir, progress=False)
+                results = train(self.cache, cfg, run_dir, progress=False, on_epoch=pruning(trial, cfg.train.epochs) if trial is not None else None)
             except Exception as e:
                 # an error the user can act on is its own message ("non-finite loss at epoch 3, ..."); a bug keeps its type
                 error = str(e) if isinstance(e, SppsclError) else f"{type(e).__name__}: {e}"
@@ -252,7 +258,25 @@ class Objective:
                 return {**read_run(run_dir, "failed", error, time.perf_counter() - t0), **about}
             wall = time.perf_counter() - t0
             atomic_write(run_dir / "sweep-run.json", json.dumps({"wall_s": wall, "pid": os.getpid(), "host": self.host}), "the run record")
-            return {**read_run(run_dir, "ok", "", wall), **about}
+            return {**read_run(run_dir, results.get("status", "ok"), "", wall), **about}
+
+
+def pruning(trial: Trial, epochs: int) -> Callable[[int, dict], bool]:
+    """``train``'s per-epoch callback for a pruned search: report the epoch's dev accuracy (the selection's score) to
+    the trial and stop when the study's pruner (Optuna's MedianPruner or HyperbandPruner) says the run is behind.
+    The last of the run's ``epochs`` is reported but never pruned: stopping there would save nothing and throw
+    away a whole run's result."""
+
+    def on_epoch(epoch: int, record: dict) -> bool:
+        trial.report(record["dev_accuracy"], epoch)
+        return epoch < epochs and trial.should_prune()
+
+    return on_epoch
+
+
+def run_status(run_dir: Path) -> str:
+    """``pruned`` for a run folder a pruner stopped (its results.json says so), else ``ok``."""
+    return "pruned" if json.loads((run_dir / "results.json").read_text()).get("status") == "pruned" else "ok"
 
 
 def _identity(cfg: Config) -> dict:
