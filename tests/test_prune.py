@@ -238,3 +238,26 @@ def test_grid_cv_and_reproduce_refuse_prune(base, tmp_path, capsys):
         err = capsys.readouterr().err
         assert what in err and len([x for x in err.splitlines() if x.strip()]) == 1, err
     assert not any((tmp_path / d).exists() for d in "gcr")  # refused before any folder is made
+
+
+@pytest.mark.slow
+def test_pruning_on_a_postgresql_study(base, tmp_path, monkeypatch, postgres):
+    """The pruner reads the other trials' per-epoch values from the shared study: the same decisions on PostgreSQL,
+    the same pruned and skipped runs, nothing retried by a rerun, and ``sweep summary`` from the database alone."""
+    path, cfg = base
+    verdict = stub_train(monkeypatch)
+    execution = Execution(workers=1, storage=postgres, study="prune-pg", heartbeat=1)
+    args = dict(space=["lr=1e-3:1e-1:log"], n_random=6, sampler="tpe", seeds=[0, 1], execution=execution, progress=False, prune="median")
+    res = sweep(path, cfg, tmp_path / "s", **args)
+    bad = sorted(slug for slug, v in verdict.items() if v == "bad")
+    assert len(bad) == 2 and sorted(res.pruned) == [f"{s}-seed0" for s in bad] and sorted(res.skipped) == [f"{s}-seed1" for s in bad]
+    assert res.failed == [] and sum(r["status"] == "ok" for r in res.rows) == 8
+    study = optuna.load_study(study_name="prune-pg", storage=postgres)
+    pruned = [t for t in study.get_trials() if t.state == TrialState.PRUNED]
+    assert sorted(t.user_attrs["run"] for t in pruned) == sorted(res.pruned) and all(t.intermediate_values == {1: BAD} for t in pruned)
+    n_trials = len(study.get_trials())
+    again = sweep(path, cfg, tmp_path / "s2", **args)  # another machine's folder, the same study
+    assert again.ran == [] and sorted(again.pruned) == sorted(res.pruned) and len(optuna.load_study(study_name="prune-pg", storage=postgres).get_trials()) == n_trials
+    read = sweep_summary(tmp_path / "summary", postgres, "prune-pg")
+    assert sorted(read.pruned) == sorted(res.pruned) and sorted(read.skipped) == sorted(res.skipped)
+    assert "at epoch 1, 1 seed not started" in (tmp_path / "summary" / "summary.md").read_text()
