@@ -233,6 +233,10 @@ class Config:
             raise ConfigError("with use_intra=false, use_inter=false and lambda_ce<=0 nothing is trained")
 
 
+# the largest integer a setting may hold: every JSON reader keeps it exact (a float's 53-bit mantissa)
+MAX_INT = 2**53
+
+
 def check_value(section: str, key: str, value: Any) -> None:
     """The checks one value must pass whatever the other keys hold: a listed choice, finite, within its range."""
     allowed = CHOICES.get((section, key))
@@ -240,6 +244,9 @@ def check_value(section: str, key: str, value: Any) -> None:
         raise ConfigError(f"{section}.{key}={shown(value)} is not one of {', '.join(allowed)}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{section}.{key}={shown(value)}: must be a finite number")
+    if isinstance(value, int) and not isinstance(value, bool) and not -MAX_INT <= value <= MAX_INT:
+        # a count this large means nothing here, and records (HDF5 attributes, JSON readers) cannot hold it
+        raise ConfigError(f"{section}.{key}={shown(value)}: must be between -2^53 and 2^53")
     if (section, key) in RANGES:
         low, high, what = RANGES[(section, key)]
         if not low <= value <= high:
@@ -415,6 +422,18 @@ class BoundedLoader(yaml.SafeLoader):
             mark = self.peek_event().start_mark
             raise ConfigError(f"{self.name}: line {mark.line + 1}: YAML aliases (*name) are not accepted in a configuration; write the value out")
         return super().compose_node(parent, index)
+
+    def construct_yaml_int(self, node):
+        """An integer; one longer than Python converts (4300 digits) is the file's error, not an internal one."""
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:
+            raise ConfigError(
+                f"{self.name}: line {node.start_mark.line + 1}: the number {shown(node.value)} has {len(node.value)} characters; no setting takes a number that long"
+            ) from None
+
+
+BoundedLoader.add_constructor("tag:yaml.org,2002:int", BoundedLoader.construct_yaml_int)
 
 
 def read_yaml(path: Path) -> Any:

@@ -1116,6 +1116,73 @@ def yaml17_config_is_a_fifo(env: Env) -> Expect:
 
 
 
+@case
+def yaml17_integer_longer_than_python_converts(env: Env) -> Expect:
+    """A 5000-digit integer made PyYAML's int() raise: an internal error."""
+    return Expect(_train(env, "--config", str(_preset_text(env, "train:\n  epochs: " + "9" * 5000 + "\n"))), 2, ["hostile.yaml", "line 2", "5000 characters"], [env.tmp])
+
+
+@case
+def yaml17_integer_no_record_can_hold(env: Env) -> Expect:
+    """extract.batch_size: 1e23 as an integer passed validation and crashed writing the cache's HDF5 attributes."""
+    ds = env.dataset()
+    preset = ds.write()
+    preset.write_text(preset.read_text().replace("batch_size: 4", "batch_size: " + "9" * 23))
+    return Expect(["extract", "--config", str(preset), "--out", str(env.tmp / "c.h5"), "--quiet"], 2, ["extract.batch_size", "2^53"], [env.tmp],
+                  _nothing_created(env, "c.h5"))
+
+
+@case
+def ckpt17_checkpoint_named_without_suffix_is_a_fifo(env: Env) -> Expect:
+    """A FIFO given as --checkpoint NAME was reported as 'NAME.safetensors: no such checkpoint'."""
+    target, still = _occupy(env, "fifo", "model")
+    return Expect(["evaluate", "--checkpoint", str(target), "--cache", str(env.cache)], 2, [str(target), "FIFO", "not a checkpoint file"], [env.tmp], still)
+
+
+@case
+def report17_path_is_a_fifo(env: Env) -> Expect:
+    target, still = _occupy(env, "fifo", "runs")
+    return Expect(["report", str(target), "--out", str(env.tmp / "r.html")], 2, [str(target), "FIFO", "not a run, sweep, cv or reproduce folder"], [env.tmp], still)
+
+
+def _bomb(fmt: str, w: int, h: int) -> bytes:
+    """A tiny GIF, TIFF or WebP file whose header claims ``w`` x ``h`` pixels (the image data is one pixel)."""
+    buf = io.BytesIO()
+    if fmt == "GIF":
+        Image.new("P", (1, 1)).save(buf, format="GIF")
+        d = bytearray(buf.getvalue())
+        d[6:10] = struct.pack("<HH", w, h)  # logical screen
+        i = d.index(b",")  # image descriptor
+        d[i + 5 : i + 9] = struct.pack("<HH", w, h)
+    elif fmt == "TIFF":
+        Image.new("L", (1, 1)).save(buf, format="TIFF")
+        d = bytearray(buf.getvalue())
+        ifd = struct.unpack("<I", d[4:8])[0]
+        for k in range(struct.unpack("<H", d[ifd : ifd + 2])[0]):
+            at = ifd + 2 + 12 * k
+            tag, typ = struct.unpack("<HH", d[at : at + 4])
+            if tag in (256, 257):  # ImageWidth, ImageLength
+                v = w if tag == 256 else h
+                d[at + 8 : at + 12] = struct.pack("<I", v) if typ == 4 else struct.pack("<HH", v, 0)
+    else:
+        Image.new("RGB", (1, 1)).save(buf, format="WEBP", lossless=True)
+        d = bytearray(buf.getvalue())
+        i = d.index(b"VP8L") + 8  # signature byte, then 14-bit width-1, 14-bit height-1, alpha and version bits
+        bits = struct.unpack("<I", d[i + 1 : i + 5])[0] & ~((1 << 28) - 1)
+        d[i + 1 : i + 5] = struct.pack("<I", bits | (w - 1) | ((h - 1) << 14))
+    assert Image.open(io.BytesIO(bytes(d))).size == (w, h)
+    return bytes(d)
+
+
+# decompression bombs in other formats than PNG: the header's size (stored, and after the resize) decides, before decoding
+for _fmt, _size, _needle in (("GIF", (65535, 65535), "4294.8 megapixels"), ("GIF", (1, 20000), "256x5120000"), ("TIFF", (60000, 60000), "3600.0 megapixels"),
+                             ("TIFF", (20000, 1), "5120000x256"), ("WEBP", (16384, 16384), "268.4 megapixels"), ("WEBP", (1, 16384), "256x4194304")):
+    CASES[f"verify17_bomb_{_fmt.lower()}_{_size[0]}x{_size[1]}"] = (
+        lambda env, f=_fmt, sz=_size, n=_needle: (lambda ds: (ds.images.__setitem__("images/dev1.jpg", _bomb(f, *sz)),
+        Expect(["data", "verify", "--config", str(ds.write()), "--workers", "1"], 1, ["dev1", "oversized image", n], [ds.data]))[1])(env.dataset())
+    )
+
+
 # crafted checkpoints: each violation of the checkpoint's own header is one line naming the file and the field (exit 2)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import SppsclError
+from ..errors import SppsclError, check_input_folder
 from . import charts
 
 COMMANDS_FILE = "commands.txt"
@@ -404,10 +404,12 @@ def reproduce_table_section(folder: Path) -> Section:
 
 def kind_of(path: Path) -> str:
     """What a path holds, from its files; a ReportError naming the path when it is none of them."""
-    if not path.exists():
+    try:  # a FIFO, device or file is named as what it is, from stat
+        present = check_input_folder(path, "a run, sweep, cv or reproduce folder")
+    except SppsclError as e:
+        raise ReportError(str(e)) from None
+    if not present:
         raise ReportError(f"{path}: no such folder")
-    if not path.is_dir():
-        raise ReportError(f"{path}: not a folder (give a run, sweep, cv or reproduce folder)")
     if (path / "table.md").is_file():
         return "reproduce-table"
     if (path / "cv.md").is_file():

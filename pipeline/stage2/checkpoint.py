@@ -20,6 +20,7 @@ with the conversion command when they hold anything else.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,8 @@ def load_checkpoint_file(path: str | Path) -> dict:
     p = Path(path)
     if p.suffix == ".pt":
         return _load_legacy(p)
+    if p.suffix != ".safetensors" and os.path.lexists(p):
+        _present(p)  # the path as given is a FIFO or a device: say so, not "no such checkpoint" about NAME.safetensors
     weights, meta_path = checkpoint_files(p)
     if not _present(weights):
         legacy = weights.with_suffix(".pt")
