@@ -33,13 +33,16 @@ RUNNERS = {
     "scale": "scale",
     "compute": "compute",
     "sweeps": "sweeps",
+    "pruning": "pruning",
     "serve": "serving",
     # the GPU run's CPU form (``--gpu --quick``): quick profile only, it writes results-gpu.md beside results.json
     "gpu": "gpu_quick",
 }
 # Table order: the issue's.
-TABLE_ORDER = ["caching", "extraction", "ranks", "loader", "scale", "compute", "sweeps", "serve", "gpu"]
+TABLE_ORDER = ["caching", "extraction", "ranks", "loader", "scale", "compute", "sweeps", "pruning", "serve", "gpu"]
 QUICK_ONLY = {"gpu"}
+# the pruning searches train on the real MVSA-Single cache for up to 15 minutes: full profile (or --only pruning) only
+FULL_ONLY = {"pruning"}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -81,7 +84,9 @@ def resolve(args: argparse.Namespace):
         if args.official_batches < 1:
             raise ValueError("--official-batches must be at least 1")
         profile = profile.replace(official_batches=args.official_batches)
-    sections = [s.strip() for s in args.only.split(",") if s.strip()] or [s for s in RUNNERS if args.quick or s not in QUICK_ONLY]
+    sections = [s.strip() for s in args.only.split(",") if s.strip()] or [
+        s for s in RUNNERS if (args.quick or s not in QUICK_ONLY) and not (args.quick and s in FULL_ONLY)
+    ]
     unknown = [s for s in sections if s not in RUNNERS]
     if unknown:
         raise ValueError(f"--only: unknown section(s) {', '.join(unknown)}; choose from {','.join(TABLE_ORDER)}")

@@ -320,3 +320,34 @@ def test_gpu_section_belongs_to_the_quick_profile(tmp_path):
     buf.file.close()
     assert "the GPU run's CPU form is part of --quick" in (tmp_path / "log.txt").read_text()
     assert not (tmp_path / "o").exists()
+
+
+def test_pruning_section_is_skipped_in_one_line_without_the_data(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from bench import pruning
+    from bench.common import Context
+    from bench.profiles import QUICK
+
+    monkeypatch.setattr(pruning, "DATA", tmp_path / "no-mvsa")
+    log = tmp_path / "log.txt"
+    with open(log, "w") as fh:
+        sec = pruning.run(Context(QUICK, tmp_path, Console(file=fh, width=200)))
+    assert sec.rows == [] and "no MVSA-Single data" in sec.raw["skipped"]
+    lines = [x for x in log.read_text().splitlines() if x.strip()]
+    assert len(lines) == 1 and "skipped: no MVSA-Single data at" in lines[0]
+    # not in a quick run unless named: it trains on the real data for up to 15 minutes
+    from bench.run import parse_args, resolve
+
+    assert "pruning" not in resolve(parse_args(["--quick"]))[1] and "pruning" in resolve(parse_args([]))[1]
+
+
+def test_pruning_rows_compare_best_dev_score_and_epochs_and_name_a_budget_cut():
+    from bench.pruning import rows
+
+    off = {"finished": 12, "pruned": 0, "epochs": 120, "best_dev_accuracy": 0.70, "cut_by_budget": True}
+    on = {"finished": 24, "pruned": 15, "epochs": 60, "best_dev_accuracy": 0.7175, "cut_by_budget": False}
+    best, epochs = rows(off, on)
+    assert (best.ours, best.alternative) == (0.7175, 0.70) and best.ratio == pytest.approx(0.7175 / 0.70)
+    assert (epochs.ours, epochs.alternative, epochs.ratio) == (60, 120, 0.5)
+    assert "the budget stopped the search without pruning" in epochs.note and "24 with (15 pruned), 12 without" in epochs.note
