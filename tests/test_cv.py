@@ -111,19 +111,19 @@ def test_cv_settings_are_validated(tiny_cache):
 def test_cross_validate_rows_ensembles_probe_and_resume(tiny_cache, tmp_path):
     path, cfg = tiny_cache
     base = apply_overrides(cfg, ["epochs=1", "lr=0.02"])
-    res = cross_validate(path, base, tmp_path / "cv", folds=3, seeds=[1, 2], variants=[("full", {}), ("w/o L_cl_m", {"use_inter": False})], execution=Execution(1), progress=False)
+    # one variant (3 folds x 2 seeds = 6 runs): a second variant's rows are test_reproduce_with_cv's (two update modes)
+    variants = [("full", {})]
+    res = cross_validate(path, base, tmp_path / "cv", folds=3, seeds=[1, 2], variants=variants, execution=Execution(1), progress=False)
     kinds = [(r.label, r.kind, r.n) for r in res.rows]
     assert kinds == [
         ("full", "runs", 3),
         ("full: ensemble of its seeds", "ensemble", 3),
-        ("w/o L_cl_m", "runs", 3),
-        ("w/o L_cl_m: ensemble of its seeds", "ensemble", 3),
         ("logistic-regression probe (pooled image + [CLS])", "probe", 3),
     ]
     # the runs' row: each fold's two seeds averaged, then mean, std and t interval over the 3 folds; seed sd apart
     runs_dir = tmp_path / "cv" / "runs"
     acc = {(r["cv_fold"], r["seed"]): json.loads((runs_dir / r["run"] / "results.json").read_text())["splits"]["test"]["accuracy"]
-           for r in res.sweep.rows if "use_inter" not in r["run"]}
+           for r in res.sweep.rows}
     assert len(acc) == 6
     fold_means = [(acc[(k, 1)] + acc[(k, 2)]) / 2 for k in range(3)]
     e = res.rows[0].stats["accuracy"]
@@ -145,7 +145,7 @@ def test_cross_validate_rows_ensembles_probe_and_resume(tiny_cache, tmp_path):
     assert ens["splits"]["test"]["n"] == member["splits"]["test"]["n"] and len(ens["members"]) == 2
     assert "F1 neutral" in (tmp_path / "cv" / "cv.md").read_text()
     assert {r["kind"] for r in _csv(tmp_path / "cv" / "cv.csv")} == {"runs", "ensemble", "probe"}
-    again = cross_validate(path, base, tmp_path / "cv", folds=3, seeds=[1, 2], variants=[("full", {}), ("w/o L_cl_m", {"use_inter": False})], execution=Execution(1), progress=False)
+    again = cross_validate(path, base, tmp_path / "cv", folds=3, seeds=[1, 2], variants=variants, execution=Execution(1), progress=False)
     assert again.sweep.ran == [] and [r.stats for r in again.rows] == [r.stats for r in res.rows]
 
 

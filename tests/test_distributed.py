@@ -124,6 +124,7 @@ def test_torchrun_two_ranks_one_late_equal_a_single_process(tmp_path):
     assert not Path(str(ranked) + ".lock").exists()
 
 
+@pytest.mark.slow  # three fresh interpreters; the default suite's kill -9 mid-fill + rerun is test_kill9's extract case, its torchrun job the late-rank test
 def test_torchrun_rank_killed_then_rerun_equals_a_single_process(tmp_path):
     cfg, preset = _preset(tmp_path, size=120, batch_size=2)
     single, killed = tmp_path / "single.h5", tmp_path / "killed.h5"

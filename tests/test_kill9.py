@@ -127,12 +127,13 @@ def _sweep_rows(out: Path) -> list[dict]:
 
 
 def run_sweep(tmp: Path, rng: random.Random, cache: Path) -> tuple[list, list]:
-    cmd = ["sweep", "--cache", str(cache), "--grid", "lr=1e-3,3e-3", "--seeds", "1,2", "--set", "epochs=2", "--jobs", "1", "--quiet"]
+    # two runs: the kill lands in the first or the second (the chaos test kills sweeps of more runs, and is slow)
+    cmd = ["sweep", "--cache", str(cache), "--grid", "lr=1e-3,3e-3", "--seeds", "1", "--set", "epochs=2", "--jobs", "1", "--quiet"]
     assert main([*cmd, "--out", str(tmp / "clean")]) == 0
     killed = tmp / "killed"
-    at = rng.randrange(0, 3)  # finished runs before the kill
+    at = rng.randrange(0, 2)  # finished runs before the kill
     _kill_when([*cmd, "--out", str(killed)], lambda: len(list(killed.glob("runs/*/results.json"))) >= at and (killed / "runs").exists(), rng.uniform(0, 0.3))
-    assert len(list(killed.glob("runs/*/results.json"))) < 4, "the sweep finished before it could be killed"
+    assert len(list(killed.glob("runs/*/results.json"))) < 2, "the sweep finished before it could be killed"
     assert main([*cmd, "--out", str(killed)]) == 0
     clean, resumed = _sweep_rows(tmp / "clean"), _sweep_rows(killed)
     for d in (tmp / "clean" / "runs").iterdir():

@@ -26,11 +26,15 @@ from sppscl.stage2.sweeps import Execution, parse_devices, sweep
 from sppscl.stage2.sweeps.study import attrs, claim, open_storage
 
 REPO = Path(__file__).resolve().parents[1]
-GRID = ["--grid", "fusion=batch,concat", "--grid", "ha_layers=2,4", "--seeds", "1,2"]
-RUNS = {f"fusion-{f}__ha_layers-{h}-seed{s}" for f in ("batch", "concat") for h in (2, 4) for s in (1, 2)}
-# the kill tests need runs long enough to be caught mid-way, and fewer of them
-SMALL = ["--grid", "fusion=batch,concat", "--seeds", "1,2", "--set", "epochs=4"]
-SMALL_RUNS = {f"fusion-{f}-seed{s}" for f in ("batch", "concat") for s in (1, 2)}
+# two configurations x two seeds: enough for two processes to share and for the summary's seed statistics
+GRID = ["--grid", "fusion=batch,concat", "--seeds", "1,2"]
+RUNS = {f"fusion-{f}-seed{s}" for f in ("batch", "concat") for s in (1, 2)}
+# the kill tests need runs long enough to be caught mid-way
+SMALL = [*GRID, "--set", "epochs=4"]
+SMALL_RUNS = RUNS
+# a local sweep's two workers, each caught in its run: two runs are enough
+TWO = ["--seeds", "1,2", "--set", "epochs=4"]
+TWO_RUNS = {"base-seed1", "base-seed2"}
 
 
 @pytest.fixture
@@ -177,7 +181,7 @@ def _alive(pid: int) -> bool:
 def test_kill_9_of_a_local_sweep_leaves_no_workers_and_reruns(preset, tmp_path):
     cache, cfg_file = preset
     out = tmp_path / "s"
-    cmd = _sweep_cmd(cache, cfg_file, out, "--jobs", "2", grid=SMALL)
+    cmd = _sweep_cmd(cache, cfg_file, out, "--jobs", "2", grid=TWO)
     parent = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     workers: list[int] = []
@@ -194,10 +198,10 @@ def test_kill_9_of_a_local_sweep_leaves_no_workers_and_reruns(preset, tmp_path):
     while any(_alive(w) for w in workers) and time.monotonic() < gone_by:
         time.sleep(0.1)
     assert not any(_alive(w) for w in workers), f"workers outlived their sweep: {[w for w in workers if _alive(w)]}"
-    # a rerun starts at once (no lock left behind) and finishes every run
-    rerun = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    # a rerun starts at once (no lock left behind) and finishes every run (in its own process: --jobs 1 starts no workers)
+    rerun = subprocess.run(_sweep_cmd(cache, cfg_file, out, "--jobs", "1", grid=TWO), env=_env(), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert {p.parent.name for p in (out / "runs").glob("*/results.json")} == SMALL_RUNS
+    assert {p.parent.name for p in (out / "runs").glob("*/results.json")} == TWO_RUNS
     assert "trained now:" in rerun.stdout
 
 
