@@ -45,14 +45,15 @@ class BadRequest(Exception):
         self.reason = reason
 
 
-def load_model(run: Path, device: str = "auto", allow_download: bool = False):
-    """The model behind the server: ``sppscl.load`` of a run folder (its best checkpoint) or a checkpoint file."""
+def load_model(run: Path, device: str = "auto", allow_download: bool = False, which: str = "best"):
+    """The model behind the server: ``sppscl.load`` of a run folder (its ``which`` checkpoint: best or last) or a
+    checkpoint file."""
     from .api import load
 
     run = Path(run)
     if not run.exists():
         raise ServeError(f"{run}: no such run folder or checkpoint")
-    return load(run, device=device, allow_download=allow_download)
+    return load(run, which=which, device=device, allow_download=allow_download)
 
 
 @dataclass
@@ -140,6 +141,7 @@ class Service:
         return {
             "run": str(self.run),
             "checkpoint": str(m.checkpoint),
+            "which": m.which,
             "epoch": m.epoch,
             "classes": self.classes,
             "fusion": m.fusion,

@@ -167,3 +167,21 @@ def test_serve_command_refuses_a_missing_run_in_one_line(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "nope"), "--port", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {tmp_path / 'nope'}: no such run folder or checkpoint"
+
+
+def test_serve_which_last_serves_the_run_folders_last_checkpoint(served, monkeypatch, capsys):
+    """`serve RUN --which last`, as every other command that takes a run folder; a bad --which is one line, exit 2."""
+    from sppscl.cli import main
+
+    url, run, model, _ = served
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    assert main(["serve", str(run), "--which", "last", "--device", "cpu", "--port", "0"]) == 0
+    (app,) = apps
+    app = app.app  # inside the body-limit middleware
+    assert app.state.service.model.checkpoint == run / "last.safetensors"
+    assert app.state.service.describe()["which"] == "last"
+    assert str(run / "last.safetensors") in capsys.readouterr().out
+    assert httpx.get(f"{url}/model").json()["which"] == "best"  # the default
+    assert main(["serve", str(run), "--which", "middle", "--port", "0"]) == 2
+    assert "middle" in capsys.readouterr().err

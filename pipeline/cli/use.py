@@ -156,12 +156,13 @@ def report(
 
 
 def serve(
-    run: Path = typer.Argument(..., help="A run folder (its best checkpoint) or a checkpoint file."),
+    run: Path = typer.Argument(..., help="A run folder (its best checkpoint, or --which last) or a checkpoint file."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
     port: int = typer.Option(8000, min=0, max=65535, help="Port to listen on."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     max_body: int = typer.Option(16 * 1024 * 1024, "--max-body", min=1, help="Largest request body in bytes; larger is answered 413."),
     allow_download: bool = typer.Option(False, "--allow-download", help=ALLOW_DOWNLOAD_HELP),
+    which: str = typer.Option("best", "--which", help=WHICH_HELP),
 ) -> None:
     """Answer predictions over HTTP: POST /predict (one pair), POST /predict/batch, GET /health, GET /model. The
     encoders load once; each request is predicted on its own, exactly as `predict` predicts it."""
@@ -173,6 +174,6 @@ def serve(
         import uvicorn
     except ImportError:
         raise ConfigError("sppscl serve needs the 'serve' extra: pip install 'sppscl[serve]'") from None
-    model = load_model(run, device, allow_download)
-    console.print(f"serving {run} on http://{host}:{port} (classes: {', '.join(model.classes)}; fusion {model.fusion})", highlight=False)
+    model = load_model(run, device, allow_download, which)
+    console.print(f"serving {model.checkpoint} on http://{host}:{port} (classes: {', '.join(model.classes)}; fusion {model.fusion})", markup=False, highlight=False)
     uvicorn.run(create_app(run, model=model, max_body=max_body), host=host, port=port, log_level="info")
