@@ -263,3 +263,26 @@ def test_evaluate_and_ensemble_tables_show_class_and_split_names_escaped(tmp_pat
     out = capsys.readouterr().out
     assert out.count(SHOWN) == 2, out
     assert "\x1b" not in out and "\u202e" not in out
+
+
+def test_extract_says_what_it_will_do_on_stderr_before_the_encoders_load(tmp_path, capsys, monkeypatch):
+    """extract's start banner, like train's and sweep's: dataset and folder, encoders, device, batch size, workers,
+    rows per split with class shares, the cache file; on stderr, before the (slow) encoder load; none with --quiet."""
+    from test_failure_matrix import Dataset
+
+    from sppscl.stage1 import extract as stage1_extract
+
+    preset = Dataset(tmp_path / "ds").write()
+    real = stage1_extract.load_image_encoder
+    seen = []
+    monkeypatch.setattr(stage1_extract, "load_image_encoder", lambda *a, **k: (seen.append(capsys.readouterr()), real(*a, **k))[1])
+    assert main(["extract", "--config", str(preset), "--out", str(tmp_path / "c.h5"), "--batch-size", "2", "--workers", "0"]) == 0
+    before = seen[0]
+    for line in (f"extract: dataset bad (format manifest) from {tmp_path / 'ds' / 'data'}", "encoders: image tiny-cnn, text tiny-bert (max_length 32",
+                 "device cpu, precision fp32, batch size 2, 0 image-decoding worker(s)", "  train: 4 rows (positive 50%, neutral 25%, negative 25%)",
+                 "  dev: 3 rows (positive 33%, neutral 33%, negative 33%)", f"output: {tmp_path / 'c.h5'}"):
+        assert line in before.err, before.err
+    assert "extract: dataset" not in before.out + capsys.readouterr().out
+    seen.clear()
+    assert main(["extract", "--config", str(preset), "--out", str(tmp_path / "q.h5"), "--quiet"]) == 0
+    assert "extract: dataset" not in seen[0].err + capsys.readouterr().err

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import os
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ from ..cache import (
     cache_bytes,
 )
 from ..config import Config, ConfigError
-from ..errors import OutputError, SppsclError, disk_full, free_bytes, is_disk_full, safe
+from ..errors import OutputError, SppsclError, disk_full, free_bytes, is_disk_full, printable, safe
 from ..outputs import check_output_file, check_writable_dir, output_error, what_is_at
 from ..progress import make_progress
 from .adapters import load_samples
@@ -141,6 +142,34 @@ def one_class_splits(by_split: dict[str, list[Sample]], classes: list[str]) -> l
         if len(labels) == 1 and len(rows) > 1:
             found.append(f"split {split!r} holds one class only ({classes[labels.pop()]}, {len(rows)} rows)")
     return found
+
+
+def banner_lines(cfg, ddir, by_split: dict[str, list[Sample]], skipped: list, dev, precision: str, batch_size: int, workers: int,
+                 limit: int | None, shard, out: Path) -> list[str]:
+    """extract's start banner (on stderr, before the encoders load): dataset and folder, encoders, device, precision,
+    batch size and decoding workers, rows per split with each class's share, what --limit, --shard and --on-error
+    skip take out, and the cache file; the layout of the train/sweep banner (``cli/banner.py``)."""
+    classes = list(cfg.dataset.classes)
+    lines = [
+        f"extract: dataset {cfg.dataset.name} (format {cfg.dataset.format}) from {ddir}",
+        f"encoders: image {cfg.encoders.image}, text {cfg.encoders.text} (max_length {cfg.encoders.max_length}, layers {cfg.encoders.layers})",
+        f"device {dev}, precision {precision}, batch size {batch_size}, {workers} image-decoding worker(s)",
+    ]
+    for split, rows in by_split.items():
+        labels = [s.label for s in rows if s.label is not None]
+        if not labels:
+            lines.append(f"  {split}: {len(rows)} rows, unlabelled")
+            continue
+        counts = Counter(labels)
+        lines.append(f"  {split}: {len(rows)} rows (" + ", ".join(f"{c} {counts[i] / len(labels):.0%}" for i, c in enumerate(classes)) + ")")
+    if limit is not None:
+        lines.append(f"--limit {limit}: a stratified sample of at most {limit} rows per split (seed 0)")
+    if skipped:
+        lines.append(f"skipped by --on-error skip: {len(skipped)} rows (listed at the end, recorded in the cache)")
+    if shard is not None:
+        lines.append(f"--shard {shard}: this process writes only its shard's rows")
+    lines.append(f"output: {out}")
+    return [printable(line) for line in lines]
 
 
 def plan_samples(
@@ -371,13 +400,18 @@ def _extract(
         )
 
     dtype = cfg.extract.dtype
+    requested_bs = cfg.extract.batch_size if batch_size is None else batch_size
+    # an unfinished cache continues with the batches it was started with, whatever --batch-size says now
+    bs = ranks.on_zero(lambda: None if force else _started_batch_size(out)) or requested_bs
+    if progress and console is not None and ranks.is_zero:
+        # said before the encoders load (the slow part of starting), as train, sweep, cv and reproduce do
+        workers = decoding_workers(cfg.extract.num_workers if num_workers is None else num_workers, dev)
+        for line in banner_lines(cfg, ddir, by_split, skipped, dev, precision, bs, workers, limit, shard, out):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     image_enc = load_image_encoder(cfg.encoders.image, device=str(dev))
     text_enc = load_text_encoder(cfg.encoders.text, max_length=cfg.encoders.max_length, layers=cfg.encoders.layers, device=str(dev))
     prepare_encoders(image_enc, dev, channels_last)
     provenance = build_provenance(cfg, ddir, by_split, image_enc, text_enc, dtype, limit, precision)
-    requested_bs = cfg.extract.batch_size if batch_size is None else batch_size
-    # an unfinished cache continues with the batches it was started with, whatever --batch-size says now
-    bs = ranks.on_zero(lambda: None if force else _started_batch_size(out)) or requested_bs
     if shard is not None:
         # whole fixed batches of the full run, order kept: fixed_batches over the shard's rows forms the same
         # batches again (only a split's last batch can be short, and it stays last)
