@@ -219,7 +219,7 @@ def test_reproduce_table7_on_tiny_cache(base, tmp_path, capsys):
     out = tmp_path / "paper"
     argv = ["reproduce", "table7", "--cache", str(path), "--config", str(preset), "--seeds", "1", "--jobs", "1", "--out", str(out), "--quiet"]
     assert main(argv) == 0
-    printed = capsys.readouterr().out
+    printed, errors = capsys.readouterr()
     header = next(line for line in printed.splitlines() if "Method" in line)
     assert "n=1" in printed and "paper" not in header.lower() and "No paper column" in printed
     md = (out / "table7" / "table.md").read_text()
@@ -227,8 +227,9 @@ def test_reproduce_table7_on_tiny_cache(base, tmp_path, capsys):
     # the tiny cache's test split is labelled: the cells are test, selected on dev, and say so; no dev columns
     assert header.startswith("| Method") and "paper" not in header and "test ACC (selected on dev)" in header and "dev ACC" not in header
     assert md.count("(n=1)") >= 2 and "No paper column" in md
-    # the tiny encoders are not the paper's: printed and written
-    assert "WARNING: this cache's encoders are tiny-cnn + tiny-bert" in md and "not the paper's" in printed
+    # the tiny encoders are not the paper's: written beside the table, and said on stderr (a warning, not a result)
+    assert "WARNING: this cache's encoders are tiny-cnn + tiny-bert" in md
+    assert "warning:" in errors and "not the paper's" in errors and "not the paper's" not in printed
     # the full model is stored as the base configuration, shared with the other tables
     assert sorted(p.name for p in (out / "runs").iterdir() if p.is_dir()) == ["base-seed1", "fusion-concat-seed1"]
 

@@ -174,7 +174,7 @@ def reproduce(
     console.print(f"reproduce directory: {out}", markup=False, highlight=False)
     record_command(out, state.argv)
     rep = run_reproduce(table, cache, cfg, out, seed_list, execution, progress=not quiet, console=err_console, cv=cv)
-    print_reproduction(rep, console)
+    print_reproduction(rep, console, err_console)
     folder_report(out)
     if rep.sweep.failed:
         raise typer.Exit(code=1)

@@ -313,9 +313,11 @@ def render_cv_markdown(spec: PaperTable, res: CVResult, dataset: str, column: st
     return "\n".join(lines) + "\n"
 
 
-def print_reproduction(rep: Reproduction, console: Console) -> None:
+def print_reproduction(rep: Reproduction, console: Console, err_console: Console | None = None) -> None:
+    """The table on ``console`` (results: stdout); the encoder warning on ``err_console`` (stderr, where every note
+    and warning goes; default ``console``). table.md keeps the warning beside its table."""
     if rep.warning:
-        console.print(f"[bold yellow]warning:[/] {safe(rep.warning)}", highlight=False)
+        (err_console or console).print(f"[bold yellow]warning:[/] {safe(rep.warning)}", highlight=False)
     if rep.cv is not None:
         from .cv import notes as cv_notes
 
@@ -337,7 +339,7 @@ def print_reproduction(rep: Reproduction, console: Console) -> None:
     for line in body:
         t.add_row(*[safe(x) for x in line])
     console.print(t)
-    for note in _notes(rep.spec, rep.dataset, rep.paper_column, rep.sweep, _has_test(rep.rows), rep.warning):
+    for note in _notes(rep.spec, rep.dataset, rep.paper_column, rep.sweep, _has_test(rep.rows)):  # the warning went above
         console.print(safe(note), highlight=False)
     console.print(f"written: {safe(', '.join(str(f) for f in rep.files))} (runs: {safe(rep.sweep.runs_dir)})", highlight=False)
 
