@@ -1,8 +1,8 @@
 """A one-rank torchrun extraction (its process group: NCCL on a GPU, gloo on the CPU) against a plain process:
 the two caches must be equal bitwise, with cuDNN's deterministic algorithms in both (``bench.gpu.extract_worker``).
 
-Both run at once, in fresh processes on the same device, over the same synthetic rows; only their output is
-compared, so sharing the device costs nothing but time.
+Both run at once on the same device, over the same synthetic rows; only their output is compared, so sharing the
+device costs nothing but time. On a GPU both are fresh processes; in the CPU form the plain one runs in this process.
 """
 
 from __future__ import annotations
@@ -40,6 +40,24 @@ def visible_device(index: int) -> str:
     return visible.split(",")[index].strip() if visible else str(index)
 
 
+def in_this_process(preset: Path, out: Path, samples: int, threads: str, result: Path) -> None:
+    """``bench.gpu.extract_worker`` as a plain process would run it, in this one; the global settings it makes (torch
+    threads, deterministic algorithms, cuDNN flags, the recording process-group hook) are put back afterwards."""
+    import torch
+    import torch.distributed as dist
+
+    from . import extract_worker
+
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, dist.init_process_group)
+    try:
+        extract_worker.main(str(preset), str(out), str(samples), threads, str(result))
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, dist.init_process_group = saved[3:]
+
+
 def run(ctx, report) -> None:
     s, dev = ctx.sizes, ctx.device
     root = ctx.shared.get("extract_data")
@@ -65,22 +83,35 @@ def run(ctx, report) -> None:
     if dev.type == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = visible_device(dev.index)
     threads = "1" if dev.type == "cpu" else str(max(1, (os.cpu_count() or 2) // 2))
+    # On the CPU (the quick form) the plain reference runs in this process while the rank runs: it has no CUDA state
+    # to keep apart, and a second fresh interpreter would cost the smoke test as much as the check itself
+    launchers = [("torchrun", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"])]
+    if dev.type == "cuda":
+        launchers.insert(0, ("plain", [sys.executable]))
     jobs = {}
-    for name, launcher in (
-        ("plain", [sys.executable]),
-        ("torchrun", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]),
-    ):
+    t0 = time.perf_counter()
+    for name, launcher in launchers:
         out, result = ctx.workdir / f"ranks-{name}.h5", ctx.workdir / f"ranks-{name}.json"
         cmd = [*launcher, "-m", "bench.gpu.extract_worker", str(preset), str(out), str(s.ranks_samples), threads, str(result)]
         jobs[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), out, result)
-    t0 = time.perf_counter()
+    if "plain" not in jobs:
+        out, result = ctx.workdir / "ranks-plain.h5", ctx.workdir / "ranks-plain.json"
+        try:
+            in_this_process(preset, out, s.ranks_samples, threads, result)
+        except BaseException:
+            jobs["torchrun"][0].kill()
+            raise
+        jobs = {"plain": (None, out, result), **jobs}
     logs = {}
     for name, (proc, _, _) in jobs.items():
+        if proc is None:
+            continue
         try:
             logs[name] = proc.communicate(timeout=max(60.0, ctx.budget.left()))[0]
         except subprocess.TimeoutExpired:
             for p, _, _ in jobs.values():
-                p.kill()
+                if p is not None:
+                    p.kill()
             raise RuntimeError(f"the {name} extraction did not finish within the budget") from None
         if proc.returncode != 0:
             raise RuntimeError(f"the {name} extraction failed (exit {proc.returncode}):\n{logs[name][-3000:]}")
