@@ -803,6 +803,8 @@ def _occupy(env: Env, kind: str, name: str) -> tuple[Path, Callable[[], None]]:
     elif kind == "folder":
         p.mkdir()
         (p / "keep.txt").write_text("mine\n")
+    elif kind == "dangling":
+        p.symlink_to(env.tmp / "nowhere" / "x")  # writing through it would create a file wherever it points
     mode = os.lstat(p).st_mode
 
     def still() -> None:
@@ -815,7 +817,7 @@ def _occupy(env: Env, kind: str, name: str) -> tuple[Path, Callable[[], None]]:
     return p, still
 
 
-HOSTILE = {"fifo": "FIFO", "chardev": "character device", "socket": "socket", "symlink": "symbolic link", "folder": "folder"}
+HOSTILE = {"fifo": "FIFO", "chardev": "character device", "socket": "socket", "symlink": "symbolic link", "folder": "folder", "dangling": "symbolic link"}
 
 
 def _output_cases(command: str, build: Callable[[Env, Path], list[str]], kinds=tuple(HOSTILE), name: str = "out.h5", code: int = 2):
@@ -851,6 +853,15 @@ def _evaluate_argv(env: Env, target: Path) -> list[str]:
 _output_cases("predict", _predict_argv, kinds=("fifo", "chardev", "socket", "symlink", "folder"), name="p.csv")
 _output_cases("evaluate_json", _evaluate_argv, kinds=("fifo", "symlink", "folder"), name="r.json")
 _output_cases("evaluate_folder", _evaluate_argv, kinds=("fifo", "symlink"), name="results")
+
+# every other command's --out, file or folder: refused before any work, with what is there (regression rows)
+_output_cases("predict_dangling", _predict_argv, kinds=("dangling",), name="p.csv")
+_output_cases("report", lambda env, t: ["report", str(env.run), "--out", str(t)], kinds=("fifo", "folder", "dangling"), name="r.html")
+_output_cases("probe_json", lambda env, t: ["probe", "--cache", str(env.cache), "--out", str(t)], kinds=("fifo", "folder", "dangling"), name="p.json")
+_output_cases("ensemble", lambda env, t: ["ensemble", str(env.run), "--cache", str(env.cache), "--out", str(t)], kinds=("fifo", "dangling"), name="ens")
+_output_cases("analyze", lambda env, t: ["analyze", "--checkpoint", str(env.run), "--cache", str(env.cache), "--out", str(t)], kinds=("fifo",), name="an")
+for _cmd, _argv in (("sweep", ["sweep", "--grid", "fusion=batch"]), ("cv", ["cv", "--folds", "2"]), ("reproduce", ["reproduce", "table7"])):
+    _output_cases(_cmd, lambda env, t, a=_argv: [*a, "--cache", str(env.cache), "--seeds", "1", "--out", str(t), "--quiet"], kinds=("fifo", "dangling"), name="folder")
 
 
 @case
