@@ -101,19 +101,26 @@ def encoder_pairs(p) -> list[tuple[str, str, Callable[[], tuple[ImageEncoder, Te
     return [(offline[0], offline[1], offline[2], p.offline_samples), (paper[0], paper[1], paper[2], p.paper_samples)]
 
 
-def run_worker(ctx: Context, spec: dict, name: str) -> dict:
+def run_worker(ctx: Context, spec: dict | list[dict], name: str) -> dict | list[dict]:
     """One variant in a fresh interpreter (``bench.extraction_worker``), with glibc's malloc left at its defaults
-    unless the spec asks for ``sppscl.allocator``'s setting: the user's MALLOC_* variables are not passed on."""
+    unless the spec asks for ``sppscl.allocator``'s setting: the user's MALLOC_* variables are not passed on. A list
+    of specs runs in one interpreter, in their order (the setting, once made, stays: the list puts those without it
+    first), and gives a list of results."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    env["OMP_NUM_THREADS"] = str(spec["threads"])
+    env["OMP_NUM_THREADS"] = str((spec[0] if isinstance(spec, list) else spec)["threads"])
     spec_json, out_json = ctx.workdir / f"{name}.spec.json", ctx.workdir / f"{name}.json"
     spec_json.write_text(json.dumps(spec))
     cmd = [sys.executable, "-m", "bench.extraction_worker", str(spec_json), str(out_json)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"extraction worker {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    result = json.loads(out_json.read_text())
+    results = json.loads(out_json.read_text())
+    return [_with_best(r) for r in results] if isinstance(spec, list) else _with_best(results)
+
+
+def _with_best(result: dict) -> dict:
+    spec = result["spec"]
     best = min(result["rounds"], key=lambda r: r["seconds"])
     n = spec["samples"]
     cpu = best["utime"] + best["stime"]
@@ -157,25 +164,37 @@ def run(ctx: Context) -> Section:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     threads = torch.get_num_threads()
 
+    specs = {
+        (key, name): {
+            "pair": key,
+            "profile": p.to_dict(),
+            "root": str(root),
+            "samples": n,
+            "variant": variant,
+            "allocator": allocator,
+            "precision": precision,
+            "device": device,
+            "workers": workers,
+            "rounds": p.extract_rounds,
+            "threads": threads,
+            "out": str(ctx.workdir / f"extract-{key}-{name}.h5"),
+        }
+        for key, _, _, n in pairs
+        for name, variant, allocator, precision, workers in variants(key, device)
+    }
+    measured: dict[tuple[str, str], dict] = {}
+    if not p.process_per_variant:
+        # one interpreter for every variant: those without the allocator setting first (once made, it stays)
+        order = sorted(specs, key=lambda k: specs[k]["allocator"])
+        measured = dict(zip(order, run_worker(ctx, [specs[k] for k in order], "extract-all")))
     for key, label, _, n in pairs:
         res: dict[str, dict] = {}
-        for name, variant, allocator, precision, workers in variants(key, device):
-            spec = {
-                "pair": key,
-                "profile": p.to_dict(),
-                "root": str(root),
-                "samples": n,
-                "variant": variant,
-                "allocator": allocator,
-                "precision": precision,
-                "device": device,
-                "workers": workers,
-                "rounds": p.extract_rounds,
-                "threads": threads,
-                "out": str(ctx.workdir / f"extract-{key}-{name}.h5"),
-            }
-            res[name] = run_worker(ctx, spec, f"extract-{key}-{name}")
-            ctx.log("extraction", f"{label}, {name} (fresh process): {_usage_note(res[name])}")
+        for name, *_ in variants(key, device):
+            spec = specs[key, name]
+            if p.process_per_variant:
+                measured[key, name] = run_worker(ctx, spec, f"extract-{key}-{name}")
+            res[name] = measured[key, name]
+            ctx.log("extraction", f"{label}, {name} ({'fresh process' if p.process_per_variant else 'one process for all'}): {_usage_note(res[name])}")
             if not ctx.keep:
                 Path(spec["out"]).unlink(missing_ok=True)
         best = {name: r["best"] for name, r in res.items()}
@@ -203,7 +222,9 @@ def run(ctx: Context) -> Section:
         setup = (
             f"{n} synthetic {p.image_size[0]}×{p.image_size[1]} JPEGs (q90) with tweet-length texts "
             f"(~{info['mean_tokens_per_sample']:.0f} tokens), batch {info['batch_size']}, {workers_used} decoding workers, "
-            f"{info['torch_threads']} torch threads, {device}; each variant in a fresh process, best of {p.extract_rounds} round(s)"
+            f"{info['torch_threads']} torch threads, {device}; "
+            + ("each variant in a fresh process" if p.process_per_variant else "every variant in one process (quick profile)")
+            + f", best of {p.extract_rounds} round(s)"
         )
         sec.rows.append(
             Row(

@@ -1,4 +1,5 @@
-"""One extraction measurement in a fresh process: ``python -m bench.extraction_worker SPEC_JSON OUT_JSON``.
+"""One extraction measurement in a fresh process: ``python -m bench.extraction_worker SPEC_JSON OUT_JSON`` (the quick
+profile hands it a list of specs, measured one after another in the one process).
 
 A fresh interpreter per variant, because glibc's allocator state (its thresholds and the heap it kept) would
 otherwise leak from one variant into the next. The spec names the encoder pair, the synthetic dataset, the
@@ -133,5 +134,7 @@ def measure(spec: dict) -> dict:
 
 
 if __name__ == "__main__":
+    # one spec, or (the quick profile) a list of them measured one after another in this process
     spec_path, out_path = Path(sys.argv[1]), Path(sys.argv[2])
-    out_path.write_text(json.dumps(measure(json.loads(spec_path.read_text()))))
+    specs = json.loads(spec_path.read_text())
+    out_path.write_text(json.dumps([measure(s) for s in specs] if isinstance(specs, list) else measure(specs)))

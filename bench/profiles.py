@@ -68,6 +68,9 @@ class Profile:
     serve_requests: int = 48
     serve_batch_requests: int = 16
     serve_predict_calls: int = 3
+    # extraction: each variant in a fresh interpreter (the allocator state of one never reaches the next); the quick
+    # profile runs them all in one (its numbers mean nothing, and each interpreter costs seconds of imports)
+    process_per_variant: bool = True
 
     def replace(self, **changes) -> "Profile":
         return dataclasses.replace(self, **changes)
@@ -141,6 +144,7 @@ QUICK = Profile(
     serve_requests=4,
     serve_batch_requests=2,
     serve_predict_calls=1,
+    process_per_variant=False,
 )
 
 PROFILES = {"full": FULL, "quick": QUICK}
