@@ -189,7 +189,7 @@ def run_configs(
                 if todo or not local:
                     if n_workers == 1 and len(execution.devices) <= 1:
                         device = execution.devices[0] if execution.devices else None
-                        work(replace(spec, device=device, threads=0), cache, after_trial=report)
+                        work(replace(spec, device=device, threads=0), cache, after_trial=report, study=study)
                     else:
                         _run_processes(spec, n_workers, execution.devices, study, local, report)
                 if local:
@@ -284,8 +284,8 @@ class _Reporter:
     seen: set[int] = field(default_factory=set)
     first: bool = True  # runs finished before this command are counted, not announced
 
-    def __call__(self) -> None:
-        trials = all_trials(self.study)
+    def __call__(self, trials: list[FrozenTrial] | None = None) -> None:
+        trials = all_trials(self.study) if trials is None else trials
         new = [t for t in trials if t.number not in self.seen and t.state.is_finished() and has_result(t)]
         for t in new:
             self.seen.add(t.number)

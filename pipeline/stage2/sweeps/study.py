@@ -33,11 +33,13 @@ it is finished, as a completed run is.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -283,25 +285,59 @@ def _settled(trials: list[FrozenTrial]) -> bool:
     return last.state == TrialState.COMPLETE or has_result(last)
 
 
+def _to_queue(plan, trials: list[FrozenTrial], local: bool, include_failed: bool) -> list[tuple[dict, int]]:
+    held = by_run(trials)
+    todo = []
+    for overrides, seed in plan.ordered(trials):
+        ts = held.get(run_name(overrides, seed), [])
+        if any(is_done(t, local) or t.state in (TrialState.WAITING, TrialState.RUNNING) for t in ts):
+            continue
+        if not include_failed and _settled(ts):
+            continue
+        todo.append((overrides, seed))
+    return todo
+
+
+@contextmanager
+def queue_lock(study: optuna.Study) -> Iterator[bool]:
+    """On a PostgreSQL study, one process at a time queues runs (a session advisory lock named after the study; the
+    server drops it with a process that dies holding it). Yields whether a lock is held: False elsewhere, where two
+    processes starting at once may both queue a run, and ``claim`` sets the second trial aside when it is drawn."""
+    backend = getattr(study._storage, "_backend", study._storage)  # optuna wraps an RDBStorage in a trial cache
+    engine = getattr(backend, "engine", None)
+    if engine is None or engine.dialect.name != "postgresql":
+        yield False
+        return
+    from sqlalchemy import text
+
+    key = int.from_bytes(hashlib.sha1(f"sppscl-queue:{study.study_name}".encode()).digest()[:8], "big", signed=True)
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        try:
+            yield True
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+
+
 def requeue(study: optuna.Study, plan, local: bool, include_failed: bool, trials: list[FrozenTrial] | None = None) -> list[str]:
     """Queue every run of ``plan`` that no trial has finished or holds live, each as one trial named after its run.
 
     ``include_failed`` (at the start of a command: what a rerun does): also runs that failed with an error, were
     interrupted, or (locally) lost their results.json. Without it (while a command runs): only runs never queued
-    or whose trial died without an outcome. Returns the runs queued, in the plan's order."""
+    or whose trial died without an outcome. Returns the runs queued, in the plan's order.
+
+    On PostgreSQL the runs to queue are read again under ``queue_lock``: machines started at once queue each run
+    once, instead of each queueing all of them (every extra trial cost a trip through ask, claim and tell)."""
     trials = all_trials(study) if trials is None else trials
-    held = by_run(trials)
+    if not _to_queue(plan, trials, local, include_failed):
+        return []
     queued = []
-    for overrides, seed in plan.ordered(trials):
-        name = run_name(overrides, seed)
-        ts = held.get(name, [])
-        if any(is_done(t, local) or t.state in (TrialState.WAITING, TrialState.RUNNING) for t in ts):
-            continue
-        if not include_failed and _settled(ts):
-            continue
-        attrs = {"config": config_slug(overrides), "overrides": overrides, "seed": seed, "draw": False, "run": name}
-        study.enqueue_trial(plan.params(overrides, seed), user_attrs=attrs, skip_if_exists=False)
-        queued.append(name)
+    with queue_lock(study) as locked:
+        for overrides, seed in _to_queue(plan, all_trials(study) if locked else trials, local, include_failed):
+            name = run_name(overrides, seed)
+            attrs = {"config": config_slug(overrides), "overrides": overrides, "seed": seed, "draw": False, "run": name}
+            study.enqueue_trial(plan.params(overrides, seed), user_attrs=attrs, skip_if_exists=False)
+            queued.append(name)
     return queued
 
 

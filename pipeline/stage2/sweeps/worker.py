@@ -42,6 +42,9 @@ from .tables import read_run
 # a worker process's exit status when the shared study's database stopped answering (EX_TEMPFAIL)
 EXIT_STORAGE_LOST = 75
 
+# seconds between two looks at a shared study while only runs of other workers are left (one read of its open trials)
+WAIT_POLL = 0.25
+
 # placement, not configuration: a run trained on another device or thread count is the same run
 PLACEMENT_KEYS = ("device", "threads")
 
@@ -143,45 +146,53 @@ def _quiet_lost_database_in_threads() -> None:
     threading.excepthook = hook
 
 
-def work(spec: WorkerSpec, cache: FeatureCache, after_trial: Callable[[], None] | None = None) -> None:
-    """Train the study's runs until none is left to start (and, on a shared study, none is left running elsewhere)."""
+def work(spec: WorkerSpec, cache: FeatureCache, after_trial: Callable[[list[FrozenTrial]], None] | None = None, study: optuna.Study | None = None) -> None:
+    """Train the study's runs until none is left to start (and, on a shared study, none is left running elsewhere).
+
+    ``study``: the sweep's study when the sweep process is its own worker (one storage, one connection pool and one
+    cache of the study's trials per process); None opens it (a worker process)."""
     if spec.storage is not None:
         _quiet_lost_database_in_threads()
-    storage = open_storage(spec.storage, Path(spec.out), spec.heartbeat)
     # on a shared study every process is worker 0 of its own machine: their samplers must not draw the same stream
     stream = spec.index if spec.storage is None else hash((socket.gethostname(), os.getpid(), spec.index)) % 2**31
+    if study is None:
+        study = optuna.load_study(study_name=spec.study, storage=open_storage(spec.storage, Path(spec.out), spec.heartbeat))
     # the pruner reads the other trials' per-epoch dev accuracies from the study (a search's --prune; else none)
-    study = optuna.load_study(study_name=spec.study, storage=storage, pruner=spec.plan.pruner())
+    study.pruner = spec.plan.pruner()
     # the stream also depends on how far the study is: a rerun continues the search instead of replaying its first draws
     study.sampler = spec.plan.sampler(stream + 7919 * len(all_trials(study)))
     local = spec.storage is None
 
     def stop_when_done(study: optuna.Study, _trial: FrozenTrial) -> None:
+        trials = all_trials(study)  # one read of the study for the progress report and the question "work left?"
         if after_trial is not None:
-            after_trial()
-        if not work_left(study, spec.plan, local, spec.heartbeat):
+            after_trial(trials)
+        if not work_left(study, spec.plan, local, spec.heartbeat, trials):
             study.stop()
 
     if work_left(study, spec.plan, local, spec.heartbeat):
         study.optimize(Objective(spec, cache, study), catch=(RunFailed,), callbacks=[stop_when_done])
 
 
-def work_left(study: optuna.Study, plan, local: bool, heartbeat: int) -> bool:
+def work_left(study: optuna.Study, plan, local: bool, heartbeat: int, trials: list[FrozenTrial] | None = None) -> bool:
     """Whether to ask for another trial: a run is queued, or a draw is still to make.
 
     Runs whose trial died without an outcome (or that were never queued) are queued first. On a shared study,
     runs still running elsewhere are waited for: if their worker dies, Optuna's heartbeat check (run here every
-    heartbeat interval) fails them, ``requeue`` queues them again, and this worker takes them."""
+    heartbeat interval) fails them, ``requeue`` queues them again, and this worker takes them. ``trials``: the study
+    as just read, if it was."""
     checked = time.monotonic()
     while True:
-        trials = all_trials(study)
+        trials = all_trials(study) if trials is None else trials
         if requeue(study, plan, local, include_failed=False, trials=trials):
             return True
         if any(t.state == TrialState.WAITING for t in trials) or plan.fresh(trials) > 0:
             return True
         if local or not any(t.state == TrialState.RUNNING for t in trials):
             return False
-        time.sleep(min(1.0, heartbeat))
+        # a run ending elsewhere is seen within WAIT_POLL: the last worker to finish is not kept waiting long
+        time.sleep(min(WAIT_POLL, heartbeat))
+        trials = None
         if time.monotonic() - checked >= heartbeat:
             checked = time.monotonic()
             check_stale(study)
@@ -197,7 +208,8 @@ class Objective:
 
     def __call__(self, trial: Trial) -> float:
         study, plan = self.study, self.spec.plan
-        frozen = study._storage.get_trial(trial._trial_id)
+        # the trial as ask() read it, just after this worker took it (another read would ask the database again)
+        frozen = getattr(trial, "_cached_frozen_trial", None) or study._storage.get_trial(trial._trial_id)
         queued = is_queued(frozen)
         # who holds it: a dead local worker's trials are found by its pid
         who = {"host": self.host, "pid": os.getpid(), "invocation": self.spec.invocation}
