@@ -23,7 +23,9 @@ from optuna.trial import TrialState
 from sppscl.cli import main
 from sppscl.config import ConfigError
 from sppscl.stage2.sweeps import Execution, parse_devices, sweep
-from sppscl.stage2.sweeps.study import attrs, claim, open_storage
+from sppscl.stage2.sweeps.plans import ListPlan
+from sppscl.stage2.sweeps.spec import run_name
+from sppscl.stage2.sweeps.study import all_trials, attrs, claim, open_storage, requeue
 
 REPO = Path(__file__).resolve().parents[1]
 # two configurations x two seeds: enough for two processes to share and for the summary's seed statistics
@@ -91,6 +93,19 @@ def test_grid_sampler_hands_one_point_twice_and_claim_keeps_one(postgres):
     assert claim(study, late.number, "base-seed7", local=False) == first.number
 
 
+def test_runs_are_queued_once_by_processes_that_saw_the_study_empty(postgres):
+    """Two machines starting at once both find the study empty; on PostgreSQL the second reads it again under the
+    queue lock before queueing, so each run gets one trial."""
+    plan = ListPlan([{"fusion": "batch"}, {"fusion": "concat"}], [1, 2])
+    a = optuna.create_study(storage=open_storage(postgres, Path("."), heartbeat=1), study_name="queue-once")
+    b = optuna.load_study(study_name="queue-once", storage=open_storage(postgres, Path("."), heartbeat=1))
+    seen_empty = all_trials(b)
+    assert seen_empty == []
+    assert len(requeue(a, plan, local=False, include_failed=True)) == 4
+    assert requeue(b, plan, local=False, include_failed=True, trials=seen_empty) == []
+    assert sorted(t.user_attrs["run"] for t in all_trials(b)) == sorted(run_name(c, s) for c, s in plan.runs)
+
+
 def test_two_processes_share_a_grid_each_run_once_and_summary_equals_local(postgres, preset, tmp_path):
     cache, cfg_file = preset
     shared = ["--storage", postgres, "--study", "two-procs", "--heartbeat", "1", "--jobs", "1"]
@@ -102,6 +117,8 @@ def test_two_processes_share_a_grid_each_run_once_and_summary_equals_local(postg
     trained = _trained(study)
     assert set(trained) == RUNS
     assert all(len(ts) == 1 for ts in trained.values()), {r: [t.number for t in ts] for r, ts in trained.items()}
+    # started at once, the two queued each run once between them (queue_lock): no trial was set aside as a duplicate
+    assert not [t.number for t in study.get_trials() if "duplicate_of" in t.user_attrs]
     # each run directory exists on exactly one machine, and the trial says which
     for run, (t,) in trained.items():
         homes = [m for m in ("m0", "m1") if (tmp_path / m / "runs" / run / "results.json").exists()]
