@@ -268,11 +268,14 @@ def test_evaluate_and_ensemble_tables_show_class_and_split_names_escaped(tmp_pat
 def test_extract_says_what_it_will_do_on_stderr_before_the_encoders_load(tmp_path, capsys, monkeypatch):
     """extract's start banner, like train's and sweep's: dataset and folder, encoders, device, batch size, workers,
     rows per split with class shares, the cache file; on stderr, before the (slow) encoder load; none with --quiet."""
-    from test_failure_matrix import Dataset
+    from test_failure_matrix import Dataset, rows
 
     from sppscl.stage1 import extract as stage1_extract
 
-    preset = Dataset(tmp_path / "ds").write()
+    ds = Dataset(tmp_path / "ds")
+    # a split named with a terminal escape and markup (from the preset): shown escaped in the banner, bar and table
+    ds.splits["ex\x1b[2J[red]tra"] = [dict(r, id=f"x{i}", image="images/train0.jpg") for i, r in enumerate(rows(3, "dev"))]
+    preset = ds.write()
     real = stage1_extract.load_image_encoder
     seen = []
     monkeypatch.setattr(stage1_extract, "load_image_encoder", lambda *a, **k: (seen.append(capsys.readouterr()), real(*a, **k))[1])
@@ -282,7 +285,27 @@ def test_extract_says_what_it_will_do_on_stderr_before_the_encoders_load(tmp_pat
                  "device cpu, precision fp32, batch size 2, 0 image-decoding worker(s)", "  train: 4 rows (positive 50%, neutral 25%, negative 25%)",
                  "  dev: 3 rows (positive 33%, neutral 33%, negative 33%)", f"output: {tmp_path / 'c.h5'}"):
         assert line in before.err, before.err
-    assert "extract: dataset" not in before.out + capsys.readouterr().out
+    after = capsys.readouterr()
+    assert "extract: dataset" not in before.out + after.out
+    assert "  ex\\x1b[2J[red]tra: 3 rows" in before.err and "ex\\x1b[2J[red]tra" in after.out
+    assert "\x1b" not in before.err + before.out + after.err + after.out
     seen.clear()
     assert main(["extract", "--config", str(preset), "--out", str(tmp_path / "q.h5"), "--quiet"]) == 0
     assert "extract: dataset" not in seen[0].err + capsys.readouterr().err
+
+
+def test_extract_progress_bar_on_a_terminal_shows_a_split_name_escaped(tmp_path):
+    """The bar's description is rendered from markup by rich, past the consoles' net: extract escapes the split name."""
+    import io
+
+    from test_failure_matrix import Dataset, rows
+
+    from sppscl import api
+    from sppscl.cli.console import LogConsole
+
+    ds = Dataset(tmp_path / "ds")
+    ds.splits["ex\x1b[2J[red]tra"] = [dict(r, id=f"x{i}", image="images/train0.jpg") for i, r in enumerate(rows(3, "dev"))]
+    buf = io.StringIO()
+    api.extract(ds.write(), tmp_path / "c.h5", progress=True, console=LogConsole(file=buf, force_terminal=True, width=200))
+    assert "extract ex\\x1b[2J[red]tra" in buf.getvalue(), buf.getvalue()
+    assert "\x1b[2J" not in buf.getvalue()

@@ -511,7 +511,7 @@ def _extract(
                 if not batches:
                     continue
                 rows = by_split[split]
-                prog.update(task, description=f"extract {split}")
+                prog.update(task, description=f"extract {safe(split)}")  # a split name from the preset: markup and control characters escaped
                 ds = _ImageRows([s.image for s in rows], transform, shape)
                 loader = DataLoader(
                     ds,
