@@ -1045,6 +1045,10 @@ for _kind in ("fifo", "socket"):
                    ["not an image encoder weights file"])
     _special_input("text_encoder_folder", _kind, lambda e, d, p, t: (_extract(e, d, p, t) + ["--text-encoder", str(t / "bert")], t / "bert"),
                    ["not a text encoder folder"])
+    _special_input("predict_image", _kind, lambda e, d, p, t: (["predict", "--checkpoint", str(e.run), "--image", str(t / "a.jpg"), "--text", "hi"], t / "a.jpg"),
+                   ["pair", "not an image file"])
+    _special_input("merge_shard", _kind, lambda e, d, p, t: (["cache", "merge", str(t / "s0.h5"), str(e.cache), "--out", str(t / "m.h5")], t / "s0.h5"),
+                   ["not a shard file"])
     _special_input("predict_input", _kind, lambda e, d, p, t: (["predict", "--checkpoint", str(e.run), "--input", str(t / "pairs.jsonl")], t / "pairs.jsonl"),
                    ["not a .jsonl or .csv file of pairs"])
 

@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 
 from ..cache import DATA_DIR_ATTR, SKIPPED, WRITTEN, CacheError, CacheFiller, FeatureShapes, SplitPlan, create_cache, diff_provenance, finalize_cache, read_provenance
+from ..errors import SppsclError, check_input_file
 from ..outputs import check_output_file, check_writable_dir, fresh_temp
 from ..progress import make_progress
 from .distributed import Shard
@@ -46,7 +47,11 @@ class MergeSummary:
 
 def read_shard(path: Path) -> ShardFile:
     path = Path(path)
-    if not path.is_file():
+    try:  # a FIFO, device or folder is named as what it is, never opened
+        present = check_input_file(path, "a shard file")
+    except SppsclError as e:
+        raise CacheError(str(e)) from None
+    if not present:
         raise CacheError(f"{path}: no such shard file")
     provenance, complete = read_provenance(path)
     if "shard" not in provenance:

@@ -100,8 +100,12 @@ def _cheap_problem(pair: Pair) -> str | None:
         return "empty text"
     if not isinstance(pair.image, (Path, bytes, bytearray, memoryview, Image.Image)):
         return f"image must be a path, the bytes of an image file or a PIL image, got {type(pair.image).__name__}"
-    if isinstance(pair.image, Path) and not pair.image.is_file():
-        return f"missing image: {pair.image}"
+    if isinstance(pair.image, Path):
+        try:  # a FIFO, device or folder is named as what it is (never opened), as data verify names it
+            if not check_input_file(pair.image, "an image file"):
+                return f"missing image: {pair.image}"
+        except SppsclError as e:
+            return str(e)
     return None
 
 
