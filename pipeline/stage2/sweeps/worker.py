@@ -263,6 +263,8 @@ class Objective:
                 clear_run(run_dir)  # interrupted or failed: rerun from scratch
                 results = train(self.cache, cfg, run_dir, progress=False, on_epoch=pruning(trial, cfg.train.epochs) if trial is not None else None)
             except Exception as e:
+                if self.spec.storage is not None and database_error(e):
+                    raise  # the study's database, met by a pruned run's per-epoch report: the sweep's error, not the run's
                 # an error the user can act on is its own message ("non-finite loss at epoch 3, ..."); a bug keeps its type
                 error = str(e) if isinstance(e, SppsclError) else f"{type(e).__name__}: {e}"
                 run_dir.mkdir(parents=True, exist_ok=True)
