@@ -294,18 +294,29 @@ def test_extract_says_what_it_will_do_on_stderr_before_the_encoders_load(tmp_pat
     assert "extract: dataset" not in seen[0].err + capsys.readouterr().err
 
 
-def test_extract_progress_bar_on_a_terminal_shows_a_split_name_escaped(tmp_path):
-    """The bar's description is rendered from markup by rich, past the consoles' net: extract escapes the split name."""
-    import io
-
+def test_extract_progress_bar_on_a_terminal_shows_a_split_name_escaped(tmp_path, monkeypatch):
+    """The bar's description is rendered from markup by rich (``Text.from_markup``), past the consoles' net: extract
+    escapes the split name (from the preset) itself. Every description extract gives its bar is checked as rich
+    renders it."""
+    from rich.text import Text
     from test_failure_matrix import Dataset, rows
 
     from sppscl import api
-    from sppscl.cli.console import LogConsole
+    from sppscl.stage1 import extract as stage1_extract
 
+    descriptions = []
+    real = stage1_extract.make_progress
+
+    def spying(*a, **k):
+        prog = real(*a, **k)
+        update = prog.update
+        prog.update = lambda task, **kw: (descriptions.append(kw["description"]) if "description" in kw else None, update(task, **kw))[1]
+        return prog
+
+    monkeypatch.setattr(stage1_extract, "make_progress", spying)
     ds = Dataset(tmp_path / "ds")
     ds.splits["ex\x1b[2J[red]tra"] = [dict(r, id=f"x{i}", image="images/train0.jpg") for i, r in enumerate(rows(3, "dev"))]
-    buf = io.StringIO()
-    api.extract(ds.write(), tmp_path / "c.h5", progress=True, console=LogConsole(file=buf, force_terminal=True, width=200))
-    assert "extract ex\\x1b[2J[red]tra" in buf.getvalue(), buf.getvalue()
-    assert "\x1b[2J" not in buf.getvalue()
+    api.extract(ds.write(), tmp_path / "c.h5", progress=True, console=__import__("rich.console").console.Console(file=__import__("io").StringIO()))
+    shown = [Text.from_markup(d).plain for d in descriptions]
+    assert "extract ex\\x1b[2J[red]tra" in shown, shown
+    assert not [d for d in shown if "\x1b" in d]
