@@ -379,3 +379,14 @@ def test_text_from_data_is_html_escaped_and_its_control_characters_shown():
     assert html.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 10
     assert "\\x1b[31m\\u202e" in html
     assert Page(html).tables[0] == [[evil.replace("\x1b", "\\x1b").replace("\u202e", "\\u202e")]]
+
+
+def test_report_out_that_is_no_file_is_refused_before_the_report_is_built(tmp_path, monkeypatch, capsys):
+    import os
+
+    from sppscl import report
+
+    monkeypatch.setattr(report, "build_report", lambda *a, **k: pytest.fail("built a report for a target that is refused"))
+    os.mkfifo(tmp_path / "r.html")
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 2
+    assert "r.html is a FIFO" in capsys.readouterr().err

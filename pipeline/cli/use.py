@@ -150,9 +150,10 @@ def report(
 
     if out.suffix.lower() not in (".html", ".htm"):
         raise ConfigError(f"--out {out}: must end in .html")
+    check_output_file(out, "the report")  # before any work: nothing but a regular file is ever replaced
     check_writable_dir(out.parent, "the report")
     path = write_report(list(paths or []), out, storage, study, title)
-    console.print(f"report: {path}", highlight=False)
+    console.print(f"report: {path}", markup=False, highlight=False)
 
 
 def serve(

@@ -84,8 +84,10 @@ def build_report(paths: list[Path], storage: str | None = None, study: str | Non
 
 
 def write_report(paths: list[Path], out: Path, storage: str | None = None, study: str | None = None, title: str | None = None) -> Path:
-    """Write the report to ``out`` at once (a failure leaves the previous report whole)."""
+    """Write the report to ``out`` at once (a failure leaves the previous report whole). What is at ``out`` is checked
+    before the report is built (a FIFO, a folder or a link there is refused before any work)."""
     out = Path(out)
+    check_output_file(out, "the report")
     atomic_write(out, build_report(paths, storage, study, title), "the report")
     return out
 
