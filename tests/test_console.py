@@ -320,3 +320,15 @@ def test_extract_progress_bar_on_a_terminal_shows_a_split_name_escaped(tmp_path,
     shown = [Text.from_markup(d).plain for d in descriptions]
     assert "extract ex\\x1b[2J[red]tra" in shown, shown
     assert not [d for d in shown if "\x1b" in d]
+
+
+@pytest.mark.parametrize("argv", [["sweep", "--grid", "fusion=batch"], ["cv", "--folds", "2"], ["reproduce", "table7"]])
+def test_a_refused_folder_is_not_announced_as_the_commands_folder(argv, tiny_cache, tmp_path, capsys):
+    """sweep, cv and reproduce name their folder on stdout only once it is accepted (a FIFO there was announced as
+    'sweep directory: ...', then refused)."""
+    import os
+
+    os.mkfifo(tmp_path / "folder")
+    assert main([*argv, "--cache", str(tiny_cache[0]), "--seeds", "1", "--out", str(tmp_path / "folder"), "--quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert "directory" not in out and "is a FIFO" in err, (out, err)

@@ -75,8 +75,8 @@ def sweep(
         what = f"{n_configs * n_seeds} runs ({n_configs} configuration(s) x {n_seeds} seed(s)) of {cfg.train.epochs} epochs"
         if _banner(cache, config, cfg, out, "sweep", what, dry_run):
             return
-    console.print(f"sweep directory: {out}" + (f" (study {study} in {masked_url(storage)})" if storage else ""), markup=False, highlight=False)
     record_command(out, state.argv)
+    console.print(f"sweep directory: {out}" + (f" (study {study} in {masked_url(storage)})" if storage else ""), markup=False, highlight=False)
     result = run_sweep(
         cache, out, grid=grid, space=space, n_random=random_, sampler=sampler, seeds=seed_list, config=cfg, execution=execution,
         progress=not quiet, console=err_console, prune=prune,
@@ -171,8 +171,8 @@ def reproduce(
         what = f"{n_variants * n_seeds * (cv or 1)} runs ({n_variants} variants x {n_seeds} seed(s)" + (f" x {cv} folds" if cv else "") + f") of {cfg.train.epochs} epochs (runs already in {out / 'runs'} are reused)"
         if _banner(cache, config, cfg, out, f"reproduce {table}", what, dry_run):
             return
-    console.print(f"reproduce directory: {out}", markup=False, highlight=False)
     record_command(out, state.argv)
+    console.print(f"reproduce directory: {out}", markup=False, highlight=False)
     rep = run_reproduce(table, cache, cfg, out, seed_list, execution, progress=not quiet, console=err_console, cv=cv)
     print_reproduction(rep, console, err_console)
     folder_report(out)
@@ -217,8 +217,8 @@ def cv(
         what = f"{folds * n_seeds} runs ({folds} folds x {n_seeds} seed(s)) of {cfg.train.epochs} epochs, and the probe on each fold"
         if _banner(cache, config, cfg, out, f"cv --folds {folds}", what, dry_run):
             return
-    console.print(f"cv directory: {out}", markup=False, highlight=False)
     record_command(out, state.argv)
+    console.print(f"cv directory: {out}", markup=False, highlight=False)
     result = run_cv(
         cache, out, folds=folds, seeds=seed_list, config=cfg, execution=execution, progress=not quiet, console=err_console,
     )
