@@ -49,6 +49,35 @@ def tiny_cache(tmp_path_factory) -> tuple[Path, Config]:
     return root / "tiny.h5", cfg
 
 
+@pytest.fixture(scope="session")
+def swept(tiny_cache, tmp_path_factory):
+    """A 2 x 2 sweep (two learning rates, two seeds, one epoch) run through the CLI, which writes report.html; its
+    study is in a database (SQLite here, PostgreSQL in a team: the same storage URL), so a report can be made from it.
+    Shared by the report tests and the sweep's seed-ensemble test (a test that moves its files puts them back)."""
+    path, cfg = tiny_cache
+    root = tmp_path_factory.mktemp("report")
+    config = root / "tiny.yaml"
+    import yaml
+
+    d = cfg.to_dict()
+    d.pop("source", None)
+    config.write_text(yaml.safe_dump(d))
+    out = root / "sweep"
+    storage = f"sqlite:///{root / 'study.db'}"
+    argv = ["sweep", "--cache", str(path), "--config", str(config), "--set", "epochs=1", "--grid", "lr=1e-3,2e-2", "--seeds", "0,1", "--jobs", "1"]
+    argv += ["--out", str(out), "--storage", storage, "--study", "r19", "--quiet"]
+    import contextlib
+    import io
+
+    from sppscl.cli import main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(argv) == 0
+    (root / "printed.txt").write_text(printed.getvalue())  # what the sweep printed, beside (not in) its folder
+    return out, argv, storage
+
+
 def start_postgres():
     """A started PostgreSQL server in a temporary folder (``.url``; the caller stops it), or the test is skipped
     with the reason when PostgreSQL is not installed."""

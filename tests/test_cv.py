@@ -352,19 +352,20 @@ def test_reproduce_with_cv_fills_the_table_with_held_out_scores(tiny_cache, tmp_
     assert (tmp_path / "p" / "runs" / "cv_fold-1__cv_folds-2__update-one-step-seed2" / "results.json").exists()
 
 
-def test_sweep_adds_an_ensemble_of_each_configurations_seeds(tiny_cache, tmp_path, capsys):
-    import yaml
-
-    path, cfg = tiny_cache
-    preset = tmp_path / "p.yaml"
-    preset.write_text(yaml.safe_dump({"train": dict(apply_overrides(cfg, ["epochs=1", "lr=0.02"]).train.__dict__)}))
-    out = tmp_path / "s"
-    argv = ["sweep", "--cache", str(path), "--config", str(preset), "--grid", "fusion=batch,concat", "--seeds", "1,2", "--jobs", "1", "--out", str(out), "--quiet"]
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
+def test_sweep_adds_an_ensemble_of_each_configurations_seeds(swept, tiny_cache):
+    """The shared 2 learning rates x 2 seeds sweep (conftest.swept, through the CLI): one seed ensemble per configuration,
+    equal to ``ensemble`` of its two runs."""
+    path, _ = tiny_cache
+    out, _, _ = swept
+    printed = (out.parent / "printed.txt").read_text()
     assert "ensemble of each configuration's seeds" in printed
     md = (out / "ensembles.md").read_text()
-    for fusion in ("batch", "concat"):
-        direct = ensemble([out / "runs" / f"fusion-{fusion}-seed1", out / "runs" / f"fusion-{fusion}-seed2"], path)
-        row = next(line for line in md.splitlines() if line.startswith(f"| {fusion} | 2 (ensemble"))
+    runs = _csv(out / "runs.csv")
+    summary = _csv(out / "summary.csv")
+    assert len(summary) == 2
+    for config in summary:
+        members = sorted(r["run"] for r in runs if r["lr"] == config["lr"])
+        assert len(members) == 2
+        direct = ensemble([out / "runs" / m for m in members], path)
+        row = next(line for line in md.splitlines() if line.startswith(f"| {config['lr']} | 2 (ensemble"))
         assert f"{direct['splits']['dev']['accuracy']:.4f}" in row and f"{direct['splits']['test']['macro_f1']:.4f}" in row

@@ -67,26 +67,6 @@ def _csv(path):
         return list(csv.DictReader(fh))
 
 
-@pytest.fixture(scope="module")
-def swept(tiny_cache, tmp_path_factory):
-    """A 2 x 2 sweep (two learning rates, two seeds, one epoch) run through the CLI, which writes report.html; its
-    study is in a database (SQLite here, PostgreSQL in a team: the same storage URL), so a report can be made from it."""
-    path, cfg = tiny_cache
-    root = tmp_path_factory.mktemp("report")
-    config = root / "tiny.yaml"
-    import yaml
-
-    d = cfg.to_dict()
-    d.pop("source", None)
-    config.write_text(yaml.safe_dump(d))
-    out = root / "sweep"
-    storage = f"sqlite:///{root / 'study.db'}"
-    argv = ["sweep", "--cache", str(path), "--config", str(config), "--set", "epochs=1", "--grid", "lr=1e-3,2e-2", "--seeds", "0,1", "--jobs", "1"]
-    argv += ["--out", str(out), "--storage", storage, "--study", "r19", "--quiet"]
-    assert main(argv) == 0
-    return out, argv, storage
-
-
 def test_sweep_writes_a_self_contained_report_of_its_tables(swept):
     out, argv, _ = swept
     html = (out / "report.html").read_text()

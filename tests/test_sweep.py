@@ -201,6 +201,8 @@ def test_optuna_random_search_writes_study_and_resumes(base, tmp_path):
         sweep(path, cfg, out, **{**args, "space": ["lr=1e-4:1e-1:log"]})
 
 
+@pytest.mark.slow  # spawned workers training runs whose numbers equal in-process training: in the default suite, the PostgreSQL
+# two-process sweep (its tables equal a local in-process sweep's) and the kill -9 of a local sweep (--jobs 2 workers)
 def test_two_worker_processes(base, tmp_path):
     path, cfg = base
     res = sweep(path, cfg, tmp_path / "s", grid=["fusion=batch,concat"], seeds=[0], execution=Execution(workers=2), progress=False)
