@@ -860,6 +860,7 @@ _output_cases("report", lambda env, t: ["report", str(env.run), "--out", str(t)]
 _output_cases("probe_json", lambda env, t: ["probe", "--cache", str(env.cache), "--out", str(t)], kinds=("fifo", "folder", "dangling"), name="p.json")
 _output_cases("ensemble", lambda env, t: ["ensemble", str(env.run), "--cache", str(env.cache), "--out", str(t)], kinds=("fifo", "dangling"), name="ens")
 _output_cases("analyze", lambda env, t: ["analyze", "--checkpoint", str(env.run), "--cache", str(env.cache), "--out", str(t)], kinds=("fifo",), name="an")
+_output_cases("sweep_summary", lambda env, t: ["sweep", "summary", "--out", str(t)], kinds=("fifo", "dangling"), name="sweep")
 for _cmd, _argv in (("sweep", ["sweep", "--grid", "fusion=batch"]), ("cv", ["cv", "--folds", "2"]), ("reproduce", ["reproduce", "table7"])):
     _output_cases(_cmd, lambda env, t, a=_argv: [*a, "--cache", str(env.cache), "--seeds", "1", "--out", str(t), "--quiet"], kinds=("fifo", "dangling"), name="folder")
 

@@ -8,6 +8,7 @@ from rich.console import Console
 
 from ...cache import FeatureCache
 from ...config import Config, ConfigError
+from ...outputs import check_output_folder
 from .engine import Execution, run_configs
 from .plans import ListPlan, SearchPlan
 from .spec import SweepError, grid_configs, parse_grid, parse_space
@@ -65,6 +66,8 @@ def summary(out: Path, storage: str | None = None, study: str | None = None) -> 
     Writes runs.csv, summary.csv and summary.md to ``out``, as the sweep itself does."""
     out = Path(out)
     local = storage is None
+    if local:
+        check_output_folder(out, "the sweep's tables")  # a FIFO or file at --out is named as what it is
     if local and not (out / LOCAL_STUDY_FILE).exists():
         raise SweepError(f"{out} holds no sweep study ({LOCAL_STUDY_FILE}); give the sweep folder with --out, or --storage and --study")
     store = open_storage(storage, out, DEFAULT_HEARTBEAT)
