@@ -222,6 +222,8 @@ def create_app(run: Path, device: str = "auto", model=None, max_body: int = MAX_
             return json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BadRequest(400, f"body is not valid JSON ({getattr(e, 'msg', e)})") from None
+        except RecursionError:
+            raise BadRequest(400, "body is JSON nested too deeply to be a request") from None
 
     async def _form_upload(request: Request) -> Upload:
         form = await request.form()

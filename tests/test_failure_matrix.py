@@ -242,6 +242,9 @@ structure("jsonl_row_is_a_list", _raw("train.jsonl", b'["t0", "text", "images/tr
 structure("clmlf_not_a_list", _raw("train.json", b'{"id": 1}', fmt="clmlf"), ["train.json", "JSON list"])
 structure("clmlf_malformed_json", _raw("test.json", b'[{"id": 1, "text": "x"', fmt="clmlf"), ["test.json", "not valid JSON"])
 structure("clmlf_id_wrong_type", _raw("train.json", b'[{"id": {"a": 1}, "text": "x", "emotion_label": 0}]', fmt="clmlf"), ["train.json", "row 0", "id"])
+# JSON nested deeper than the parser's recursion (a 200 KB file): one line, not an internal error
+structure("clmlf_json_100000_deep", _raw("train.json", b"[" * 100_000 + b"]" * 100_000, fmt="clmlf"), ["train.json", "nested too deeply"])
+structure("jsonl_row_100000_deep", _raw("dev.jsonl", b'{"id": "d0", "text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"), ["dev.jsonl", "line 1", "nested too deeply"])
 structure("clmlf_text_wrong_type", _raw("train.json", b'[{"id": 3, "text": 5, "emotion_label": 0}]', fmt="clmlf"), ["train.json", "id 3", "text"])
 structure("non_integer_label", _set("train", 2, label="maybe"), ["train.jsonl", "line 3", "train2", "'maybe'"])
 structure("fractional_label", _set("train", 1, label=1.5), ["train.jsonl", "train1", "1.5"])
@@ -863,6 +866,13 @@ _output_cases("analyze", lambda env, t: ["analyze", "--checkpoint", str(env.run)
 _output_cases("sweep_summary", lambda env, t: ["sweep", "summary", "--out", str(t)], kinds=("fifo", "dangling"), name="sweep")
 for _cmd, _argv in (("sweep", ["sweep", "--grid", "fusion=batch"]), ("cv", ["cv", "--folds", "2"]), ("reproduce", ["reproduce", "table7"])):
     _output_cases(_cmd, lambda env, t, a=_argv: [*a, "--cache", str(env.cache), "--seeds", "1", "--out", str(t), "--quiet"], kinds=("fifo", "dangling"), name="folder")
+
+
+@case
+def predict_input_row_100000_deep(env: Env) -> Expect:
+    pairs = env.tmp / "pairs.jsonl"
+    pairs.write_bytes(b'{"id": "p1", "text": ' + b"[" * 100_000 + b"]" * 100_000 + b', "image": "a.jpg"}\n')
+    return Expect(["predict", "--checkpoint", str(env.run), "--input", str(pairs)], 2, ["pairs.jsonl", "line 1", "nested too deeply"], [env.tmp])
 
 
 @case

@@ -136,6 +136,7 @@ def test_bad_requests_are_4xx_with_one_line(served, tmp_path):
         (dict(json={"text": "hi", "image_base64": "%%%"}), 422, "not valid base64"),
         (dict(json={"text": "hi", "image_base64": _b64(not_image)}), 422, "undecodable image: image bytes (20 bytes)"),
         (dict(content=b"{not json", headers={"content-type": "application/json"}), 400, "not valid JSON"),
+        (dict(content=b"[" * 5000 + b"]" * 5000, headers={"content-type": "application/json"}), 400, "nested too deeply"),
         (dict(content=b"x" * 300_000, headers={"content-type": "application/json"}), 413, "over the limit"),
         (dict(content=b"hi", headers={"content-type": "text/plain"}), 415, "unsupported content type"),
     ]

@@ -147,6 +147,8 @@ def _read_json_list(path: Path) -> list[Any]:
         rows = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except RecursionError:  # [[[[... a hundred thousand deep: the parser's recursion, not a dataset
+        raise DataError(f"{path}: JSON nested too deeply to be a dataset (a list of rows)") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e})") from None
     if not isinstance(rows, list):
@@ -447,6 +449,8 @@ def _manifest_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise DataError(f"{path}: line {lineno}: JSON nested too deeply to be a row") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
             yield lineno, row

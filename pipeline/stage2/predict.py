@@ -165,6 +165,9 @@ def read_pairs(path: Path) -> list[Pair]:
             except json.JSONDecodeError as e:
                 pairs.append(Pair(str(number), "", None, line, f"not valid JSON ({e.msg})"))
                 continue
+            except RecursionError:
+                pairs.append(Pair(str(number), "", None, line, "JSON nested too deeply to be a row"))
+                continue
             if not isinstance(row, dict):
                 pairs.append(Pair(str(number), "", None, line, f"expected a JSON object, got {type(row).__name__}"))
                 continue
