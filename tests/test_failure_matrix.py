@@ -868,6 +868,44 @@ for _cmd, _argv in (("sweep", ["sweep", "--grid", "fusion=batch"]), ("cv", ["cv"
     _output_cases(_cmd, lambda env, t, a=_argv: [*a, "--cache", str(env.cache), "--seeds", "1", "--out", str(t), "--quiet"], kinds=("fifo", "dangling"), name="folder")
 
 
+def _probe_record_beside(env: Env, kind: str) -> tuple[Path, Path]:
+    import os
+    import shutil
+
+    cache = env.tmp / "c.h5"
+    shutil.copy(env.cache, cache)
+    record = env.tmp / "c.probe.json"
+    if kind == "fifo":
+        os.mkfifo(record)
+    else:
+        record.write_text("[" * 100_000 + "]" * 100_000)
+    return cache, record
+
+
+@case
+def train17_probe_record_beside_the_cache_is_a_fifo(env: Env) -> Expect:
+    """train reads <cache>.probe.json for its reference line: a FIFO there blocked train for ever; now it is no record."""
+    cache, record = _probe_record_beside(env, "fifo")
+    return Expect(_train(env, "--set", "epochs=1", cache=cache), 0, ["model card"], [env.tmp],
+                  lambda: None if record.is_fifo() else pytest.fail("the FIFO was replaced"))
+
+
+@case
+def train17_probe_record_nested_100000_deep(env: Env) -> Expect:
+    cache, _ = _probe_record_beside(env, "deep")
+    return Expect(_train(env, "--set", "epochs=1", cache=cache), 0, ["model card"], [env.tmp])
+
+
+@case
+def report17_results_json_nested_100000_deep(env: Env) -> Expect:
+    import shutil
+
+    run = env.tmp / "run"
+    shutil.copytree(env.run, run)
+    (run / "results.json").write_text("[" * 100_000 + "]" * 100_000)
+    return Expect(["report", str(run), "--out", str(env.tmp / "r.html")], 2, ["run", "nested too deeply"], [env.tmp])
+
+
 @case
 def predict_input_row_100000_deep(env: Env) -> Expect:
     pairs = env.tmp / "pairs.jsonl"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import SppsclError, check_input_folder
+from ..errors import SppsclError, check_input_file, check_input_folder
 from . import charts
 
 COMMANDS_FILE = "commands.txt"
@@ -72,13 +72,19 @@ class Run:
     def read(cls, path: Path, name: str | None = None) -> "Run":
         path = Path(path)
         try:
+            # each file is checked from stat first: a FIFO planted in a run folder would block the read for ever
+            check_input_file(path / "results.json", "a run's results.json")
             results = json.loads((path / "results.json").read_text())
             metrics_file = path / "metrics.jsonl"
-            metrics = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()] if metrics_file.is_file() else []
+            metrics = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()] if check_input_file(metrics_file, "a run's metrics.jsonl") else []
             best = path / "best.json"
-            checkpoint = json.loads(best.read_text()) if best.is_file() else {}
-        except (OSError, json.JSONDecodeError) as e:
+            checkpoint = json.loads(best.read_text()) if check_input_file(best, "a run's best.json") else {}
+        except SppsclError as e:
+            raise ReportError(str(e)) from None
+        except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
             raise ReportError(f"{path}: cannot read the run's files ({e})") from None
+        except RecursionError:
+            raise ReportError(f"{path}: cannot read the run's files (JSON nested too deeply)") from None
         return cls(name or path.name, path, results, metrics, checkpoint)
 
     @property

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cache import FeatureCache
-from ..errors import SppsclError
+from ..errors import SppsclError, check_input_file
 from ..outputs import atomic_write
 from .folds import FoldView
 
@@ -78,8 +78,11 @@ def find_probe(cache: FeatureCache) -> dict | None:
     """The probe recorded beside ``cache`` for this very cache (same provenance), with its ``path``; else None."""
     path = probe_record_path(cache.path)
     try:
+        # only a regular file is read (a FIFO planted there would block train); anything unreadable is no record
+        if not check_input_file(path, "a probe record"):
+            return None
         record = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError, SppsclError):
         return None
     if not isinstance(record, dict) or record.get("cache_provenance_sha256") != provenance_digest(cache.provenance):
         return None

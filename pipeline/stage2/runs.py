@@ -19,7 +19,7 @@ import torch
 
 from ..cache import FeatureCache, SplitData, diff_provenance
 from ..config import Config, ConfigError
-from ..errors import SppsclError, shown
+from ..errors import SppsclError, check_input_file, shown
 from ..outputs import atomic_write, csv_text
 from .checkpoint import WEIGHTS_SUFFIX, CheckpointError, checkpoint_files, load_checkpoint_file
 from .data import SplitBatches
@@ -97,6 +97,8 @@ class RunFolder:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise RunError(f"{path}: line {n} is not JSON ({e.msg})") from None
+                except RecursionError:
+                    raise RunError(f"{path}: line {n} is JSON nested too deeply to be an epoch's metrics") from None
         return rows
 
     @property
@@ -124,11 +126,19 @@ class RunFolder:
     def _json(self, name: str, what: str) -> dict:
         path = self.path / name
         try:
+            if not check_input_file(path, what):  # a FIFO would block the read: refused from stat, never opened
+                raise FileNotFoundError(path)
             return json.loads(path.read_text())
+        except SppsclError as e:
+            raise RunError(str(e)) from None
         except FileNotFoundError:
             raise RunError(f"{path}: missing ({what}); is {self.path} a run folder written by `sppscl train`?") from None
         except json.JSONDecodeError as e:
             raise RunError(f"{path}: damaged {what} (not JSON: {e.msg} at line {e.lineno})") from None
+        except UnicodeDecodeError as e:
+            raise RunError(f"{path}: damaged {what} (not UTF-8 text, byte {e.start})") from None
+        except RecursionError:
+            raise RunError(f"{path}: damaged {what} (JSON nested too deeply)") from None
 
 
 def build_model(dims: dict, cfg: Config) -> SPPSCLModel:
