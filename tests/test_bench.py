@@ -351,3 +351,31 @@ def test_pruning_rows_compare_best_dev_score_and_epochs_and_name_a_budget_cut():
     assert (best.ours, best.alternative) == (0.7175, 0.70) and best.ratio == pytest.approx(0.7175 / 0.70)
     assert (epochs.ours, epochs.alternative, epochs.ratio) == (60, 120, 0.5)
     assert "the budget stopped the search without pruning" in epochs.note and "24 with (15 pruned), 12 without" in epochs.note
+
+
+def test_pruning_subset_is_the_cache_extract_limit_writes(tiny_cache, tmp_path):
+    """The pruning bench cuts its --limit subset from the full cache instead of re-extracting: the same rows, features,
+    offsets and provenance as `extract --limit`, and a cache stage two opens."""
+    import h5py
+    import numpy as np
+
+    from bench.pruning import subset_cache
+    from sppscl.cache import FeatureCache
+    from sppscl.stage1.extract import extract
+
+    path, cfg = tiny_cache
+    ours, theirs = tmp_path / "subset.h5", tmp_path / "limit.h5"
+    n = subset_cache(path, ours, 7)
+    extract(cfg, theirs, limit=7, progress=False)
+    FeatureCache(ours)  # the layout checks pass
+    with h5py.File(ours, "r") as a, h5py.File(theirs, "r") as b:
+        assert a.attrs["provenance"] == b.attrs["provenance"] and "limit_per_split" in a.attrs["provenance"]
+        assert set(a["splits"]) == set(b["splits"]) and n == {s: len(b["splits"][s]["ids"]) for s in b["splits"]}
+        assert all(v <= 7 for v in n.values()) and sum(n.values()) < sum(len(g["ids"]) for g in h5py.File(path, "r")["splits"].values())
+        for split in b["splits"]:
+            for key in ("ids", "texts", "labels", "offsets", "status"):
+                assert (a["splits"][split][key][()] == b["splits"][split][key][()]).all(), (split, key)
+            for key in ("image", "tokens"):
+                np.testing.assert_allclose(a["splits"][split][key][()], b["splits"][split][key][()], atol=1e-3)
+    mtime = ours.stat().st_mtime_ns
+    assert subset_cache(path, ours, 7) == n and ours.stat().st_mtime_ns == mtime  # reused, not rewritten
