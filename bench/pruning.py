@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from .common import Context, Row, Section
 
@@ -154,7 +153,8 @@ def rows(off: dict, on: dict, setup: dict | None = None) -> list[Row]:
     """The section's rows from the two searches' findings (``finish``); ``setup`` (``run``'s raw record) adds the
     subset, budget, load average and pruner settings to the notes."""
     cut = [name for name, f in (("without", off), ("with", on)) if f["cut_by_budget"]]
-    budget_note = f"; the budget stopped the search {' and '.join(cut)} pruning: finished runs only" if cut else "; neither search was cut by the budget"
+    budget_note = (f"; the budget stopped the search {' and '.join(cut)} pruning: finished runs only" if cut
+                   else "; neither search was cut by the budget")
     trials = f"trials finished: {on['finished']} with ({on['pruned']} pruned), {off['finished']} without{budget_note}"
     where = ""
     if setup:
