@@ -20,6 +20,7 @@ docs/safety.md lists what is refused and why.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import stat
 from pathlib import Path
@@ -142,6 +143,20 @@ def atomic_write(path: Path, data: bytes | str, what: str, resume: str = "rerun 
         if is_disk_full(e):
             raise disk_full(path, len(raw), resume) from None
         raise output_error(path, e, what) from None
+
+
+def read_stored_json(path: Path) -> dict | None:
+    """A JSON object sppscl wrote earlier to skip work next time (a stored ensemble, the probe's folds), or None when
+    there is none to trust: absent, not a regular file (a FIFO would block the read; never opened), damaged, not
+    UTF-8, nested too deeply or not an object. The work is then done again, and the write that follows refuses
+    anything but a regular file at ``path`` with one line."""
+    try:
+        if what_is_at(Path(path)) != "a regular file":
+            return None
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 # ------------------------------------------------------------------------------------ CSV from data

@@ -27,7 +27,7 @@ from rich.table import Table
 from ..cache import FeatureCache
 from ..config import Config, ConfigError
 from ..errors import safe
-from ..outputs import atomic_write, check_output_folder, csv_text
+from ..outputs import atomic_write, check_output_file, check_output_folder, csv_text, read_stored_json
 from .ensemble import cached_ensemble
 from .folds import FoldView
 from .metrics import classification_report
@@ -98,10 +98,10 @@ def probe_folds(cache: FeatureCache, folds: int, cv_seed: int, val_fraction: flo
 
 def _cached_probe(path: Path, cache: FeatureCache, folds: int, cv_seed: int, val_fraction: float) -> list[dict]:
     key = {"folds": folds, "cv_seed": cv_seed, "val_fraction": val_fraction, "provenance": cache.provenance}
-    if path.exists():
-        stored = json.loads(path.read_text())
-        if stored.get("key") == key:
-            return stored["folds"]
+    check_output_file(path, "the probe's cross-validation results", flag="")  # a FIFO there: refused before the work
+    stored = read_stored_json(path)
+    if stored is not None and stored.get("key") == key and "folds" in stored:
+        return stored["folds"]
     res = probe_folds(cache, folds, cv_seed, val_fraction)
     # atomic: `cv` and `reproduce --cv` on one --out share this file and may both compute it
     atomic_write(path, json.dumps({"key": key, "folds": res}, indent=2), "the probe's cross-validation results", shared=True)

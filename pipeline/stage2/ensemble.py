@@ -19,7 +19,7 @@ import torch
 from ..cache import FeatureCache, SplitData, diff_provenance
 from ..config import Config
 from ..devices import resolve_device
-from ..outputs import atomic_write, check_output_folder, check_writable_dir
+from ..outputs import atomic_write, check_output_folder, check_writable_dir, read_stored_json
 from .card import write_ensemble_card
 from .folds import FoldView, fold_view
 from .intervals import report_interval
@@ -175,8 +175,8 @@ def cached_ensemble(runs: list[Path], cache, out: Path, device: str = "cpu") -> 
     same checkpoints by content, so a member retrained in place is evaluated again."""
     done = Path(out) / "results.json"
     paths = [resolve_checkpoint(r) for r in runs]
-    if done.exists():
-        res = json.loads(done.read_text())
+    res = read_stored_json(done)
+    if res is not None:
         held_out = res.get("splits", {}).get(HELD_OUT, {})
         # the same checkpoints by content; a result from before the intervals were recorded is computed again
         same = res.get("members") == [str(p) for p in paths] and res.get("members_sha256") == [checkpoint_sha256(p) for p in paths]
