@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from .common import Context, Row, Section
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,22 +117,32 @@ def start(cache: Path, out: Path, prune: str | None) -> subprocess.Popen:
            "--random", str(TRIALS), *[a for s in SPACE for a in ("--space", s)], "--sampler", "tpe", "--seeds", "0", "--jobs", "1",
            "--quiet", "--out", str(out), *(["--prune", prune] if prune else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".log"), "w") as log:  # a file, not a pipe: nobody reads it while both run
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def finish(ctx: Context, proc: subprocess.Popen, out: Path, prune: str | None, t0: float, deadline: float) -> dict:
-    """Waits for one search until ``deadline`` (``time.perf_counter``), stops it there; what it finished."""
+def wait_all(procs: list[subprocess.Popen], deadline: float) -> list[float]:
+    """Waits for every process until ``deadline`` (``time.perf_counter``); when each ended (the deadline if not)."""
+    ended = [None] * len(procs)
+    while any(e is None for e in ended) and time.perf_counter() < deadline:
+        for i, p in enumerate(procs):
+            if ended[i] is None and p.poll() is not None:
+                ended[i] = time.perf_counter()
+        time.sleep(0.5)
+    return [deadline if e is None else e for e in ended]
+
+
+def finish(ctx: Context, proc: subprocess.Popen, out: Path, prune: str | None, wall: float) -> dict:
+    """One search after ``wait_all``: stopped if it still runs (the budget cut it); what it finished."""
     from sppscl.stage2.sweeps import summary
 
-    cut = False
-    try:
-        text = proc.communicate(timeout=max(deadline - time.perf_counter(), 0.1))[0]
-    except subprocess.TimeoutExpired:
+    cut = proc.poll() is None
+    if cut:
         proc.terminate()  # its workers die with it; the study keeps every finished run
-        text = proc.communicate(timeout=60)[0]
-        cut = True
-    wall = time.perf_counter() - t0
+        proc.wait(timeout=60)
     if not cut and proc.returncode not in (0, 1):
+        text = out.with_name(out.name + ".log").read_text()
         raise RuntimeError(f"sweep failed (exit {proc.returncode}):\n{text[-3000:]}")
     res = summary(out)
     ok = [r for r in res.rows if r["status"] == "ok"]
@@ -186,9 +195,10 @@ def run(ctx: Context) -> Section:
     budget = float(os.environ.get("SPPSCL_BENCH_PRUNE_BUDGET", BUDGET_S))
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
-    procs = {prune: start(subset, ctx.workdir / f"prune-{'on' if prune else 'off'}", prune) for prune in (None, PRUNER)}
-    found = {prune: finish(ctx, proc, ctx.workdir / f"prune-{'on' if prune else 'off'}", prune, t0, t0 + budget) for prune, proc in procs.items()}
-    off, on = found[None], found[PRUNER]
+    outs = {prune: ctx.workdir / f"prune-{'on' if prune else 'off'}" for prune in (None, PRUNER)}
+    procs = {prune: start(subset, out, prune) for prune, out in outs.items()}
+    ended = dict(zip(procs, wait_all(list(procs.values()), t0 + budget)))
+    off, on = (finish(ctx, procs[p], outs[p], p, ended[p] - t0) for p in (None, PRUNER))
     setup = {"limit": limit, "rows": n, "budget_s": budget, "loadavg": {"start": load0, "end": os.getloadavg()[0]}, "side_by_side": True}
     sec.raw = {"trials": TRIALS, "epochs_per_trial": EPOCHS, "space": list(SPACE), "pruner": {"name": PRUNER, "settings": PRUNER_SETTINGS},
                **setup, "without": off, "with": on}
