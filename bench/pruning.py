@@ -172,9 +172,10 @@ def rows(off: dict, on: dict, setup: dict | None = None) -> list[Row]:
         where = (f"; --limit {setup['limit']} subset (train {n['train']}, dev {n['dev']}); both searches side by side, 1 torch thread each, "
                  f"{setup['budget_s'] / 60:g}-minute budget; {PRUNER} pruner: {PRUNER_SETTINGS}; "
                  f"load average {load['start']:.1f} at the start, {load['end']:.1f} at the end")
+    subset = f" `--limit {setup['limit']}`" if setup else ""
     ratio = on["best_dev_accuracy"] / off["best_dev_accuracy"] if on["best_dev_accuracy"] and off["best_dev_accuracy"] else None
     return [
-        Row("pruning", "best_dev", f"Best dev accuracy of a {TRIALS}-trial TPE search (MVSA-Single, offline encoders), --prune {PRUNER}",
+        Row("pruning", "best_dev", f"Best dev accuracy of a {TRIALS}-trial TPE search (MVSA-Single{subset}, offline encoders), --prune {PRUNER}",
             on["best_dev_accuracy"], "", off["best_dev_accuracy"], "no pruning", ratio, note=f"selection on dev only; {trials}{where}"),
         Row("pruning", "epochs", f"Epochs the search trained (≤ {EPOCHS} per trial), --prune {PRUNER}", on["epochs"], "epochs", off["epochs"],
             "no pruning", on["epochs"] / off["epochs"] if off["epochs"] else None, note=f"share of the epochs; {trials}{where}"),
