@@ -495,7 +495,7 @@ def check_finite_rows(split: SplitData, rows: np.ndarray, image: np.ndarray, tok
     ``tokens`` their token states concatenated (``counts`` per row). The error names the file, the split, the row
     and its id. Called on every batch read (``stage2.data``), so a large cache is never scanned up front and a bad
     row is found before it reaches a model: a NaN feature would otherwise make every loss and prediction NaN."""
-    if np.isfinite(image).all() and np.isfinite(tokens).all():
+    if _all_finite(image) and _all_finite(tokens):
         return
     bad_image = _non_finite_rows(image)
     bad_tokens = np.zeros(len(rows), dtype=bool)
@@ -509,6 +509,18 @@ def check_finite_rows(split: SplitData, rows: np.ndarray, image: np.ndarray, tok
         f"hold NaN or infinite values{more}. The cache is damaged; rebuild it: sppscl extract --config <preset> --out "
         f"{split.path or 'CACHE'} --force"
     )
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """Does ``a`` hold only finite values. For float16 (what caches store) from the bits: a half is NaN or infinite
+    exactly when its five exponent bits are all set, so the largest magnitude bit pattern tells, about ten times
+    faster than ``np.isfinite``, which numpy runs element by element for float16 (20 ms of every batch of 64)."""
+    if a.size == 0:
+        return True
+    if a.dtype == np.float16:
+        magnitude = np.ascontiguousarray(a).view(np.uint16) & np.uint16(0x7FFF)
+        return int(magnitude.max()) < 0x7C00
+    return bool(np.isfinite(a).all())
 
 
 def _non_finite_rows(a: np.ndarray) -> np.ndarray:

@@ -117,3 +117,31 @@ def test_a_checkpoint_with_nan_weights_is_refused_naming_the_file_and_tensor(tin
     err = _err(capsys)
     assert f"{weights}: model tensor {name[len('model/'):]!r} holds" in err and "NaN or infinite" in err, err
     assert json.loads((run / "results.json").read_text())  # the run's own record is untouched
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_the_finite_check_agrees_with_isfinite_on_every_bit_pattern_kind(dtype):
+    """The per-batch check reads float16 from its bits; the slow, obvious reference is np.isfinite(a).all(). Every
+    float16 bit pattern (all 65,536: NaNs, ±inf, subnormals, ±65504, ±0) is checked one at a time inside an array,
+    and random arrays with one bad value dropped anywhere, of both dtypes and non-contiguous views."""
+    from sppscl.cache import _all_finite
+
+    rng = np.random.default_rng(0)
+    if dtype == np.float16:
+        every = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+        base = rng.standard_normal((3, 5), dtype=np.float32).astype(np.float16)
+        for i in range(len(every)):
+            a = base.copy()
+            a[1, 2] = every[i]
+            assert _all_finite(a) == bool(np.isfinite(a).all()), hex(i)
+        for v in (np.nan, np.inf, -np.inf, 65504.0, -65504.0, 6e-8, -0.0):
+            a = base.copy()
+            a[2, 4] = v
+            assert _all_finite(a) == bool(np.isfinite(a).all()), v
+    for _ in range(50):
+        a = rng.standard_normal((4, 6, 3, 3)).astype(dtype)
+        assert _all_finite(a) and _all_finite(a[:, ::2]) and _all_finite(a[:0])
+        idx = tuple(int(rng.integers(n)) for n in a.shape)
+        a[idx] = rng.choice([np.nan, np.inf, -np.inf])
+        assert not _all_finite(a)
+        assert _all_finite(a[:, ::2]) == bool(np.isfinite(a[:, ::2]).all())
