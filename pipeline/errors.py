@@ -123,33 +123,30 @@ def file_kind(mode: int) -> str:
     return "a special file"
 
 
-def check_input_file(path: Path, what: str) -> bool:
-    """Refuse ``path`` unless it is (a link that leads to) a regular file: decided from ``stat``, before any open, so
-    a FIFO never blocks the command and a device is never read. Returns False when nothing is there (the caller
-    says what is missing in its own words)."""
+def _check_input_kind(path: Path, what: str, is_kind) -> bool:
+    """Refuse ``path`` unless ``is_kind(mode)`` holds for what it is (links followed): decided from ``stat``, before
+    any open, so a FIFO never blocks the command and a device is never read. Returns False when nothing is there (the
+    caller says what is missing in its own words)."""
     try:
         mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
         return False
     except OSError as e:  # ELOOP: a link loop; EACCES; ENAMETOOLONG
         raise InputError(f"{path}: cannot read {what} ({e.strerror or e})") from None
-    if not stat.S_ISREG(mode):
+    if not is_kind(mode):
         raise InputError(f"{path} is {file_kind(mode)}, not {what}; refused, not opened")
     return True
+
+
+def check_input_file(path: Path, what: str) -> bool:
+    """Refuse ``path`` unless it is (a link that leads to) a regular file; False when nothing is there."""
+    return _check_input_kind(path, what, stat.S_ISREG)
 
 
 def check_input_folder(path: Path, what: str) -> bool:
-    """Refuse ``path`` unless it is (a link that leads to) a folder, decided from ``stat`` without opening anything:
-    a FIFO, device or file given where a folder is expected is named as what it is. False when nothing is there."""
-    try:
-        mode = os.stat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    except OSError as e:
-        raise InputError(f"{path}: cannot read {what} ({e.strerror or e})") from None
-    if not stat.S_ISDIR(mode):
-        raise InputError(f"{path} is {file_kind(mode)}, not {what}; refused, not opened")
-    return True
+    """Refuse ``path`` unless it is (a link that leads to) a folder: a FIFO, device or file given where a folder is
+    expected is named as what it is. False when nothing is there."""
+    return _check_input_kind(path, what, stat.S_ISDIR)
 
 
 # C0/C1 control characters (ESC starts a terminal escape sequence) and the bidirectional overrides that reorder what
