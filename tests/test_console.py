@@ -86,7 +86,6 @@ def test_data_verify_puts_only_results_on_stdout(tmp_path, capsys):
 
 
 def test_transformers_loading_bar_is_silenced(tmp_path):
-    from transformers import BertConfig, BertModel, BertTokenizer
     from transformers.utils import logging as transformers_logging
 
     from sppscl.stage1.encoders import load_text_encoder

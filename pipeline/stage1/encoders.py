@@ -341,7 +341,7 @@ def _resnet50_from_file(path: Path) -> ImageEncoder:
         raise FileNotFoundError(f"image encoder weights file {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as refused:
+    except pickle.UnpicklingError:
         raise EncoderUnavailable(f"{path}: {REFUSED_PICKLE}") from None
     except (RuntimeError, OSError, EOFError) as error:
         raise EncoderUnavailable(f"{path}: cannot be read as a torch state_dict ({_first_line(error)})") from None
@@ -611,7 +611,7 @@ def _load_hf(source: str, allow_online: bool) -> tuple[nn.Module, Any]:
         with _hub_offline():
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
             model = AutoModel.from_pretrained(source, local_files_only=True)
-    except pickle.UnpicklingError as refused:
+    except pickle.UnpicklingError:
         # torch's restricted unpickler stopped a weights file that holds more than tensors (code, objects)
         raise EncoderUnavailable(f"{source}: {REFUSED_PICKLE}") from None
     except OSError as local_error:

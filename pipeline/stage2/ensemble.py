@@ -24,7 +24,7 @@ from .card import write_ensemble_card
 from .folds import FoldView, fold_view
 from .intervals import report_interval
 from .metrics import classification_report
-from .stats import METRICS, bootstrap_interval, bootstrap_method
+from .stats import METRICS, bootstrap_interval
 from .plots import plot_confusions
 from .runs import RunError, checkpoint_sha256, resolve_checkpoint, compatible, load_checkpoint, model_from_checkpoint, predict_split, write_predictions
 

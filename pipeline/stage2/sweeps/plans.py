@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState

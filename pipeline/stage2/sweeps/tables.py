@@ -10,7 +10,6 @@ accuracy (ties by the dataset's primary F1); test columns are reported beside, n
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
